@@ -1,0 +1,82 @@
+"""trio-jobs: run jobs under structured concurrency and stream their progress.
+
+Every job runs in its own nursery under its own cancel scope; code inside a job calls
+:func:`narrate`; every subscriber of the job sees its events and then exactly one terminal
+signal (``[DONE]``, ``[ERROR] <message>`` or ``[CANCELLED]``), produced by the toolkit when
+the job's narration channel closes.
+"""
+
+from ._channel import JobStream as JobStream
+from ._channel import StreamItem as StreamItem
+from ._exceptions import HTTPStatusError as HTTPStatusError
+from ._exceptions import InvalidJobState as InvalidJobState
+from ._exceptions import JobCancelled as JobCancelled
+from ._exceptions import JobFailed as JobFailed
+from ._exceptions import JobNotFound as JobNotFound
+from ._exceptions import JobTimeout as JobTimeout
+from ._exceptions import StreamEndedWithoutSignal as StreamEndedWithoutSignal
+from ._exceptions import TransportError as TransportError
+from ._exceptions import TrioJobsError as TrioJobsError
+from ._models import JobRecord as JobRecord
+from ._models import JobState as JobState
+from ._models import NarrationEvent as NarrationEvent
+from ._models import Priority as Priority
+from ._models import RetryPolicy as RetryPolicy
+from ._models import Transition as Transition
+from ._narration import current_job_id as current_job_id
+from ._narration import job_nursery as job_nursery
+from ._narration import narrate as narrate
+from ._registry import JobRegistry as JobRegistry
+from ._runner import Executor as Executor
+from ._runner import open_job_runner as open_job_runner
+from ._runner import run_job as run_job
+from ._runner import run_jobs as run_jobs
+from ._signals import Signal as Signal
+from ._signals import TerminalSignal as TerminalSignal
+from ._signals import timeout_message as timeout_message
+from ._stream import WireLines as WireLines
+from ._stream import execute_and_stream as execute_and_stream
+
+DONE = Signal.DONE.value
+ERROR = Signal.ERROR.value
+CANCELLED = Signal.CANCELLED.value
+START = Signal.START.value
+
+__all__ = [
+    "CANCELLED",
+    "DONE",
+    "ERROR",
+    "START",
+    "Executor",
+    "HTTPStatusError",
+    "InvalidJobState",
+    "JobCancelled",
+    "JobFailed",
+    "JobNotFound",
+    "JobRecord",
+    "JobRegistry",
+    "JobState",
+    "JobStream",
+    "JobTimeout",
+    "NarrationEvent",
+    "Priority",
+    "RetryPolicy",
+    "Signal",
+    "StreamEndedWithoutSignal",
+    "StreamItem",
+    "TerminalSignal",
+    "Transition",
+    "TransportError",
+    "TrioJobsError",
+    "WireLines",
+    "current_job_id",
+    "execute_and_stream",
+    "job_nursery",
+    "narrate",
+    "open_job_runner",
+    "run_job",
+    "run_jobs",
+    "timeout_message",
+]
+
+__version__ = "0.1.0"

@@ -1,0 +1,221 @@
+"""Value objects: job states, priorities, retry policies, records and narration events."""
+
+from __future__ import annotations
+
+import enum
+import json
+import random
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+__all__ = [
+    "JobRecord",
+    "JobState",
+    "NarrationEvent",
+    "Priority",
+    "RetryPolicy",
+    "Transition",
+    "iso_time",
+]
+
+
+def iso_time(ts: float | None) -> str | None:
+    """UTC ISO-8601 text for an epoch timestamp."""
+    if ts is None:
+        return None
+    return datetime.fromtimestamp(ts, UTC).isoformat().replace("+00:00", "Z")
+
+
+class JobState(enum.Enum):
+    """Where a job is in its lifecycle; the last three never change again."""
+
+    QUEUED = "queued"
+    RUNNING = "running"
+    RETRYING = "retrying"
+    COMPLETED = "completed"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+    @property
+    def is_terminal(self) -> bool:
+        return self in _TERMINAL
+
+    @property
+    def is_active(self) -> bool:
+        """True while a cancel can still change the outcome."""
+        return self not in _TERMINAL
+
+
+_TERMINAL = frozenset({JobState.COMPLETED, JobState.FAILED, JobState.CANCELLED})
+
+
+class Priority(enum.IntEnum):
+    """Scheduling priority: higher runs first, FIFO within one priority."""
+
+    LOW = 0
+    NORMAL = 1
+    HIGH = 2
+    CRITICAL = 3
+
+    @classmethod
+    def parse(cls, value: Priority | str | int) -> Priority:
+        """Accept a Priority, its lower-case name (``"high"``) or its number."""
+        if isinstance(value, Priority):
+            return value
+        if isinstance(value, str):
+            try:
+                return cls[value.upper()]
+            except KeyError:
+                raise ValueError(
+                    f"priority must be one of low, normal, high, critical; got {value!r}"
+                ) from None
+        if isinstance(value, int) and not isinstance(value, bool):
+            return cls(value)
+        raise ValueError(f"priority must be a name or number, got {value!r}")
+
+    @property
+    def label(self) -> str:
+        return self.name.lower()
+
+
+@dataclass(frozen=True, slots=True)
+class RetryPolicy:
+    """How often and how soon a failed job runs again.
+
+    Attempt ``n`` (1-based) that fails waits ``min(cap, backoff_base * factor**(n-1))``
+    seconds, spread by up to ``jitter`` (a fraction: 0.1 = ±10 %), before attempt ``n+1``.
+    Only exceptions that are instances of ``retry_on`` are retried; a timeout is retried
+    only when ``retry_timeouts`` is true. A cancel is never retried.
+    """
+
+    max_attempts: int = 3
+    backoff_base: float = 1.0
+    factor: float = 2.0
+    cap: float = 60.0
+    jitter: float = 0.0
+    retry_on: tuple[type[BaseException], ...] = (Exception,)
+    retry_timeouts: bool = False
+
+    def __post_init__(self) -> None:
+        if self.max_attempts < 1:
+            raise ValueError("max_attempts must be >= 1")
+        if self.backoff_base < 0 or self.factor < 1 or self.cap < 0:
+            raise ValueError("backoff_base and cap must be >= 0 and factor >= 1")
+        if not 0 <= self.jitter <= 1:
+            raise ValueError("jitter must be between 0 and 1")
+
+    def delay(self, attempt: int, rng: random.Random | None = None) -> float:
+        """Seconds to wait after failed attempt ``attempt`` (1-based)."""
+        base = min(self.cap, self.backoff_base * self.factor ** (attempt - 1))
+        if self.jitter:
+            spread = base * self.jitter
+            base += (rng or random).uniform(-spread, spread)
+        return max(0.0, base)
+
+    def should_retry(self, attempt: int, exc: BaseException | None, *, timed_out: bool) -> bool:
+        """Whether failed attempt ``attempt`` is followed by another."""
+        if attempt >= self.max_attempts:
+            return False
+        if timed_out:
+            return self.retry_timeouts
+        return exc is not None and isinstance(exc, self.retry_on)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "max_attempts": self.max_attempts,
+            "backoff_base": self.backoff_base,
+            "factor": self.factor,
+            "cap": self.cap,
+            "jitter": self.jitter,
+            "retry_timeouts": self.retry_timeouts,
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class Transition:
+    """One entry of a job's history: the state it entered, when (epoch s) and why."""
+
+    state: JobState
+    at: float
+    reason: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"state": self.state.value, "at": iso_time(self.at), "reason": self.reason}
+
+
+@dataclass(frozen=True, slots=True)
+class JobRecord:
+    """A snapshot of a job; times are UNIX epoch seconds (wall clock)."""
+
+    id: str
+    state: JobState
+    error: str | None
+    payload: Any
+    timeout: float | None
+    priority: Priority
+    tags: Mapping[str, str]
+    metadata: Any
+    attempts: int
+    created_at: float
+    started_at: float | None
+    finished_at: float | None
+    retry: RetryPolicy | None = None
+    next_attempt_at: float | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        """The record as JSON-ready data (times as UTC ISO-8601)."""
+        return {
+            "job_id": self.id,
+            "state": self.state.value,
+            "error": self.error,
+            "payload": self.payload,
+            "timeout_s": self.timeout,
+            "priority": self.priority.label,
+            "tags": dict(self.tags),
+            "metadata": self.metadata,
+            "attempts": self.attempts,
+            "created_at": iso_time(self.created_at),
+            "started_at": iso_time(self.started_at),
+            "finished_at": iso_time(self.finished_at),
+            "next_attempt_at": iso_time(self.next_attempt_at),
+            "retry": self.retry.to_dict() if self.retry else None,
+        }
+
+
+_dumps = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False, default=str).encode
+
+
+@dataclass(frozen=True, slots=True)
+class NarrationEvent:
+    """One thing a job said: ``id`` is its per-job sequence number (also the SSE id)."""
+
+    id: int
+    job_id: str
+    ts: float
+    actor: str
+    action: str
+    human: str
+    fields: Mapping[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        data: dict[str, Any] = {
+            "id": self.id,
+            "job_id": self.job_id,
+            "ts": iso_time(self.ts),
+            "actor": self.actor,
+            "action": self.action,
+            "human": self.human,
+        }
+        for key, value in self.fields.items():
+            data.setdefault(key, value)
+        return data
+
+    @property
+    def wire(self) -> str:
+        """The event as one line of compact JSON (always an object, never a signal)."""
+        return _dumps(self.to_dict())
+
+    def __str__(self) -> str:
+        return self.wire

@@ -1,0 +1,222 @@
+"""Running jobs: one nursery and one cancel scope per job, outcomes decided by scopes."""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from typing import Any
+
+import trio
+
+from ._models import JobState
+from ._narration import _CURRENT, JobContext
+from ._registry import Job, JobRegistry
+from ._signals import Signal, TerminalSignal, timeout_message
+
+__all__ = ["Executor", "open_job_runner", "run_jobs", "run_job"]
+
+Executor = Callable[[str, Any], Awaitable[None]]
+"""``async def executor(job_id: str, payload: Any) -> None``: the work of one job."""
+
+
+def _error_text(exc: BaseException) -> str:
+    if isinstance(exc, BaseExceptionGroup):
+        return "; ".join(_error_text(e) for e in exc.exceptions)
+    text = str(exc)
+    return text if text else type(exc).__name__
+
+
+def _first_leaf(exc: BaseException) -> BaseException:
+    while isinstance(exc, BaseExceptionGroup):
+        exc = exc.exceptions[0]
+    return exc
+
+
+def _only_exceptions(exc: BaseException) -> bool:
+    """True when ``exc`` holds ordinary errors only (no Cancelled, KeyboardInterrupt...)."""
+    if isinstance(exc, BaseExceptionGroup):
+        return all(_only_exceptions(e) for e in exc.exceptions)
+    return isinstance(exc, Exception)
+
+
+async def _attempt(job: Job, executor: Executor) -> tuple[BaseException | None, bool]:
+    """Run the executor once in a fresh nursery; return (error, timed_out)."""
+    assert job.sender is not None
+    deadline = trio.current_time() + job.timeout if job.timeout is not None else math.inf
+    error: BaseException | None = None
+    with trio.CancelScope(deadline=deadline) as timeout_scope:
+        try:
+            async with trio.open_nursery() as nursery:
+                token = _CURRENT.set(JobContext(job.id, job.sender, nursery))
+                try:
+                    await executor(job.id, job.payload)
+                finally:
+                    _CURRENT.reset(token)
+        except BaseException as exc:
+            if not _only_exceptions(exc):
+                raise
+            error = exc
+    return error, timeout_scope.cancelled_caught
+
+
+async def _attempts(registry: JobRegistry, job: Job, executor: Executor) -> TerminalSignal:
+    """Run attempts until one succeeds or the retry policy gives up."""
+    while True:
+        job.attempts += 1
+        if job.attempts > 1:
+            registry.transition(job, JobState.RUNNING, f"attempt {job.attempts}")
+        error, timed_out = await _attempt(job, executor)
+        if error is None and not timed_out:
+            return TerminalSignal(Signal.DONE)
+        assert job.timeout is not None or not timed_out
+        if timed_out:
+            message = timeout_message(job.timeout or 0)
+        else:
+            message = _error_text(error) if error is not None else "failed"
+        policy = job.retry
+        leaf = _first_leaf(error) if error is not None else None
+        if policy is None or not policy.should_retry(job.attempts, leaf, timed_out=timed_out):
+            return TerminalSignal(Signal.ERROR, message)
+        delay = policy.delay(job.attempts)
+        job.next_attempt_at = time.time() + delay
+        registry.transition(job, JobState.RETRYING, message)
+        assert job.sender is not None
+        job.sender.send_nowait(
+            "retry",
+            f"Attempt {job.attempts} failed ({message}); retrying in {delay:g}s",
+            {
+                "attempt": job.attempts,
+                "max_attempts": policy.max_attempts,
+                "delay_s": delay,
+                "error": message,
+            },
+            time.time(),
+        )
+        await trio.sleep(delay)
+        job.next_attempt_at = None
+
+
+async def run_job(registry: JobRegistry, job_id: str, executor: Executor) -> None:
+    """Run one queued job to its end in the calling task (it is taken off the queue).
+
+    Returns once the job has finished and its terminal signal is in its stream. If the
+    surrounding scope is cancelled, the job ends CANCELLED and ``Cancelled`` propagates.
+    """
+    job = registry._job(job_id)
+    await trio.lowlevel.checkpoint_if_cancelled()
+    if job.state is not JobState.QUEUED:
+        await trio.lowlevel.cancel_shielded_checkpoint()
+        return
+    registry.transition(job, JobState.RUNNING, "started")
+    job.scope = trio.CancelScope()
+    await _execute(registry, job, executor)
+
+
+async def _execute(registry: JobRegistry, job: Job, executor: Executor) -> None:
+    """Run a job that is already RUNNING with its scope set; always finishes it."""
+    scope = job.scope
+    assert scope is not None
+    outcome: TerminalSignal | None = None
+    try:
+        with scope:
+            if not job.cancel_requested:
+                outcome = await _attempts(registry, job, executor)
+    except BaseException as exc:
+        if _only_exceptions(exc) and not job.cancel_requested:
+            registry.finish(job, TerminalSignal(Signal.ERROR, _error_text(exc)))
+            return
+        # Cancelled from outside the job (its runner is stopping), KeyboardInterrupt and
+        # friends: the job ends CANCELLED and the exception goes on.
+        registry.finish(job, TerminalSignal(Signal.CANCELLED), _interrupt_reason(exc))
+        raise
+    if job.cancel_requested or outcome is None:
+        registry.finish(job, TerminalSignal(Signal.CANCELLED), "cancelled")
+    elif outcome.signal is Signal.DONE:
+        registry.finish(job, outcome, "completed")
+    else:
+        registry.finish(job, outcome)
+
+
+def _interrupt_reason(exc: BaseException) -> str:
+    if isinstance(exc, trio.Cancelled) or (
+        isinstance(exc, BaseExceptionGroup)
+        and exc.subgroup(lambda e: not isinstance(e, trio.Cancelled)) is None
+    ):
+        return "runner stopped"
+    return f"interrupted by {type(_first_leaf(exc)).__name__}"
+
+
+async def _run_started(
+    registry: JobRegistry, job: Job, executor: Executor, slots: trio.Semaphore | None
+) -> None:
+    try:
+        await _execute(registry, job, executor)
+    finally:
+        if slots is not None:
+            slots.release()
+
+
+async def run_jobs(
+    registry: JobRegistry,
+    executor: Executor,
+    *,
+    max_concurrent: int | None = None,
+    task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Run the registry's queued jobs, now and later, until cancelled.
+
+    Each job runs in its own task, nursery and cancel scope; at most ``max_concurrent``
+    at once (None: no limit), highest priority first, FIFO within a priority. When this
+    task is cancelled, running jobs are cancelled (they end ``[CANCELLED]``) and waited
+    for; queued jobs stay queued.
+    """
+    if max_concurrent is not None and max_concurrent < 1:
+        raise ValueError("max_concurrent must be >= 1 or None")
+    slots = trio.Semaphore(max_concurrent) if max_concurrent is not None else None
+    async with trio.open_nursery() as nursery:
+        if not registry._sweeping:
+            registry._sweeping = True
+            nursery.start_soon(_sweep, registry)
+        task_status.started()
+        while True:
+            if slots is not None:
+                await slots.acquire()
+            try:
+                job = await registry.next_job()
+            except BaseException:
+                if slots is not None:
+                    slots.release()
+                raise
+            registry.transition(job, JobState.RUNNING, "started")
+            job.scope = trio.CancelScope()
+            nursery.start_soon(_run_started, registry, job, executor, slots)
+
+
+async def _sweep(registry: JobRegistry) -> None:
+    try:
+        await registry.sweep()
+    finally:
+        registry._sweeping = False
+
+
+@asynccontextmanager
+async def open_job_runner(
+    registry: JobRegistry, executor: Executor, *, max_concurrent: int | None = None
+) -> AsyncIterator[JobRegistry]:
+    """Run the registry's queued jobs with ``executor`` while the block is open.
+
+    Leaving the block cancels the jobs still running and waits for them to end (each
+    stream gets ``[CANCELLED]``); jobs still queued stay queued.
+    """
+    async with trio.open_nursery() as nursery:
+        await nursery.start(
+            lambda task_status: run_jobs(
+                registry, executor, max_concurrent=max_concurrent, task_status=task_status
+            )
+        )
+        try:
+            yield registry
+        finally:
+            nursery.cancel_scope.cancel()
