@@ -1,0 +1,259 @@
+"""SQLiteStore: jobs in one SQLite file (WAL mode), the daemons' embedded default.
+
+One connection serves the store; every call runs in a worker thread through
+``trio.to_thread.run_sync`` behind a one-slot ``CapacityLimiter``, so the event loop never
+blocks on the disk and the connection is never used by two threads at once.
+"""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+import time
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+import trio
+
+from ._models import NarrationEvent
+from ._store import (
+    JOB_COLUMNS,
+    MUTABLE_COLUMNS,
+    JobStore,
+    StoredJob,
+    WriteBatch,
+    event_from_row,
+    event_row,
+    job_row,
+    stored_job_from_row,
+    transition_from_row,
+    transition_row,
+)
+
+__all__ = ["SQLiteStore", "MIGRATIONS"]
+
+T = TypeVar("T")
+
+MIGRATIONS: list[tuple[int, list[str]]] = [
+    (
+        1,
+        [
+            """CREATE TABLE jobs (
+                id TEXT PRIMARY KEY,
+                state TEXT NOT NULL,
+                error TEXT,
+                payload TEXT,
+                timeout REAL,
+                priority INTEGER NOT NULL,
+                retry TEXT,
+                tags TEXT,
+                metadata TEXT,
+                attempts INTEGER NOT NULL,
+                created_at REAL NOT NULL,
+                started_at REAL,
+                finished_at REAL,
+                next_attempt_at REAL,
+                expires_at REAL
+            )""",
+            "CREATE INDEX jobs_unfinished ON jobs (finished_at, created_at)",
+            """CREATE TABLE transitions (
+                job_id TEXT NOT NULL,
+                seq INTEGER NOT NULL,
+                state TEXT NOT NULL,
+                at REAL NOT NULL,
+                reason TEXT,
+                PRIMARY KEY (job_id, seq)
+            ) WITHOUT ROWID""",
+            """CREATE TABLE events (
+                job_id TEXT NOT NULL,
+                id INTEGER NOT NULL,
+                ts REAL NOT NULL,
+                actor TEXT NOT NULL,
+                action TEXT NOT NULL,
+                human TEXT NOT NULL,
+                fields TEXT,
+                PRIMARY KEY (job_id, id)
+            ) WITHOUT ROWID""",
+        ],
+    ),
+]
+"""Schema versions, applied in order; each version's statements run in one transaction."""
+
+_UPSERT = (
+    f"INSERT INTO jobs ({JOB_COLUMNS}) VALUES ({', '.join('?' * 15)}) "
+    "ON CONFLICT (id) DO UPDATE SET " + ", ".join(f"{c} = excluded.{c}" for c in MUTABLE_COLUMNS)
+)
+_TRANSITION = "INSERT OR IGNORE INTO transitions VALUES (?, ?, ?, ?, ?)"
+_EVENT = "INSERT OR REPLACE INTO events VALUES (?, ?, ?, ?, ?, ?, ?)"
+_PRUNE = "DELETE FROM events WHERE job_id = ? AND id <= ?"
+
+
+class SQLiteStore(JobStore):
+    """Jobs, transitions and bounded event logs in a SQLite database file.
+
+    Args:
+        path: the database file (created if missing); ``":memory:"`` works for tests.
+        synchronous: SQLite's ``synchronous`` pragma. ``NORMAL`` (the default) in WAL
+            mode loses at most the last transactions on power loss, never on a process
+            crash; ``FULL`` syncs every flush.
+    """
+
+    def __init__(self, path: str | os.PathLike[str], *, synchronous: str = "NORMAL") -> None:
+        if synchronous.upper() not in {"OFF", "NORMAL", "FULL", "EXTRA"}:
+            raise ValueError(f"unknown synchronous mode {synchronous!r}")
+        self.path = os.fspath(path)
+        self.synchronous = synchronous.upper()
+        self._conn: sqlite3.Connection | None = None
+        self._limiter = trio.CapacityLimiter(1)
+
+    def __repr__(self) -> str:
+        return f"SQLiteStore({self.path!r})"
+
+    async def _run(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        conn = self._conn
+        if conn is None:
+            raise trio.ClosedResourceError("store is not open")
+        return await trio.to_thread.run_sync(fn, conn, limiter=self._limiter)
+
+    # ---- opening and migrating ---------------------------------------------------------
+
+    def _connect(self) -> sqlite3.Connection:
+        conn = sqlite3.connect(
+            self.path, timeout=30.0, isolation_level=None, check_same_thread=False
+        )
+        try:
+            conn.execute("PRAGMA journal_mode = WAL")
+            conn.execute(f"PRAGMA synchronous = {self.synchronous}")
+            conn.execute("PRAGMA busy_timeout = 30000")
+            _migrate(conn)
+        except BaseException:
+            conn.close()
+            raise
+        return conn
+
+    async def open(self) -> None:
+        if self._conn is not None:
+            await trio.lowlevel.checkpoint()
+            return
+        self._conn = await trio.to_thread.run_sync(self._connect, limiter=self._limiter)
+
+    async def aclose(self) -> None:
+        conn, self._conn = self._conn, None
+        if conn is None:
+            await trio.lowlevel.checkpoint()
+            return
+        await trio.to_thread.run_sync(conn.close, limiter=self._limiter)
+
+    async def schema_version(self) -> int:
+        return await self._run(_version)
+
+    # ---- writing -------------------------------------------------------------------------
+
+    async def write(self, batch: WriteBatch) -> None:
+        if batch:
+            await self._run(lambda conn: _write(conn, batch))
+        else:
+            await trio.lowlevel.checkpoint()
+
+    # ---- reading -------------------------------------------------------------------------
+
+    async def load_jobs(self, *, finished_since: float | None = None) -> list[StoredJob]:
+        def load(conn: sqlite3.Connection) -> list[StoredJob]:
+            if finished_since is None:
+                rows = conn.execute(f"SELECT {JOB_COLUMNS} FROM jobs ORDER BY created_at")
+            else:
+                rows = conn.execute(
+                    f"SELECT {JOB_COLUMNS} FROM jobs WHERE finished_at IS NULL "
+                    "OR finished_at >= ? ORDER BY created_at",
+                    (finished_since,),
+                )
+            jobs = rows.fetchall()
+            history: dict[str, list[Any]] = {row[0]: [] for row in jobs}
+            for job_id, state, at, reason in conn.execute(
+                "SELECT job_id, state, at, reason FROM transitions ORDER BY job_id, seq"
+            ):
+                entries = history.get(job_id)
+                if entries is not None:
+                    entries.append(transition_from_row(state, at, reason))
+            return [stored_job_from_row(row, history[row[0]]) for row in jobs]
+
+        return await self._run(load)
+
+    async def load_job(self, job_id: str) -> StoredJob | None:
+        def load(conn: sqlite3.Connection) -> StoredJob | None:
+            row = conn.execute(f"SELECT {JOB_COLUMNS} FROM jobs WHERE id = ?", (job_id,)).fetchone()
+            if row is None:
+                return None
+            history = [
+                transition_from_row(*t)
+                for t in conn.execute(
+                    "SELECT state, at, reason FROM transitions WHERE job_id = ? ORDER BY seq",
+                    (job_id,),
+                )
+            ]
+            return stored_job_from_row(row, history)
+
+        return await self._run(load)
+
+    async def load_events(
+        self, job_id: str, *, after: int = 0, limit: int | None = None
+    ) -> list[NarrationEvent]:
+        def load(conn: sqlite3.Connection) -> list[NarrationEvent]:
+            sql = (
+                "SELECT job_id, id, ts, actor, action, human, fields FROM events "
+                "WHERE job_id = ? AND id > ? ORDER BY id DESC"
+            )
+            params: tuple[Any, ...] = (job_id, after)
+            if limit is not None:
+                sql += " LIMIT ?"
+                params += (limit,)
+            rows = conn.execute(sql, params).fetchall()
+            rows.reverse()
+            return [event_from_row(r) for r in rows]
+
+        return await self._run(load)
+
+
+def _version(conn: sqlite3.Connection) -> int:
+    row = conn.execute("SELECT MAX(version) FROM schema_migrations").fetchone()
+    return int(row[0] or 0)
+
+
+def _migrate(conn: sqlite3.Connection) -> None:
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        conn.execute(
+            "CREATE TABLE IF NOT EXISTS schema_migrations "
+            "(version INTEGER PRIMARY KEY, applied_at REAL NOT NULL)"
+        )
+        current = _version(conn)
+        for version, statements in MIGRATIONS:
+            if version <= current:
+                continue
+            for statement in statements:
+                conn.execute(statement)
+            conn.execute(
+                "INSERT INTO schema_migrations (version, applied_at) VALUES (?, ?)",
+                (version, time.time()),
+            )
+        conn.execute("COMMIT")
+    except BaseException:
+        conn.execute("ROLLBACK")
+        raise
+
+
+def _write(conn: sqlite3.Connection, batch: WriteBatch) -> None:
+    conn.execute("BEGIN")
+    try:
+        if batch.jobs:
+            conn.executemany(_UPSERT, [job_row(w) for w in batch.jobs])
+        if batch.transitions:
+            conn.executemany(_TRANSITION, [transition_row(*t) for t in batch.transitions])
+        if batch.events:
+            conn.executemany(_EVENT, [event_row(e) for e in batch.events])
+        if batch.prune:
+            conn.executemany(_PRUNE, batch.prune)
+        conn.execute("COMMIT")
+    except BaseException:
+        conn.execute("ROLLBACK")
+        raise
