@@ -10,7 +10,7 @@ import uuid
 from collections import deque
 from collections.abc import AsyncIterator, Callable, Mapping
 from contextlib import asynccontextmanager
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import trio
 
@@ -18,6 +18,10 @@ from ._channel import JobLog, JobStream, LogSender
 from ._exceptions import InvalidJobState, JobNotFound
 from ._models import JobRecord, JobState, Priority, RetryPolicy, Transition
 from ._signals import Signal, TerminalSignal
+
+if TYPE_CHECKING:
+    from ._persist import Persister
+    from ._store import JobStore
 
 __all__ = ["JobRegistry", "Job", "TransitionObserver"]
 
@@ -121,6 +125,13 @@ def _parse_tag(tag: str | tuple[str, str] | Mapping[str, str] | None) -> dict[st
     return {key: value}
 
 
+def _check_storable(payload: Any, metadata: Any) -> None:
+    from ._store import check_json
+
+    check_json("payload", payload)
+    check_json("metadata", metadata)
+
+
 class JobRegistry:
     """Every job of one process: create, look up, list, cancel, subscribe.
 
@@ -132,6 +143,9 @@ class JobRegistry:
         actor: the default ``actor`` of narration events of this registry's jobs.
         retention: seconds a finished job stays in memory.
         event_log_size: events retained per job for late subscribers and resumes.
+        store: a :class:`~trio_jobs.JobStore` the registry is persisted to and recovered
+            from once persistence runs (:func:`run_jobs` starts it, or
+            :func:`open_registry`); payloads and metadata must then be JSON-serialisable.
     """
 
     def __init__(
@@ -140,6 +154,7 @@ class JobRegistry:
         actor: str = "trio-jobs",
         retention: float | None = 600.0,
         event_log_size: int = 10_000,
+        store: JobStore | None = None,
     ) -> None:
         if event_log_size < 1:
             raise ValueError("event_log_size must be >= 1")
@@ -159,6 +174,8 @@ class JobRegistry:
         self._observers: list[TransitionObserver] = []
         self.running = 0
         self._sweeping = False
+        self.store = store
+        self._persister: Persister | None = None
 
     # ---- creating and reading -------------------------------------------------------
 
@@ -207,6 +224,8 @@ class JobRegistry:
                 tag_map[key] = value
         if retry is not None and not isinstance(retry, RetryPolicy):
             raise ValueError("retry must be a RetryPolicy")
+        if self.store is not None:
+            _check_storable(payload, metadata)
         job_id = job_id or f"job-{uuid.uuid4()}"
         if job_id in self._jobs:
             raise ValueError(f"job id already exists: {job_id}")
@@ -240,6 +259,17 @@ class JobRegistry:
 
     def get(self, job_id: str) -> JobRecord:
         """The job's current record. Raises :class:`JobNotFound`."""
+        return self._job(job_id).record()
+
+    async def fetch(self, job_id: str) -> JobRecord:
+        """Like :meth:`get`, but a job that retention dropped from memory is read from
+        the store (while it is being persisted). Raises :class:`JobNotFound`."""
+        job = self._jobs.get(job_id)
+        if job is None and self.store is not None and self._persister is not None:
+            stored = await self.store.load_job(job_id)
+            if stored is not None:
+                return stored.record
+        await trio.lowlevel.checkpoint()
         return self._job(job_id).record()
 
     def history(self, job_id: str) -> list[Transition]:

@@ -170,7 +170,8 @@ async def run_jobs(
     Each job runs in its own task, nursery and cancel scope; at most ``max_concurrent``
     at once (None: no limit), highest priority first, FIFO within a priority. When this
     task is cancelled, running jobs are cancelled (they end ``[CANCELLED]``) and waited
-    for; queued jobs stay queued.
+    for; queued jobs stay queued. A registry with a ``store`` that is not persisted yet
+    is recovered from it before any job starts, and persisted while this runs.
     """
     if max_concurrent is not None and max_concurrent < 1:
         raise ValueError("max_concurrent must be >= 1 or None")
@@ -179,6 +180,10 @@ async def run_jobs(
         if not registry._sweeping:
             registry._sweeping = True
             nursery.start_soon(_sweep, registry)
+        if registry.store is not None and registry._persister is None:
+            from ._persist import run_persistence
+
+            await nursery.start(run_persistence, registry)
         task_status.started()
         while True:
             if slots is not None:
