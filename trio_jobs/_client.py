@@ -1,0 +1,881 @@
+"""JobClient: submit jobs to a trio-jobs server over HTTP and follow their streams.
+
+Shaped like httpx (``async with JobClient(url) as client:``, keyword-only options). Streams
+are ``@asynccontextmanager``\\ s handing out trio receive channels: the job's narration events
+and then exactly one :class:`TerminalSignal`. The outcome helpers (:meth:`JobClient.wait`,
+:meth:`JobClient.submit_and_stream`) return on ``[DONE]``, raise :class:`JobFailed` on
+``[ERROR]`` (:class:`JobTimeout` for a timeout), :class:`JobCancelled` on ``[CANCELLED]``, and
+:class:`StreamEndedWithoutSignal` when a stream ends without its signal: never a silent
+success. A dropped SSE connection is resumed with ``Last-Event-ID`` (bounded attempts,
+exponential backoff on ``trio.sleep``), with no gap and no duplicate. Every httpx and
+trio-websocket error becomes a trio-jobs error in one place, :func:`_translate`.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import sys
+from abc import abstractmethod
+from collections import deque
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping
+from contextlib import AsyncExitStack, asynccontextmanager, contextmanager, suppress
+from datetime import datetime
+from types import TracebackType
+from typing import TYPE_CHECKING, Any, Literal, Protocol, Self, TypedDict, Unpack
+from urllib.parse import quote, urlsplit, urlunsplit
+
+import httpx
+import trio
+
+from ._channel import StreamItem
+from ._exceptions import (
+    HTTPStatusError,
+    InvalidJobState,
+    JobCancelled,
+    JobFailed,
+    JobNotFound,
+    JobTimeout,
+    StreamEndedWithoutSignal,
+    TransportError,
+    TrioJobsError,
+)
+from ._models import JobState, NarrationEvent, Priority, RetryPolicy
+from ._signals import TIMEOUT_MESSAGE, Signal, TerminalSignal
+from ._sse import SSEDecoder, SSEMessage
+
+if TYPE_CHECKING:
+    from trio_websocket import WebSocketConnection
+
+__all__ = [
+    "JobClient",
+    "JobEventStream",
+    "JobOptions",
+    "JobWebSocketStream",
+    "WireLineReader",
+    "raise_for_signal",
+]
+
+_JOB_OPTIONS = frozenset(
+    {"timeout_s", "priority", "retry", "tags", "metadata", "on_disconnect", "expires_s"}
+)
+_RETRYABLE_STATUS = frozenset({502, 503, 504})
+_MAX_BACKOFF_S = 30.0
+_TIMEOUT_RE = re.compile(
+    "^" + re.escape(TIMEOUT_MESSAGE).replace(re.escape("{seconds}"), r"[0-9.e+-]+") + "$"
+)
+
+
+class JobOptions(TypedDict, total=False):
+    """Job options sent at the top level of ``POST /v1/jobs`` beside the operation."""
+
+    timeout_s: float
+    priority: Priority | Literal["low", "normal", "high", "critical"]
+    retry: RetryPolicy | Mapping[str, Any]
+    tags: Mapping[str, str]
+    metadata: Any
+    on_disconnect: Literal["detach", "cancel"]
+    expires_s: float
+
+
+class _Dumpable(Protocol):
+    """A pydantic model (anything with ``model_dump(mode="json")``)."""
+
+    def model_dump(self, *, mode: str) -> dict[str, Any]: ...
+
+
+Operation = Mapping[str, Any] | _Dumpable
+LineCallback = Callable[[str], object]
+
+
+# -- the one place where transport errors become trio-jobs errors ---------------------------
+
+
+def _error_from_status(
+    status: int, body: bytes, *, job_id: str | None = None, reason: str = ""
+) -> TrioJobsError:
+    """The exception for an error answer: the server's ``{"error", "detail"}`` JSON body."""
+    error: str = reason or f"status {status}"
+    detail: object = None
+    try:
+        data = json.loads(body) if body else None
+    except ValueError:
+        data = None
+    if isinstance(data, dict) and isinstance(data.get("error"), str):
+        error, detail = data["error"], data.get("detail")
+    elif body:
+        detail = body[:200].decode("utf-8", "replace")
+    if status == 404 and job_id is not None:
+        return JobNotFound(job_id)
+    if status == 409:
+        text = f"{error}: {detail}" if detail else error
+        return InvalidJobState(f"job {job_id}: {text}" if job_id else text)
+    return HTTPStatusError(status, error, detail)
+
+
+def _translate(exc: BaseException, what: str, *, job_id: str | None = None) -> TrioJobsError | None:
+    """Map an httpx or trio-websocket exception to a trio-jobs one (None: not ours to map)."""
+    if isinstance(exc, httpx.TimeoutException):
+        return TransportError(f"{what}: timed out ({type(exc).__name__})")
+    if isinstance(exc, httpx.HTTPError):
+        return TransportError(f"{what}: {type(exc).__name__}: {exc}")
+    ws = sys.modules.get("trio_websocket")
+    if ws is not None:
+        if isinstance(exc, ws.ConnectionRejected):
+            return _error_from_status(exc.status_code, exc.body or b"", job_id=job_id)
+        if isinstance(exc, ws.HandshakeError):
+            cause = exc.__cause__ or exc
+            return TransportError(f"{what}: {type(exc).__name__}: {cause}")
+        if isinstance(exc, ws.ConnectionClosed):
+            return TransportError(f"{what}: websocket closed ({exc.reason})")
+    return None
+
+
+@contextmanager
+def _translating(what: str, *, job_id: str | None = None) -> Iterator[None]:
+    """Run a block whose httpx/trio-websocket errors are raised as trio-jobs errors."""
+    try:
+        yield
+    except Exception as exc:
+        mapped = _translate(exc, what, job_id=job_id)
+        if mapped is None:
+            raise
+        raise mapped from exc
+
+
+# -- wire lines -> items and outcomes -------------------------------------------------------
+
+
+def raise_for_signal(signal: TerminalSignal | None, job_id: str | None = None) -> None:
+    """Turn a stream's terminal signal into the outcome: return on ``[DONE]``, else raise.
+
+    Raises:
+        JobFailed: ``[ERROR] <message>`` (``JobTimeout`` when it is the timeout message).
+        JobCancelled: ``[CANCELLED]``.
+        StreamEndedWithoutSignal: no terminal signal at all.
+    """
+    if signal is None:
+        raise StreamEndedWithoutSignal(f"stream of job {job_id} ended without a terminal signal")
+    if signal.signal is Signal.DONE:
+        return
+    if signal.signal is Signal.CANCELLED:
+        raise JobCancelled(job_id)
+    message = signal.message or ""
+    if _TIMEOUT_RE.match(message):
+        raise JobTimeout(message, job_id=job_id)
+    raise JobFailed(message, job_id=job_id)
+
+
+def _epoch(value: object) -> float:
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        return float(value)
+    if isinstance(value, str):
+        try:
+            return datetime.fromisoformat(value).timestamp()
+        except ValueError:
+            pass
+    return 0.0
+
+
+def _parse_event(data: str, sse_id: int | None, job_id: str | None) -> NarrationEvent:
+    """Read an event line (a JSON object) back into a :class:`NarrationEvent`."""
+    try:
+        obj = json.loads(data)
+    except ValueError:
+        obj = None
+    if not isinstance(obj, dict):
+        raise TransportError(f"stream of job {job_id}: not an event or a signal: {data[:200]!r}")
+    event_id = obj.pop("id", sse_id)
+    return NarrationEvent(
+        id=event_id if isinstance(event_id, int) else (sse_id or 0),
+        job_id=str(obj.pop("job_id", job_id or "")),
+        ts=_epoch(obj.pop("ts", None)),
+        actor=str(obj.pop("actor", "")),
+        action=str(obj.pop("action", "")),
+        human=str(obj.pop("human", "")),
+        fields=obj,
+    )
+
+
+def _sse_int(value: str | None) -> int | None:
+    return int(value) if value is not None and value.isascii() and value.isdigit() else None
+
+
+class _LineSource(Protocol):
+    job_id: str | None
+
+    async def _next_line(self) -> tuple[str, int | None]: ...
+
+    def _next_line_nowait(self) -> tuple[str, int | None]: ...
+
+    async def aclose(self) -> None: ...
+
+
+class WireLineReader(trio.abc.ReceiveChannel[str]):
+    """The same stream read as raw wire lines: each event's JSON, then the signal line.
+
+    Shares its position with the stream it came from: a line read here is not seen there.
+    """
+
+    def __init__(self, source: _LineSource) -> None:
+        self._source = source
+
+    async def receive(self) -> str:
+        return (await self._source._next_line())[0]
+
+    def receive_nowait(self) -> str:
+        return self._source._next_line_nowait()[0]
+
+    async def aclose(self) -> None:
+        await self._source.aclose()
+
+
+class _ItemChannel(trio.abc.ReceiveChannel[StreamItem]):
+    """Common item parsing for the SSE and WebSocket streams."""
+
+    job_id: str | None
+    terminal: TerminalSignal | None
+
+    @abstractmethod
+    async def _next_line(self) -> tuple[str, int | None]:
+        """The next wire line and its SSE id (checkpoints; ``EndOfChannel`` at the end)."""
+
+    @abstractmethod
+    def _next_line_nowait(self) -> tuple[str, int | None]:
+        """A line already received (``trio.WouldBlock`` when there is none)."""
+
+    def _item(self, line: str, sse_id: int | None) -> StreamItem | None:
+        if line.startswith("["):
+            signal = Signal.parse(line)
+            if signal is not None:
+                if not signal.signal.is_terminal:
+                    return None  # [START] opens a stream; it is not an item
+                return TerminalSignal(signal.signal, signal.message, sse_id)
+        return _parse_event(line, sse_id, self.job_id)
+
+    async def receive(self) -> StreamItem:
+        """The next event, or the terminal signal; ``trio.EndOfChannel`` after the signal.
+
+        Raises:
+            StreamEndedWithoutSignal: the stream ended (or could not be resumed) before its
+                terminal signal.
+            TransportError: the server sent something that is neither an event nor a signal.
+        """
+        while True:
+            item = self._item(*(await self._next_line()))
+            if item is not None:
+                return item
+
+    def receive_nowait(self) -> StreamItem:
+        """An item already received from the network, without blocking (``trio.WouldBlock``)."""
+        while True:
+            item = self._item(*self._next_line_nowait())
+            if item is not None:
+                return item
+
+    def lines(self) -> WireLineReader:
+        """This stream as raw wire lines (``[START]`` included when the server sends it)."""
+        return WireLineReader(self)
+
+    def check(self) -> None:
+        """After the stream ended: return on ``[DONE]``, raise the outcome otherwise."""
+        raise_for_signal(self.terminal, self.job_id)
+
+
+# -- SSE ---------------------------------------------------------------------------------
+
+
+class JobEventStream(_ItemChannel):
+    """One job's SSE stream: a receive channel of events and then the terminal signal.
+
+    Made by :meth:`JobClient.stream`. Reads whatever the network delivered as a batch and
+    hands it out item by item. When the connection drops before the terminal signal it
+    reconnects with ``Last-Event-ID`` set to the last event received, waiting
+    ``backoff_s * 2**(n-1)`` seconds before attempt ``n`` (capped by the server's ``retry:``),
+    up to ``max_reconnects`` attempts in a row without a new event; events the server sends
+    again are dropped, so the channel has no duplicate. ``last_event_id`` and ``reconnects``
+    tell what happened. After the signal the channel reads the body to its end (so the
+    connection goes back to the pool) and then raises ``trio.EndOfChannel``.
+    """
+
+    def __init__(
+        self,
+        client: JobClient,
+        job_id: str | None,
+        *,
+        last_event_id: str | int | None = None,
+    ) -> None:
+        self._client = client
+        self.job_id = job_id
+        self.last_event_id: str | None = None if last_event_id is None else str(last_event_id)
+        self._last_num = _sse_int(self.last_event_id)
+        self.terminal: TerminalSignal | None = None
+        self.reconnects = 0
+        self.retry_ms: int | None = None
+        self._buffer: deque[tuple[str, int | None]] = deque()
+        self._response: httpx.Response | None = None
+        self._chunks: AsyncIterator[bytes] | None = None
+        self._decoder = SSEDecoder()
+        self._failures = 0
+        self._cause: BaseException | None = None
+        self._ended = False
+        self._closed = False
+
+    # connection management
+
+    def _path(self) -> str:
+        return f"/v1/jobs/{quote(self.job_id or '', safe='')}/stream"
+
+    async def _open(self, request: httpx.Request | None = None) -> None:
+        """Send ``request`` (default: GET the stream, resuming after ``last_event_id``).
+
+        Raises the mapped error for an error status; lets httpx transport errors through so
+        the caller can decide whether to retry.
+        """
+        http = self._client._http
+        if request is None:
+            headers = {"Accept": "text/event-stream", "Cache-Control": "no-cache"}
+            if self.last_event_id is not None:
+                headers["Last-Event-ID"] = self.last_event_id
+            request = http.build_request(
+                "GET", self._path(), headers=headers, timeout=self._client._stream_timeout
+            )
+        response = await http.send(request, stream=True)
+        try:
+            if response.is_error:
+                body = await response.aread()
+                raise _error_from_status(
+                    response.status_code,
+                    body,
+                    job_id=self.job_id,
+                    reason=response.reason_phrase,
+                )
+            if self.job_id is None:
+                self.job_id = response.headers.get("x-job-id")
+            ctype = response.headers.get("content-type", "")
+            if not ctype.startswith("text/event-stream"):
+                body = await response.aread()
+                if self.job_id is None and response.status_code == 201:
+                    # The server ignored ``Accept``: it created the job; follow its stream.
+                    self.job_id = str(json.loads(body)["job_id"])
+                    await response.aclose()
+                    await self._open()
+                    return
+                raise TransportError(
+                    f"{request.method} {request.url.path}: expected text/event-stream, "
+                    f"got {ctype!r}"
+                )
+            if self.job_id is None:
+                raise TransportError(f"{request.url.path}: stream answer without X-Job-Id")
+        except BaseException:
+            await _close_shielded(response)
+            raise
+        self._response = response
+        self._chunks = response.aiter_bytes()
+        self._decoder = SSEDecoder()
+
+    async def _reconnect(self) -> None:
+        """Wait the backoff and reopen the stream; give up after ``max_reconnects`` tries."""
+        client = self._client
+        while True:
+            if self._failures > client.max_reconnects:
+                raise StreamEndedWithoutSignal(
+                    f"stream of job {self.job_id} lost and not resumed after "
+                    f"{client.max_reconnects} reconnect attempt(s) "
+                    f"(last event id {self.last_event_id}): {self._cause!r}"
+                ) from self._cause
+            delay = client.backoff_s * 2 ** (self._failures - 1)
+            cap = _MAX_BACKOFF_S if self.retry_ms is None else self.retry_ms / 1000
+            await trio.sleep(min(delay, cap))
+            self.reconnects += 1
+            try:
+                await self._open()
+                return
+            except httpx.TransportError as exc:
+                self._cause = exc
+            except HTTPStatusError as exc:
+                if exc.status_code not in _RETRYABLE_STATUS:
+                    raise
+                self._cause = exc
+            self._failures += 1
+
+    async def _drop(self) -> None:
+        response, chunks = self._response, self._chunks
+        self._response = self._chunks = None
+        if response is not None:
+            await _close_shielded(response, chunks)
+
+    def _accept(self, message: SSEMessage) -> None:
+        num = _sse_int(message.id)
+        if num is not None and self._last_num is not None and num <= self._last_num:
+            return  # already delivered before a reconnect
+        if self.terminal is not None:
+            raise TransportError(f"stream of job {self.job_id}: data after the terminal signal")
+        data = message.data
+        if data.startswith("["):
+            signal = Signal.parse(data)
+            if signal is not None and signal.signal.is_terminal:
+                self.terminal = TerminalSignal(signal.signal, signal.message, num)
+        self._buffer.append((data, num))
+        if message.id is not None:
+            self.last_event_id = message.id
+            self._last_num = num
+        self._failures = 0
+
+    async def _fill(self) -> None:
+        """Read from the network until a line is buffered or the stream has ended."""
+        while not self._buffer and not self._ended:
+            if self._closed:
+                raise trio.ClosedResourceError("the stream was closed")
+            if self._chunks is None:
+                await self._reconnect()
+                assert self._chunks is not None
+            try:
+                chunk = await self._chunks.__anext__()
+            except StopAsyncIteration:
+                self._decoder.close()
+                await self._drop()
+                if self.terminal is None:
+                    raise StreamEndedWithoutSignal(
+                        f"stream of job {self.job_id} ended without a terminal signal "
+                        f"(last event id {self.last_event_id})"
+                    ) from None
+                self._ended = True
+                return
+            except httpx.TransportError as exc:
+                await self._drop()
+                if self.terminal is not None:
+                    self._ended = True  # the signal is in: the lost tail does not matter
+                    return
+                self._failures += 1
+                self._cause = exc
+                continue
+            for message in self._decoder.feed(chunk):
+                self._accept(message)
+            if self._decoder.retry is not None:
+                self.retry_ms = self._decoder.retry
+
+    # channel interface
+
+    async def _next_line(self) -> tuple[str, int | None]:
+        await trio.lowlevel.checkpoint()
+        if not self._buffer:
+            await self._fill()
+            if not self._buffer:
+                raise trio.EndOfChannel
+        return self._buffer.popleft()
+
+    def _next_line_nowait(self) -> tuple[str, int | None]:
+        if self._closed:
+            raise trio.ClosedResourceError("the stream was closed")
+        if self._buffer:
+            return self._buffer.popleft()
+        if self._ended:
+            raise trio.EndOfChannel
+        raise trio.WouldBlock
+
+    async def _next_batch(self) -> list[tuple[str, int | None]]:
+        """Everything received so far (at least one line); ``EndOfChannel`` at the end."""
+        if not self._buffer:
+            await self._fill()
+            if not self._buffer:
+                raise trio.EndOfChannel
+        batch = list(self._buffer)
+        self._buffer.clear()
+        return batch
+
+    async def aclose(self) -> None:
+        """Close the connection; after the terminal signal, first read the body to its end.
+
+        Reading the rest (bounded by the client's timeout) lets httpx reuse the connection.
+        A cancel interrupts the read; the connection is still closed (shielded).
+        """
+        if self._closed:
+            await trio.lowlevel.checkpoint()
+            return
+        self._closed = True
+        try:
+            if self.terminal is not None and self._chunks is not None:
+                with trio.move_on_after(self._client.timeout):
+                    try:
+                        async for _ in self._chunks:
+                            pass
+                    except httpx.TransportError:
+                        pass
+            else:
+                await trio.lowlevel.checkpoint()
+        finally:
+            await self._drop()
+
+
+async def _close_shielded(
+    response: httpx.Response, chunks: AsyncIterator[bytes] | None = None
+) -> None:
+    """Close a streamed response even inside a cancelled scope (bounded: 1 s)."""
+    with trio.CancelScope(shield=True), trio.move_on_after(1.0):
+        if chunks is not None and hasattr(chunks, "aclose"):
+            with suppress(httpx.HTTPError):
+                await chunks.aclose()
+        with suppress(httpx.HTTPError):
+            await response.aclose()
+
+
+# -- WebSocket ---------------------------------------------------------------------------
+
+
+class JobWebSocketStream(_ItemChannel):
+    """One job's stream over ``GET /v1/jobs/{id}/ws``: the same items as the SSE stream.
+
+    :meth:`send_cancel` asks the server to cancel the job (the stream then ends with
+    ``[CANCELLED]`` unless the job finished first). There is no resume: a connection that
+    closes before the terminal signal raises :class:`StreamEndedWithoutSignal`.
+    """
+
+    def __init__(self, ws: WebSocketConnection, job_id: str) -> None:
+        self._ws = ws
+        self.job_id = job_id
+        self.terminal: TerminalSignal | None = None
+        self.close_code: int | None = None
+        self._ended = False
+        self._closed = False
+
+    async def _next_line(self) -> tuple[str, int | None]:
+        from trio_websocket import ConnectionClosed
+
+        if self._closed:
+            raise trio.ClosedResourceError("the stream was closed")
+        if self._ended:
+            await trio.lowlevel.checkpoint()
+            raise trio.EndOfChannel
+        try:
+            message = await self._ws.get_message()
+        except ConnectionClosed as exc:
+            self._ended = True
+            self.close_code = exc.reason.code if exc.reason is not None else None
+            if self.terminal is not None:
+                raise trio.EndOfChannel from None
+            raise StreamEndedWithoutSignal(
+                f"websocket of job {self.job_id} closed before its terminal signal ({exc.reason})"
+            ) from exc
+        line = message.decode("utf-8", "replace") if isinstance(message, bytes) else message
+        if self.terminal is not None:
+            raise TransportError(f"websocket of job {self.job_id}: data after the signal")
+        if line.startswith("["):
+            signal = Signal.parse(line)
+            if signal is not None and signal.signal.is_terminal:
+                self.terminal = signal
+        return line, None
+
+    def _next_line_nowait(self) -> tuple[str, int | None]:
+        raise trio.WouldBlock
+
+    async def send_cancel(self) -> None:
+        """Send ``{"cancel": true}``; a no-op (a checkpoint) once the connection closed."""
+        from trio_websocket import ConnectionClosed
+
+        with suppress(ConnectionClosed):
+            await self._ws.send_message('{"cancel": true}')
+
+    async def aclose(self) -> None:
+        """Close the WebSocket (normal closure, code 1000)."""
+        self._closed = True
+        with _translating(f"websocket of job {self.job_id}", job_id=self.job_id):
+            await self._ws.aclose()
+
+
+# -- the client --------------------------------------------------------------------------
+
+
+def _job_body(op: Operation, options: Mapping[str, Any]) -> dict[str, Any]:
+    """The ``POST /v1/jobs`` body: the operation's fields plus the job options on top."""
+    if isinstance(op, Mapping):
+        body = dict(op)
+    elif callable(getattr(op, "model_dump", None)):
+        body = op.model_dump(mode="json")
+    else:
+        raise TypeError(f"operation must be a mapping or a pydantic model, got {type(op)!r}")
+    unknown = options.keys() - _JOB_OPTIONS
+    if unknown:
+        raise TypeError(f"unknown job option(s): {', '.join(sorted(unknown))}")
+    for name, value in options.items():
+        if value is None:
+            continue
+        if name in body:
+            raise ValueError(f"job option {name!r} is also a field of the operation")
+        if isinstance(value, RetryPolicy):
+            value = value.to_dict()
+        elif isinstance(value, Priority):
+            value = value.label
+        elif isinstance(value, Mapping):
+            value = dict(value)
+        body[name] = value
+    return body
+
+
+def _check_line_callback(on_line: LineCallback) -> None:
+    if not callable(on_line):
+        raise TypeError("on_line must be a callable taking one line (str)")
+
+
+class JobClient:
+    """An HTTP client of a trio-jobs server (queen, hive or any app of ``trio_jobs.http``).
+
+    Use it as an async context manager; it owns one httpx connection pool::
+
+        async with JobClient("http://127.0.0.1:7833", token=TOKEN) as client:
+            job_id = await client.submit({"operation": "status"}, timeout_s=30)
+            await client.wait(job_id)
+
+    Args:
+        base_url: The server's root URL (``http://host:port``).
+        token: Sent as ``Authorization: Bearer <token>`` on every request.
+        timeout: Seconds for connecting, writing and reading an answer; streams have no read
+            timeout (a job may be quiet for long; the server sends keep-alive comments).
+        transport: An httpx transport (``httpx.MockTransport`` in unit tests).
+        max_reconnects: Reconnect attempts in a row, without a new event in between, before
+            a dropped stream raises :class:`StreamEndedWithoutSignal`.
+        backoff_s: The wait before the first reconnect attempt; doubled for each further one.
+    """
+
+    def __init__(
+        self,
+        base_url: str,
+        *,
+        token: str | None = None,
+        timeout: float = 10.0,
+        transport: httpx.AsyncBaseTransport | None = None,
+        max_reconnects: int = 5,
+        backoff_s: float = 0.2,
+    ) -> None:
+        if max_reconnects < 0 or backoff_s < 0 or timeout <= 0:
+            raise ValueError("max_reconnects and backoff_s must be >= 0, timeout > 0")
+        self.base_url = base_url.rstrip("/")
+        self.timeout = timeout
+        self.max_reconnects = max_reconnects
+        self.backoff_s = backoff_s
+        self._token = token
+        self._stream_timeout = httpx.Timeout(timeout, read=None)
+        headers = {"Authorization": f"Bearer {token}"} if token else None
+        self._http = httpx.AsyncClient(
+            base_url=self.base_url,
+            headers=headers,
+            timeout=httpx.Timeout(timeout),
+            transport=transport,
+        )
+
+    async def __aenter__(self) -> Self:
+        await self._http.__aenter__()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.aclose()
+
+    async def aclose(self) -> None:
+        """Close the connection pool (streams still open are cut)."""
+        with trio.CancelScope(shield=True), trio.move_on_after(self.timeout):
+            await self._http.aclose()
+
+    # plain requests
+
+    async def _json(
+        self, method: str, path: str, *, job_id: str | None = None, **kwargs: Any
+    ) -> Any:
+        what = f"{method} {path}"
+        with _translating(what, job_id=job_id):
+            response = await self._http.request(method, path, **kwargs)
+        if response.is_error:
+            raise _error_from_status(
+                response.status_code,
+                response.content,
+                job_id=job_id,
+                reason=response.reason_phrase,
+            )
+        try:
+            return response.json()
+        except ValueError:
+            raise TransportError(f"{what}: the answer is not JSON") from None
+
+    @staticmethod
+    def _job_path(job_id: str) -> str:
+        return f"/v1/jobs/{quote(job_id, safe='')}"
+
+    async def submit(self, op: Operation, **options: Unpack[JobOptions]) -> str:
+        """Create a job (``POST /v1/jobs``) and return its id.
+
+        Args:
+            op: The operation: a mapping, or a pydantic model (sent as
+                ``model_dump(mode="json")``).
+            **options: ``timeout_s``, ``priority``, ``retry`` (a dict or a
+                :class:`RetryPolicy`), ``tags``, ``metadata``, ``on_disconnect``,
+                ``expires_s``; None means "not given".
+
+        Raises:
+            HTTPStatusError: the server refused the job (400, 401, 413, 422, ...).
+            TransportError: the server could not be reached.
+        """
+        body = _job_body(op, options)
+        data = await self._json("POST", "/v1/jobs", json=body)
+        return str(data["job_id"])
+
+    async def get(self, job_id: str) -> dict[str, Any]:
+        """The job's record (``GET /v1/jobs/{id}``); :class:`JobNotFound` if unknown."""
+        record: dict[str, Any] = await self._json("GET", self._job_path(job_id), job_id=job_id)
+        return record
+
+    async def history(self, job_id: str) -> list[dict[str, Any]]:
+        """The job's state transitions, oldest first (``GET /v1/jobs/{id}/history``)."""
+        data = await self._json("GET", self._job_path(job_id) + "/history", job_id=job_id)
+        history: list[dict[str, Any]] = data["history"]
+        return history
+
+    async def list_jobs(
+        self, state: JobState | str | None = None, tag: str | None = None
+    ) -> list[dict[str, Any]]:
+        """Records of the known jobs, filtered by ``state`` and by ``tag`` (``"k:v"``)."""
+        params: dict[str, str] = {}
+        if state is not None:
+            params["state"] = state.value if isinstance(state, JobState) else state
+        if tag is not None:
+            params["tag"] = tag
+        data = await self._json("GET", "/v1/jobs", params=params)
+        jobs: list[dict[str, Any]] = data["jobs"]
+        return jobs
+
+    async def cancel(self, job_id: str) -> dict[str, Any]:
+        """Cancel the job (``DELETE``) and return its record.
+
+        Raises:
+            JobNotFound: no such job (404).
+            InvalidJobState: the job had already finished (409).
+        """
+        record: dict[str, Any] = await self._json("DELETE", self._job_path(job_id), job_id=job_id)
+        return record
+
+    async def health(self) -> dict[str, Any]:
+        """The server's ``GET /health`` answer (needs no token)."""
+        data: dict[str, Any] = await self._json("GET", "/health")
+        return data
+
+    # streams
+
+    @asynccontextmanager
+    async def stream(
+        self, job_id: str, *, last_event_id: str | int | None = None
+    ) -> AsyncIterator[JobEventStream]:
+        """Follow a job's SSE stream: a channel of its events, then its terminal signal.
+
+        The first connection is made on entering (an unknown job raises
+        :class:`JobNotFound` there; an unreachable server :class:`TransportError`); later
+        drops are resumed (see :class:`JobEventStream`). ``last_event_id`` starts after
+        that event. Leaving the block early (or being cancelled) closes the connection;
+        the job itself goes on unless its ``on_disconnect`` policy is ``cancel``.
+        """
+        events = JobEventStream(self, job_id, last_event_id=last_event_id)
+        try:
+            with _translating(f"GET /v1/jobs/{job_id}/stream", job_id=job_id):
+                await events._open()
+            yield events
+        finally:
+            await events.aclose()
+
+    async def _consume(self, events: JobEventStream, on_line: LineCallback | None) -> None:
+        """Read a stream to the end of its body, passing each line to ``on_line``."""
+        while True:
+            try:
+                batch = await events._next_batch()
+            except trio.EndOfChannel:
+                break
+            if on_line is not None:
+                for line, _ in batch:
+                    on_line(line)
+        events.check()
+
+    async def wait(self, job_id: str, *, last_event_id: str | int | None = None) -> None:
+        """Follow the job's stream to its end: return on ``[DONE]``, else raise the outcome.
+
+        Raises:
+            JobFailed: ``[ERROR]`` (``JobTimeout`` for a timeout).
+            JobCancelled: ``[CANCELLED]``.
+            StreamEndedWithoutSignal: the stream ended or could not be resumed before its
+                signal.
+            JobNotFound: no such job.
+        """
+        async with self.stream(job_id, last_event_id=last_event_id) as events:
+            await self._consume(events, None)
+
+    async def submit_and_stream(
+        self, op: Operation, on_line: LineCallback, **options: Unpack[JobOptions]
+    ) -> str:
+        """Create a job and follow it to its end, passing every wire line to ``on_line``.
+
+        One request: ``POST /v1/jobs`` with ``Accept: text/event-stream`` answers with the
+        job's stream (a server that answers 201 instead is followed on ``/stream``). A drop
+        is resumed like :meth:`stream`. ``on_line`` gets each event's JSON line and the
+        signal line; an exception it raises propagates (the connection is closed; the job
+        goes on unless its ``on_disconnect`` policy is ``cancel``).
+
+        Returns:
+            The job id, once the stream ended with ``[DONE]``.
+
+        Raises:
+            JobFailed, JobTimeout, JobCancelled, StreamEndedWithoutSignal: the outcome, as
+                for :meth:`wait`; the exception's ``job_id`` names the job.
+            HTTPStatusError: the server refused the job.
+        """
+        _check_line_callback(on_line)
+        body = _job_body(op, options)
+        events = JobEventStream(self, None)
+        try:
+            with _translating("POST /v1/jobs"):
+                request = self._http.build_request(
+                    "POST",
+                    "/v1/jobs",
+                    json=body,
+                    headers={"Accept": "text/event-stream", "Cache-Control": "no-cache"},
+                    timeout=self._stream_timeout,
+                )
+                await events._open(request)
+            await self._consume(events, on_line)
+        finally:
+            await events.aclose()
+        assert events.job_id is not None
+        return events.job_id
+
+    def _ws_url(self, job_id: str) -> str:
+        parts = urlsplit(self.base_url)
+        scheme = {"http": "ws", "https": "wss"}.get(parts.scheme, parts.scheme)
+        path = parts.path.rstrip("/") + self._job_path(job_id) + "/ws"
+        return urlunsplit((scheme, parts.netloc, path, "", ""))
+
+    @asynccontextmanager
+    async def stream_ws(self, job_id: str) -> AsyncIterator[JobWebSocketStream]:
+        """Follow a job over its WebSocket: the same items as :meth:`stream`.
+
+        The handle's :meth:`JobWebSocketStream.send_cancel` cancels the job. Leaving the
+        block closes the WebSocket with code 1000.
+
+        Raises:
+            JobNotFound: no such job (the server refused the handshake with 404).
+            HTTPStatusError: another refusal (401 without a valid token, ...).
+            TransportError: the server could not be reached.
+        """
+        from trio_websocket import open_websocket_url
+
+        headers = [(b"authorization", f"Bearer {self._token}".encode())] if self._token else []
+        async with AsyncExitStack() as stack:
+            with _translating(f"websocket of job {job_id}", job_id=job_id):
+                ws = await stack.enter_async_context(
+                    open_websocket_url(
+                        self._ws_url(job_id),
+                        extra_headers=headers,
+                        connect_timeout=self.timeout,
+                        disconnect_timeout=self.timeout,
+                    )
+                )
+            channel = JobWebSocketStream(ws, job_id)
+            yield channel
