@@ -208,17 +208,18 @@ class Persister:
 
     async def drain(self, grace: float) -> None:
         """Final flushes on shutdown: shielded, until nothing is pending or running, or
-        ``grace`` seconds passed (jobs being cancelled get that long to end)."""
+        ``grace`` seconds passed (jobs being cancelled, and a failing store, get that
+        long)."""
         with trio.CancelScope(shield=True), trio.move_on_after(grace):
             while True:
                 try:
                     await self.flush()
                 except Exception:
                     self.failures += 1
-                    logger.exception("final write of jobs to %r failed", self.store)
-                    return
-                if not self.pending and not self._live:
-                    return
+                    logger.exception("final write of jobs to %r failed; retrying", self.store)
+                else:
+                    if not self.pending and not self._live:
+                        return
                 await trio.sleep(self.interval)
 
 
@@ -330,11 +331,10 @@ async def recover(registry: JobRegistry, store: JobStore, persister: Persister |
             job.expires_at = now_trio + (stored.expires_at - now)
             registry._deadlines.append((job.expires_at, job.seq, job))
         registry.requeue(job)
-    if registry._deadlines:
+    if restored:
         registry._deadlines.sort()
-        registry._expiry_lot.unpark_all()
-    if registry._expiry:
         registry._expiry = deque(sorted(registry._expiry))
+        registry._expiry_lot.unpark_all()
     await trio.lowlevel.checkpoint()
     return restored
 
@@ -375,8 +375,8 @@ async def run_persistence(
             task_status.started(persister)
             await persister.run()
         finally:
-            registry.remove_observer(persister.observe)
             await persister.drain(grace)
+            registry.remove_observer(persister.observe)
     finally:
         registry._persister = None
         with trio.CancelScope(shield=True):

@@ -1,0 +1,258 @@
+"""PostgresStore: jobs in a PostgreSQL database (psycopg 3), for queens sharing one table.
+
+psycopg's async connections run on asyncio, not trio, so the store uses one synchronous
+connection from worker threads (``trio.to_thread.run_sync``) behind a one-slot
+``CapacityLimiter``. Batched writes go through ``executemany``, which psycopg pipelines.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, TypeVar
+
+import trio
+
+from ._models import NarrationEvent
+from ._store import (
+    JOB_COLUMNS,
+    MUTABLE_COLUMNS,
+    JobStore,
+    StoredJob,
+    WriteBatch,
+    event_from_row,
+    event_row,
+    job_row,
+    stored_job_from_row,
+    transition_from_row,
+    transition_row,
+)
+
+if TYPE_CHECKING:
+    import psycopg
+
+__all__ = ["PostgresStore", "PG_MIGRATIONS"]
+
+T = TypeVar("T")
+
+PG_MIGRATIONS: list[tuple[int, list[str]]] = [
+    (
+        1,
+        [
+            """CREATE TABLE jobs (
+                id TEXT PRIMARY KEY,
+                state TEXT NOT NULL,
+                error TEXT,
+                payload TEXT,
+                timeout DOUBLE PRECISION,
+                priority INTEGER NOT NULL,
+                retry TEXT,
+                tags TEXT,
+                metadata TEXT,
+                attempts INTEGER NOT NULL,
+                created_at DOUBLE PRECISION NOT NULL,
+                started_at DOUBLE PRECISION,
+                finished_at DOUBLE PRECISION,
+                next_attempt_at DOUBLE PRECISION,
+                expires_at DOUBLE PRECISION,
+                owner TEXT,
+                lease_until DOUBLE PRECISION,
+                cancel_requested BOOLEAN NOT NULL DEFAULT FALSE
+            )""",
+            "CREATE INDEX jobs_unfinished ON jobs (finished_at, created_at)",
+            "CREATE INDEX jobs_claimable ON jobs (priority DESC, created_at) "
+            "WHERE state = 'queued'",
+            """CREATE TABLE transitions (
+                job_id TEXT NOT NULL,
+                seq INTEGER NOT NULL,
+                state TEXT NOT NULL,
+                at DOUBLE PRECISION NOT NULL,
+                reason TEXT,
+                PRIMARY KEY (job_id, seq)
+            )""",
+            """CREATE TABLE events (
+                job_id TEXT NOT NULL,
+                id INTEGER NOT NULL,
+                ts DOUBLE PRECISION NOT NULL,
+                actor TEXT NOT NULL,
+                action TEXT NOT NULL,
+                human TEXT NOT NULL,
+                fields TEXT,
+                PRIMARY KEY (job_id, id)
+            )""",
+        ],
+    ),
+]
+"""Schema versions, applied in order under an advisory lock (queens may start together)."""
+
+_UPSERT = (
+    f"INSERT INTO jobs ({JOB_COLUMNS}) VALUES ({', '.join(['%s'] * 15)}) "
+    "ON CONFLICT (id) DO UPDATE SET " + ", ".join(f"{c} = EXCLUDED.{c}" for c in MUTABLE_COLUMNS)
+)
+_TRANSITION = "INSERT INTO transitions VALUES (%s, %s, %s, %s, %s) ON CONFLICT DO NOTHING"
+_EVENT = "INSERT INTO events VALUES (%s, %s, %s, %s, %s, %s, %s) ON CONFLICT DO NOTHING"
+_PRUNE = "DELETE FROM events WHERE job_id = %s AND id <= %s"
+_LOCK_KEY = 0x7472696F  # "trio": the migration advisory lock
+
+
+class PostgresStore(JobStore):
+    """Jobs, transitions and bounded event logs in PostgreSQL.
+
+    Args:
+        dsn: a libpq connection string or URL.
+        schema: the schema holding the tables (created if missing), so several
+            deployments or test runs can share one database.
+    """
+
+    def __init__(self, dsn: str, *, schema: str = "trio_jobs") -> None:
+        self.dsn = dsn
+        self.schema = schema
+        self._conn: psycopg.Connection[Any] | None = None
+        self._limiter = trio.CapacityLimiter(1)
+
+    def __repr__(self) -> str:
+        return f"PostgresStore(schema={self.schema!r})"
+
+    async def _run(self, fn: Callable[[psycopg.Connection[Any]], T]) -> T:
+        conn = self._conn
+        if conn is None:
+            raise trio.ClosedResourceError("store is not open")
+        return await trio.to_thread.run_sync(fn, conn, limiter=self._limiter)
+
+    def _connect(self) -> psycopg.Connection[Any]:
+        import psycopg
+        from psycopg import sql
+
+        conn = psycopg.connect(self.dsn, autocommit=True)
+        try:
+            schema = sql.Identifier(self.schema)
+            with conn.transaction():
+                conn.execute("SELECT pg_advisory_xact_lock(%s)", (_LOCK_KEY,))
+                conn.execute(sql.SQL("CREATE SCHEMA IF NOT EXISTS {}").format(schema))
+                # A committed SET lasts for the session: every later query uses the schema.
+                conn.execute(sql.SQL("SET search_path TO {}").format(schema))
+                conn.execute(
+                    "CREATE TABLE IF NOT EXISTS schema_migrations "
+                    "(version INTEGER PRIMARY KEY, applied_at DOUBLE PRECISION NOT NULL)"
+                )
+                current = _version(conn)
+                for version, statements in PG_MIGRATIONS:
+                    if version <= current:
+                        continue
+                    for statement in statements:
+                        conn.execute(statement)
+                    conn.execute(
+                        "INSERT INTO schema_migrations (version, applied_at) VALUES (%s, %s)",
+                        (version, time.time()),
+                    )
+        except BaseException:
+            conn.close()
+            raise
+        return conn
+
+    async def open(self) -> None:
+        if self._conn is not None:
+            await trio.lowlevel.checkpoint()
+            return
+        self._conn = await trio.to_thread.run_sync(self._connect, limiter=self._limiter)
+
+    async def aclose(self) -> None:
+        conn, self._conn = self._conn, None
+        if conn is None:
+            await trio.lowlevel.checkpoint()
+            return
+        await trio.to_thread.run_sync(conn.close, limiter=self._limiter)
+
+    async def schema_version(self) -> int:
+        return await self._run(_version)
+
+    async def write(self, batch: WriteBatch) -> None:
+        if not batch:
+            await trio.lowlevel.checkpoint()
+            return
+
+        def write(conn: psycopg.Connection[Any]) -> None:
+            with conn.transaction(), conn.cursor() as cur:
+                if batch.jobs:
+                    cur.executemany(_UPSERT, [job_row(w) for w in batch.jobs])
+                if batch.transitions:
+                    cur.executemany(_TRANSITION, [transition_row(*t) for t in batch.transitions])
+                if batch.events:
+                    cur.executemany(_EVENT, [event_row(e) for e in batch.events])
+                if batch.prune:
+                    cur.executemany(_PRUNE, batch.prune)
+
+        await self._run(write)
+
+    async def load_jobs(self, *, finished_since: float | None = None) -> list[StoredJob]:
+        def load(conn: psycopg.Connection[Any]) -> list[StoredJob]:
+            cols = f"{JOB_COLUMNS}, owner, cancel_requested"
+            with conn.transaction():
+                if finished_since is None:
+                    jobs = conn.execute(f"SELECT {cols} FROM jobs ORDER BY created_at").fetchall()
+                    where = ""
+                    params: tuple[Any, ...] = ()
+                else:
+                    jobs = conn.execute(
+                        f"SELECT {cols} FROM jobs WHERE finished_at IS NULL "
+                        "OR finished_at >= %s ORDER BY created_at",
+                        (finished_since,),
+                    ).fetchall()
+                    where = (
+                        " WHERE job_id IN (SELECT id FROM jobs WHERE finished_at IS NULL "
+                        "OR finished_at >= %s)"
+                    )
+                    params = (finished_since,)
+                history: dict[str, list[Any]] = {row[0]: [] for row in jobs}
+                for job_id, state, at, reason in conn.execute(
+                    "SELECT job_id, state, at, reason FROM transitions"
+                    + where
+                    + " ORDER BY job_id, seq",
+                    params,
+                ):
+                    entries = history.get(job_id)
+                    if entries is not None:
+                        entries.append(transition_from_row(state, at, reason))
+            return [
+                stored_job_from_row(row[:15], history[row[0]], row[15], row[16]) for row in jobs
+            ]
+
+        return await self._run(load)
+
+    async def load_job(self, job_id: str) -> StoredJob | None:
+        def load(conn: psycopg.Connection[Any]) -> StoredJob | None:
+            row = conn.execute(
+                f"SELECT {JOB_COLUMNS}, owner, cancel_requested FROM jobs WHERE id = %s",
+                (job_id,),
+            ).fetchone()
+            if row is None:
+                return None
+            history = [
+                transition_from_row(*t)
+                for t in conn.execute(
+                    "SELECT state, at, reason FROM transitions WHERE job_id = %s ORDER BY seq",
+                    (job_id,),
+                )
+            ]
+            return stored_job_from_row(row[:15], history, row[15], row[16])
+
+        return await self._run(load)
+
+    async def load_events(
+        self, job_id: str, *, after: int = 0, limit: int | None = None
+    ) -> list[NarrationEvent]:
+        def load(conn: psycopg.Connection[Any]) -> list[NarrationEvent]:
+            rows = conn.execute(
+                "SELECT job_id, id, ts, actor, action, human, fields FROM events "
+                "WHERE job_id = %s AND id > %s ORDER BY id DESC LIMIT %s",
+                (job_id, after, limit),
+            ).fetchall()
+            rows.reverse()
+            return [event_from_row(r) for r in rows]
+
+        return await self._run(load)
+
+
+def _version(conn: psycopg.Connection[Any]) -> int:
+    row = conn.execute("SELECT MAX(version) FROM schema_migrations").fetchone()
+    return int(row[0] or 0) if row else 0
