@@ -1,0 +1,194 @@
+"""JobService: what the job routes of one app share (registry, options, metrics, streams).
+
+It also owns the two stream-lifecycle rules of the HTTP layer:
+
+* ``on_disconnect``: a job created with ``"cancel"`` is cancelled when its last streaming
+  client goes away before the terminal signal (a stream the server itself ended, on
+  shutdown, does not count as going away).
+* draining: :meth:`begin_drain` (called by :func:`trio_jobs.http.serve` on shutdown) gives
+  every open stream a deadline; a stream whose job ends before it gets its terminal signal,
+  the others get whatever events are ready and then a clean end of body.
+"""
+
+from __future__ import annotations
+
+import hmac
+import ipaddress
+import math
+from collections.abc import Callable
+from typing import Any
+
+import trio
+
+from .._models import Transition
+from .._registry import Job, JobRegistry
+from .._runner import Executor, run_jobs
+from ._errors import ApiError
+from ._metrics import ServerMetrics
+
+__all__ = ["JobService", "PayloadParser", "is_loopback"]
+
+PayloadParser = Callable[[dict[str, Any]], Any]
+"""``parse_payload(body_without_options) -> payload``; raises pydantic ``ValidationError``
+or ``ValueError`` for a bad operation (answered 422)."""
+
+
+def is_loopback(host: str | None) -> bool:
+    """True for loopback addresses and ``localhost`` (and for an unknown host: None)."""
+    if host is None or host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+class JobService:
+    """Shared state of the job routes of one app; see the module docstring."""
+
+    def __init__(
+        self,
+        registry: JobRegistry,
+        executor: Executor | None,
+        *,
+        name: str = "trio-jobs",
+        parse_payload: PayloadParser | None = None,
+        token: str | None = None,
+        max_body_bytes: int = 1 << 20,
+        keepalive_s: float = 15.0,
+        max_concurrent: int | None = None,
+        require_token_off_loopback: bool = True,
+        retry_ms: int = 2000,
+        batch_limit: int = 2048,
+    ) -> None:
+        if max_body_bytes < 1:
+            raise ValueError("max_body_bytes must be >= 1")
+        if not keepalive_s > 0:
+            raise ValueError("keepalive_s must be > 0")
+        if max_concurrent is not None and max_concurrent < 1:
+            raise ValueError("max_concurrent must be >= 1 or None")
+        if token is not None and not token:
+            raise ValueError("token must be a non-empty string or None")
+        self.registry = registry
+        self.executor = executor
+        self.name = name
+        self.parse_payload = parse_payload
+        self.token = token
+        self._token_bytes = token.encode() if token is not None else b""
+        self.max_body_bytes = max_body_bytes
+        self.keepalive_s = keepalive_s
+        self.max_concurrent = max_concurrent
+        self.require_token_off_loopback = require_token_off_loopback
+        self.retry_ms = retry_ms
+        self.batch_limit = batch_limit
+        self.metrics = ServerMetrics(registry)
+        self.draining = False
+        self.drain_deadline = math.inf
+        self._cancel_on_disconnect: set[str] = set()
+        self._watchers: dict[str, int] = {}
+        self._waits: set[trio.CancelScope] = set()
+        self._runner_scope: trio.CancelScope | None = None
+        registry.add_observer(self._on_transition)
+
+    # ---- auth ----------------------------------------------------------------------
+
+    def check_auth(self, authorization: str | None, server_host: str | None) -> None:
+        """Raise a 401 ``ApiError`` unless the request may pass."""
+        if self.token is None:
+            if self.require_token_off_loopback and not is_loopback(server_host):
+                raise ApiError(
+                    401,
+                    "unauthorized",
+                    "this server listens on a non-loopback address and has no token "
+                    "configured; it refuses every request",
+                )
+            return
+        scheme, _, credentials = (authorization or "").partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(
+            credentials.strip().encode("utf-8", "surrogateescape"), self._token_bytes
+        ):
+            raise ApiError(
+                401,
+                "unauthorized",
+                "missing or wrong bearer token" if authorization else "a bearer token is required",
+                headers={"WWW-Authenticate": f'Bearer realm="{self.name}"'},
+            )
+
+    # ---- runner ----------------------------------------------------------------------
+
+    async def run_runner(
+        self, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+    ) -> None:
+        """Run ``run_jobs`` until :meth:`stop_runner` (used from ``before_serving``)."""
+        if self.executor is None or self._runner_scope is not None:
+            task_status.started()
+            return
+        with trio.CancelScope() as scope:
+            self._runner_scope = scope
+            try:
+                await run_jobs(
+                    self.registry,
+                    self.executor,
+                    max_concurrent=self.max_concurrent,
+                    task_status=task_status,
+                )
+            finally:
+                self._runner_scope = None
+
+    def stop_runner(self) -> None:
+        """Cancel the runner: running jobs end ``[CANCELLED]``, queued jobs stay queued."""
+        if self._runner_scope is not None:
+            self._runner_scope.cancel()
+
+    # ---- streams -------------------------------------------------------------------
+
+    def mark_cancel_on_disconnect(self, job_id: str) -> None:
+        self._cancel_on_disconnect.add(job_id)
+
+    def stream_opened(self, job_id: str) -> None:
+        self._watchers[job_id] = self._watchers.get(job_id, 0) + 1
+
+    def stream_closed(self, job_id: str, *, abandoned: bool) -> None:
+        """A stream of ``job_id`` ended; ``abandoned``: the client left before the signal."""
+        left = self._watchers.get(job_id, 1) - 1
+        if left > 0:
+            self._watchers[job_id] = left
+            return
+        self._watchers.pop(job_id, None)
+        if abandoned and job_id in self._cancel_on_disconnect:
+            self.registry.cancel_job(job_id, "the last streaming client disconnected")
+
+    def watchers(self, job_id: str) -> int:
+        """Number of streams of ``job_id`` open right now."""
+        return self._watchers.get(job_id, 0)
+
+    def _on_transition(self, job: Job, transition: Transition) -> None:
+        if transition.state.is_terminal:
+            self._cancel_on_disconnect.discard(job.id)
+
+    async def wait_ready(self, stream: Any, deadline: float) -> bool:
+        """Wait until ``stream`` has an item, the deadline passes or the drain ends.
+
+        Returns True when the stream is ready. Cancellation (client gone) propagates.
+        """
+        with trio.CancelScope(deadline=min(deadline, self.drain_deadline)) as scope:
+            self._waits.add(scope)
+            try:
+                await stream.wait_ready()
+            finally:
+                self._waits.discard(scope)
+        return not scope.cancelled_caught
+
+    def drain_expired(self) -> bool:
+        return self.draining and trio.current_time() >= self.drain_deadline
+
+    def begin_drain(self, grace_s: float) -> None:
+        """Shutdown: every open stream ends within ``grace_s`` seconds (see module doc)."""
+        deadline = trio.current_time() + max(0.0, grace_s)
+        if self.draining and deadline >= self.drain_deadline:
+            return
+        self.draining = True
+        self.drain_deadline = deadline
+        for scope in self._waits:
+            if scope.deadline > deadline:
+                scope.deadline = deadline
