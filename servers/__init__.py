@@ -1,0 +1,1 @@
+"""The trio-jobs daemons (queen, hive, worker), the ``trio-jobs`` CLI and the demo."""

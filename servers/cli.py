@@ -1,0 +1,663 @@
+"""``trio-jobs``: start the daemons, or (the keeper) submit operations to a queen.
+
+Daemons: ``trio-jobs queen|hive|worker [--host H] [--port P] [--config F] ...``; with
+``--port 0`` the first stdout line is ``listening on http://HOST:PORT``; SIGTERM or SIGINT
+stops them gracefully.
+
+Keeper: ``trio-jobs [--queen URL] [--json] [--timeout S] <command> ...`` submits one
+operation to the queen and shows its narration live until the terminal signal. Exit codes:
+0 on ``[DONE]``, 1 on ``[ERROR]``/``[CANCELLED]``/timeout/unreachable queen, 2 on bad usage,
+130 when interrupted (Ctrl-C or SIGTERM; the job is cancelled on the server first).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import sys
+from collections.abc import Callable, Sequence
+from typing import Any, TextIO
+
+import trio
+from pydantic import ValidationError
+
+from trio_jobs import (
+    HTTPStatusError,
+    InvalidJobState,
+    JobNotFound,
+    NarrationEvent,
+    Signal,
+    StreamEndedWithoutSignal,
+    TerminalSignal,
+    TransportError,
+)
+from trio_jobs._client import JobClient
+
+from ._daemon import is_loopback, setup_logging
+from .operations import parse_operation
+
+__all__ = ["main", "build_parser", "Printer", "DEFAULT_QUEEN_URL"]
+
+DEFAULT_QUEEN_URL = "http://127.0.0.1:7833"
+EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
+
+
+# ---- output ---------------------------------------------------------------------------------
+
+
+def _human_bytes(count: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if count < 1024 or unit == "GiB":
+            return f"{int(count)} {unit}" if unit == "B" else f"{count:.1f} {unit}"
+        count /= 1024
+    return f"{count:.1f} GiB"
+
+
+class Printer:
+    """Shows a job's stream: human lines, inline tokens and progress bars, or JSON lines."""
+
+    def __init__(self, *, json_lines: bool, out: TextIO | None = None) -> None:
+        self.json_lines = json_lines
+        self.out = out or sys.stdout
+        self.tty = self.out.isatty()
+        self._inline = False
+        self._bar = False
+
+    def _end_line(self) -> None:
+        if self._inline or self._bar:
+            self.out.write("\n")
+            self._inline = self._bar = False
+
+    def item(self, item: NarrationEvent | TerminalSignal) -> None:
+        if self.json_lines:
+            self.out.write(item.wire + "\n")
+            self.out.flush()
+            return
+        if isinstance(item, TerminalSignal):
+            self._end_line()
+            self.out.write(item.wire + "\n")
+        elif item.action == "token":
+            if self._bar:
+                self._end_line()
+            self.out.write(str(item.fields.get("token", item.human)))
+            self._inline = True
+        elif isinstance(item.fields.get("progress"), dict):
+            self._progress(item)
+        else:
+            self._end_line()
+            self.out.write(f"[{item.actor}] {item.human}\n")
+        self.out.flush()
+
+    def _progress(self, item: NarrationEvent) -> None:
+        progress: dict[str, Any] = item.fields["progress"]
+        done, total = progress.get("done") or 0, progress.get("total")
+        unit = progress.get("unit")
+        if not self.tty:
+            self._end_line()
+            self.out.write(f"[{item.actor}] {item.human}\n")
+            return
+        if self._inline:
+            self._end_line()
+        width = 30
+        if total:
+            fraction = min(max(done / total, 0.0), 1.0)
+            filled = int(width * fraction)
+            bar = "#" * filled + "-" * (width - filled)
+            amount = (
+                f"{_human_bytes(done)}/{_human_bytes(total)}"
+                if unit == "bytes"
+                else f"{done}/{total}"
+            )
+            line = f"[{bar}] {fraction * 100:5.1f}% {amount}"
+        else:
+            line = f"[{'?' * width}] {_human_bytes(done) if unit == 'bytes' else done}"
+        rate = item.fields.get("rate_bytes_s")
+        if isinstance(rate, int | float) and unit == "bytes":
+            line += f" {_human_bytes(rate)}/s"
+        self.out.write("\r" + line + "\x1b[K")
+        self._bar = True
+
+    def note(self, text: str) -> None:
+        """A line about the keeper itself (job id, interruption), on stderr."""
+        if not self.json_lines:
+            self._end_line()
+            self.out.flush()
+            sys.stderr.write(text + "\n")
+            sys.stderr.flush()
+
+    def error(self, message: str) -> None:
+        """An ``[ERROR]`` the keeper decided itself (bad request, unreachable queen)."""
+        self._end_line()
+        self.out.write(TerminalSignal(Signal.ERROR, message).wire + "\n")
+        self.out.flush()
+
+
+# ---- the keeper ----------------------------------------------------------------------------
+
+
+def _options(args: argparse.Namespace) -> dict[str, Any]:
+    options: dict[str, Any] = {}
+    if getattr(args, "timeout", None) is not None:
+        options["timeout_s"] = args.timeout
+    if getattr(args, "priority", None):
+        options["priority"] = args.priority
+    return options
+
+
+async def _cancel_on_server(client: JobClient, job_id: str, printer: Printer) -> None:
+    with trio.CancelScope(shield=True), trio.move_on_after(5.0):
+        try:
+            await client.cancel(job_id)
+            printer.note(f"cancelled job {job_id} on the server")
+        except (InvalidJobState, JobNotFound):
+            printer.note(f"job {job_id} had already finished")
+        except TransportError as exc:
+            printer.note(f"could not cancel job {job_id}: {exc}")
+
+
+async def run_operation(args: argparse.Namespace, body: dict[str, Any]) -> int:
+    """Submit ``body`` to the queen and follow it to its terminal signal."""
+    printer = Printer(json_lines=args.json)
+    try:
+        parse_operation(body)
+    except ValidationError as exc:
+        printer.error(f"invalid operation: {_validation_text(exc)}")
+        return EXIT_USAGE
+    async with JobClient(args.queen, token=args.token) as client:
+        try:
+            job_id = await client.submit(body, **_options(args))
+        except HTTPStatusError as exc:
+            printer.error(f"the queen refused the job: {exc}")
+            return EXIT_FAILED
+        except TransportError as exc:
+            printer.error(f"cannot reach the queen at {args.queen}: {exc}")
+            return EXIT_FAILED
+        printer.note(f"job {job_id}")
+        terminal: TerminalSignal | None = None
+        interrupted = False
+        lost: str | None = None
+        with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+            async with trio.open_nursery() as nursery:
+
+                async def on_signal() -> None:
+                    nonlocal interrupted
+                    async for _ in signals:
+                        interrupted = True
+                        nursery.cancel_scope.cancel()
+                        return
+
+                nursery.start_soon(on_signal)
+                guard = None if args.timeout is None else args.timeout + 30.0
+                with trio.move_on_after(guard if guard is not None else float("inf")):
+                    try:
+                        async with client.stream(job_id) as events:
+                            async for item in events:
+                                printer.item(item)
+                                if isinstance(item, TerminalSignal):
+                                    terminal = item
+                    except (StreamEndedWithoutSignal, TransportError) as exc:
+                        lost = str(exc)
+                nursery.cancel_scope.cancel()
+        if interrupted:
+            printer.note("interrupted")
+            await _cancel_on_server(client, job_id, printer)
+            return EXIT_INTERRUPTED
+        if terminal is None:
+            if lost is None:
+                await _cancel_on_server(client, job_id, printer)
+                lost = f"no terminal signal within {guard:g}s" if guard else "no terminal signal"
+            printer.error(f"lost job {job_id}: {lost}")
+            return EXIT_FAILED
+        return EXIT_OK if terminal.signal is Signal.DONE else EXIT_FAILED
+
+
+def _validation_text(exc: ValidationError) -> str:
+    return "; ".join(
+        f"{'.'.join(str(p) for p in err['loc']) or 'body'}: {err['msg']}" for err in exc.errors()
+    )
+
+
+async def run_jobs_list(args: argparse.Namespace) -> int:
+    printer = Printer(json_lines=args.json)
+    async with JobClient(args.queen, token=args.token) as client:
+        try:
+            jobs = await client.list_jobs(state=args.state, tag=args.tag)
+        except TransportError as exc:
+            printer.error(f"cannot list jobs at {args.queen}: {exc}")
+            return EXIT_FAILED
+    if args.json:
+        for job in jobs:
+            print(json.dumps(job, separators=(",", ":")))
+    else:
+        for job in jobs:
+            operation = (job.get("payload") or {}).get("operation", "?")
+            error = f"  {job['error']}" if job.get("error") else ""
+            print(f"{job['job_id']}  {job['state']:<9}  {operation:<14} {job['created_at']}{error}")
+    return EXIT_OK
+
+
+async def run_cancel(args: argparse.Namespace) -> int:
+    printer = Printer(json_lines=args.json)
+    async with JobClient(args.queen, token=args.token) as client:
+        try:
+            record = await client.cancel(args.job_id)
+        except JobNotFound:
+            printer.error(f"unknown job {args.job_id}")
+            return EXIT_FAILED
+        except InvalidJobState:
+            printer.error(f"job {args.job_id} has already finished")
+            return EXIT_FAILED
+        except TransportError as exc:
+            printer.error(f"cannot reach the queen at {args.queen}: {exc}")
+            return EXIT_FAILED
+    print(json.dumps(record) if args.json else f"{record['job_id']} {record['state']}")
+    return EXIT_OK
+
+
+async def run_get(args: argparse.Namespace) -> int:
+    printer = Printer(json_lines=args.json)
+    async with JobClient(args.queen, token=args.token) as client:
+        try:
+            record = await client.get(args.job_id)
+        except JobNotFound:
+            printer.error(f"unknown job {args.job_id}")
+            return EXIT_FAILED
+        except TransportError as exc:
+            printer.error(f"cannot reach the queen at {args.queen}: {exc}")
+            return EXIT_FAILED
+    print(json.dumps(record, indent=None if args.json else 2))
+    return EXIT_OK
+
+
+# ---- operation subcommands ----------------------------------------------------------------
+
+BodyBuilder = Callable[[argparse.Namespace], dict[str, Any]]
+
+
+def _submit_body(args: argparse.Namespace) -> dict[str, Any]:
+    text: str = args.body
+    if text == "-":
+        text = sys.stdin.read()
+    elif text.startswith("@"):
+        with open(text[1:], encoding="utf-8") as file:
+            text = file.read()
+    try:
+        body = json.loads(text)
+    except ValueError as exc:
+        raise SystemExit(f"trio-jobs submit: the body is not JSON: {exc}") from None
+    if not isinstance(body, dict):
+        raise SystemExit("trio-jobs submit: the body must be a JSON object")
+    for pair in args.set or ():
+        key, sep, value = pair.partition("=")
+        if not sep:
+            raise SystemExit(f"trio-jobs submit: --set wants key=value, got {pair!r}")
+        try:
+            body[key] = json.loads(value)
+        except ValueError:
+            body[key] = value
+    return body
+
+
+def _infer_body(args: argparse.Namespace) -> dict[str, Any]:
+    prompt = args.prompt_opt if args.prompt_opt is not None else args.prompt
+    if prompt is None:
+        raise SystemExit("trio-jobs infer: a prompt is required (positional or --prompt)")
+    body: dict[str, Any] = {
+        "operation": "infer",
+        "model": args.model,
+        "prompt": prompt,
+        "max_tokens": args.max_tokens,
+        "temperature": args.temperature,
+        "top_p": args.top_p,
+        "top_k": args.top_k,
+    }
+    if args.seed is not None:
+        body["seed"] = args.seed
+    if args.hive is not None:
+        body["hive_id"] = args.hive
+    return body
+
+
+def _fields_body(operation: str, fields: Sequence[str]) -> BodyBuilder:
+    def build(args: argparse.Namespace) -> dict[str, Any]:
+        body: dict[str, Any] = {"operation": operation}
+        for name in fields:
+            value = getattr(args, name)
+            if value is not None:
+                body[name] = value
+        return body
+
+    return build
+
+
+def _add_keeper_options(parser: argparse.ArgumentParser, *, top: bool) -> None:
+    """Keeper options, accepted before or after the subcommand."""
+    default = None if top else argparse.SUPPRESS
+    parser.add_argument(
+        "--queen",
+        default=os.environ.get("TRIO_JOBS_QUEEN", DEFAULT_QUEEN_URL) if top else default,
+        help=f"the queen's URL (default {DEFAULT_QUEEN_URL}, or $TRIO_JOBS_QUEEN)",
+    )
+    parser.add_argument(
+        "--token",
+        default=os.environ.get("TRIO_JOBS_TOKEN") if top else default,
+        help="bearer token (default $TRIO_JOBS_TOKEN)",
+    )
+    parser.add_argument(
+        "--json",
+        action="store_true",
+        default=False if top else default,
+        help="machine-readable output: one JSON event per line, then the signal line",
+    )
+    parser.add_argument(
+        "--timeout", type=float, default=default, help="job timeout in seconds (timeout_s)"
+    )
+    parser.add_argument(
+        "--priority",
+        choices=["low", "normal", "high", "critical"],
+        default=default,
+        help="job priority",
+    )
+
+
+def _keeper(sub: Any, name: str, help_text: str) -> argparse.ArgumentParser:
+    parser: argparse.ArgumentParser = sub.add_parser(name, help=help_text, description=help_text)
+    _add_keeper_options(parser, top=False)
+    return parser
+
+
+def _daemon_common(parser: argparse.ArgumentParser, port: int) -> None:
+    parser.add_argument("--host", default=None, help="address to bind (default 127.0.0.1)")
+    parser.add_argument(
+        "--port", type=int, default=None, help=f"port (default {port}; 0 picks a free one)"
+    )
+    parser.add_argument("--config", default=None, help="a TOML or JSON config file")
+    parser.add_argument(
+        "--token",
+        default=os.environ.get("TRIO_JOBS_TOKEN"),
+        help="bearer token required by the API (default $TRIO_JOBS_TOKEN)",
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The whole ``trio-jobs`` command line."""
+    parser = argparse.ArgumentParser(
+        prog="trio-jobs", description=__doc__, formatter_class=argparse.RawTextHelpFormatter
+    )
+    _add_keeper_options(parser, top=True)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    queen = sub.add_parser("queen", help="run the queen daemon (default port 7833)")
+    _daemon_common(queen, 7833)
+    queen.add_argument(
+        "--hive",
+        action="append",
+        default=[],
+        metavar="ALIAS=URL",
+        help="a hive the queen forwards to (repeatable; default localhost=http://127.0.0.1:7834)",
+    )
+    queen.add_argument("--advertise-url", default=None, help="the URL workers heartbeat to")
+    queen.add_argument("--heartbeat-ttl", type=float, default=None, help="seconds (default 5)")
+    queen.add_argument(
+        "--schedule-wait", type=float, default=None, help="seconds infer waits for a worker"
+    )
+
+    hive = sub.add_parser("hive", help="run a hive daemon (default port 7834)")
+    _daemon_common(hive, 7834)
+    hive.add_argument("--hive-id", default=None, help="this hive's alias (default localhost)")
+    hive.add_argument("--models-dir", default=None, help="where models are stored")
+    hive.add_argument("--model-source", default=None, help="base URL for model_download")
+    hive.add_argument("--queen", default=None, help="queen URL workers heartbeat to")
+    hive.add_argument("--worker-host", default=None, help="address workers bind")
+    hive.add_argument("--worker-grace", type=float, default=None, help="SIGTERM->SIGKILL s")
+    hive.add_argument("--heartbeat-s", type=float, default=None, help="worker heartbeat period")
+
+    worker = sub.add_parser("worker", help="run a worker daemon (normally spawned by a hive)")
+    _daemon_common(worker, 0)
+    worker.add_argument("--worker-id", default=None)
+    worker.add_argument("--model", default=None, help="model name served (default tiny)")
+    worker.add_argument("--hive-id", default=None)
+    worker.add_argument("--queen", default=None, help="queen URL for heartbeats")
+    worker.add_argument("--backend", choices=["tiny", "openai"], default=None)
+    worker.add_argument("--upstream-url", default=None, help="OpenAI-compatible server URL")
+    worker.add_argument("--upstream-model", default=None, help="model name sent upstream")
+    worker.add_argument("--token-delay", type=float, default=None, help="tiny: s per token")
+    worker.add_argument("--heartbeat-s", type=float, default=None)
+    worker.add_argument("--parent-pid", type=int, default=None, help="stop when it exits")
+
+    p = _keeper(sub, "submit", "submit any operation given as JSON ('-' stdin, @file)")
+    p.add_argument("body")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="add/override a field")
+    p.set_defaults(build=_submit_body)
+
+    p = _keeper(sub, "infer", "generate text on a live worker")
+    p.add_argument("prompt", nargs="?", default=None)
+    p.add_argument("--prompt", dest="prompt_opt", default=None)
+    p.add_argument("--model", default="tiny")
+    p.add_argument("--max-tokens", type=int, default=32)
+    p.add_argument("--temperature", type=float, default=0.7)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--hive", default=None, help="only workers of this hive")
+    p.set_defaults(build=_infer_body)
+
+    p = _keeper(sub, "status", "hives, live workers and jobs, as the queen sees them")
+    p.set_defaults(build=_fields_body("status", ()))
+
+    p = _keeper(sub, "jobs", "list the queen's jobs")
+    p.add_argument("--state", default=None)
+    p.add_argument("--tag", default=None, help="key:value")
+    p.set_defaults(handler=run_jobs_list)
+
+    p = _keeper(sub, "cancel", "cancel a job")
+    p.add_argument("job_id")
+    p.set_defaults(handler=run_cancel)
+
+    p = _keeper(sub, "get", "a job's record")
+    p.add_argument("job_id")
+    p.set_defaults(handler=run_get)
+
+    p = _keeper(sub, "hive-list", "configured hives")
+    p.set_defaults(build=_fields_body("hive_list", ()))
+    alias_ops = {
+        "hive-get": "one hive",
+        "hive-status": "is the hive up",
+        "hive-start": "start a hive (local child, or over ssh)",
+        "hive-stop": "stop a hive this queen started",
+        "hive-install": "install trio-jobs on the hive host",
+        "hive-uninstall": "remove trio-jobs from the hive host",
+        "hive-refresh-capabilities": "ask the hive for its health record",
+        "ssh-test": "check ssh to the hive host",
+    }
+    for name, text in alias_ops.items():
+        p = _keeper(sub, name, text)
+        p.add_argument("alias", nargs="?", default="localhost")
+        p.set_defaults(build=_fields_body(name.replace("-", "_"), ("alias",)))
+
+    p = _keeper(sub, "hive-import-ssh", "add the Hosts of an ssh config as hives")
+    p.add_argument("ssh_config_path")
+    p.add_argument("--default-hive-port", type=int, default=7834)
+    p.set_defaults(build=_fields_body("hive_import_ssh", ("ssh_config_path", "default_hive_port")))
+
+    def hive_opt(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--hive", dest="hive_id", default="localhost", help="hive alias")
+
+    p = _keeper(sub, "worker-spawn", "start a worker process on a hive")
+    hive_opt(p)
+    p.add_argument("--model", default="tiny")
+    p.add_argument("--worker", default="cpu")
+    p.add_argument("--device", type=int, default=0)
+    p.add_argument("--backend", choices=["tiny", "openai"], default="tiny")
+    p.add_argument("--upstream-url", dest="upstream_url", default=None)
+    p.add_argument("--token-delay", dest="token_delay_s", type=float, default=None)
+    p.set_defaults(
+        build=_fields_body(
+            "worker_spawn",
+            ("hive_id", "model", "worker", "device", "backend", "upstream_url", "token_delay_s"),
+        )
+    )
+    p = _keeper(sub, "worker-list", "workers of a hive")
+    hive_opt(p)
+    p.set_defaults(build=_fields_body("worker_list", ("hive_id",)))
+    for name, text in (("worker-get", "one worker"), ("worker-delete", "stop a worker")):
+        p = _keeper(sub, name, text)
+        p.add_argument("id")
+        hive_opt(p)
+        p.set_defaults(build=_fields_body(name.replace("-", "_"), ("hive_id", "id")))
+
+    p = _keeper(sub, "model-download", "download a model file onto a hive")
+    p.add_argument("model")
+    p.add_argument("--url", default=None)
+    p.add_argument("--sha256", default=None)
+    hive_opt(p)
+    p.set_defaults(build=_fields_body("model_download", ("hive_id", "model", "url", "sha256")))
+    p = _keeper(sub, "model-list", "model files of a hive")
+    hive_opt(p)
+    p.set_defaults(build=_fields_body("model_list", ("hive_id",)))
+    for name, text in (("model-get", "one model file"), ("model-delete", "remove a model file")):
+        p = _keeper(sub, name, text)
+        p.add_argument("id")
+        hive_opt(p)
+        p.set_defaults(build=_fields_body(name.replace("-", "_"), ("hive_id", "id")))
+    return parser
+
+
+# ---- daemons ----------------------------------------------------------------------------------
+
+
+def _config(args: argparse.Namespace) -> dict[str, Any]:
+    from .queen import load_config_file
+
+    if not args.config:
+        return {}
+    try:
+        return load_config_file(args.config)
+    except (OSError, ValueError) as exc:
+        raise SystemExit(f"trio-jobs {args.command}: cannot read {args.config}: {exc}") from None
+
+
+def _pick(flag: Any, config: dict[str, Any], key: str, default: Any) -> Any:
+    if flag is not None:
+        return flag
+    return config.get(key, default)
+
+
+def _check_bind(args: argparse.Namespace, host: str, token: str | None) -> None:
+    if not is_loopback(host) and not token:
+        raise SystemExit(
+            f"trio-jobs {args.command}: binding {host} (not loopback) needs --token "
+            "(or $TRIO_JOBS_TOKEN)"
+        )
+
+
+def run_queen(args: argparse.Namespace) -> int:
+    from .queen import QueenConfig, hives_from_config, parse_hive_flag, serve_queen
+
+    data = _config(args)
+    host = _pick(args.host, data, "host", "127.0.0.1")
+    port = _pick(args.port, data, "port", 7833)
+    token = args.token or data.get("token")
+    _check_bind(args, host, token)
+    try:
+        hives = hives_from_config(data)
+        for flag in args.hive:
+            entry = parse_hive_flag(flag)
+            hives[entry.alias] = entry
+    except ValueError as exc:
+        raise SystemExit(f"trio-jobs queen: {exc}") from None
+    if not hives:
+        hives["localhost"] = parse_hive_flag("localhost=http://127.0.0.1:7834")
+    config = QueenConfig(
+        hives=hives,
+        token=token,
+        advertise_url=_pick(args.advertise_url, data, "advertise_url", None),
+        heartbeat_ttl_s=float(_pick(args.heartbeat_ttl, data, "heartbeat_ttl_s", 5.0)),
+        schedule_wait_s=float(_pick(args.schedule_wait, data, "schedule_wait_s", 10.0)),
+    )
+    trio.run(lambda: serve_queen(config, host=host, port=int(port)))
+    return EXIT_OK
+
+
+def run_hive(args: argparse.Namespace) -> int:
+    from .hive import HiveConfig, serve_hive
+
+    data = _config(args)
+    host = _pick(args.host, data, "host", "127.0.0.1")
+    port = _pick(args.port, data, "port", 7834)
+    token = args.token or data.get("token")
+    _check_bind(args, host, token)
+    config = HiveConfig(
+        hive_id=_pick(args.hive_id, data, "hive_id", "localhost"),
+        models_dir=_pick(args.models_dir, data, "models_dir", "models"),
+        model_source=_pick(args.model_source, data, "model_source", None),
+        queen_url=_pick(args.queen, data, "queen_url", None),
+        worker_host=_pick(args.worker_host, data, "worker_host", "127.0.0.1"),
+        worker_grace_s=float(_pick(args.worker_grace, data, "worker_grace_s", 5.0)),
+        heartbeat_s=float(_pick(args.heartbeat_s, data, "heartbeat_s", 1.0)),
+        token=token,
+    )
+    trio.run(lambda: serve_hive(config, host=host, port=int(port)))
+    return EXIT_OK
+
+
+def run_worker(args: argparse.Namespace) -> int:
+    from .worker import WorkerConfig, serve_worker
+
+    data = _config(args)
+    host = _pick(args.host, data, "host", "127.0.0.1")
+    port = _pick(args.port, data, "port", 0)
+    token = args.token or data.get("token")
+    _check_bind(args, host, token)
+    config = WorkerConfig(
+        model=_pick(args.model, data, "model", "tiny"),
+        hive_id=_pick(args.hive_id, data, "hive_id", None),
+        queen_url=_pick(args.queen, data, "queen_url", None),
+        backend=_pick(args.backend, data, "backend", "tiny"),
+        upstream_url=_pick(args.upstream_url, data, "upstream_url", None),
+        upstream_model=_pick(args.upstream_model, data, "upstream_model", None),
+        token_delay_s=float(_pick(args.token_delay, data, "token_delay_s", 0.0)),
+        heartbeat_s=float(_pick(args.heartbeat_s, data, "heartbeat_s", 1.0)),
+        parent_pid=args.parent_pid,
+        token=token,
+    )
+    if args.worker_id or data.get("worker_id"):
+        config.worker_id = _pick(args.worker_id, data, "worker_id", None)
+    try:
+        trio.run(lambda: serve_worker(config, host=host, port=int(port)))
+    except ValueError as exc:
+        raise SystemExit(f"trio-jobs worker: {exc}") from None
+    return EXIT_OK
+
+
+DAEMONS: dict[str, Callable[[argparse.Namespace], int]] = {
+    "queen": run_queen,
+    "hive": run_hive,
+    "worker": run_worker,
+}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """The ``trio-jobs`` console script; returns the exit code."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command in DAEMONS:
+        setup_logging(args.verbose)
+        return DAEMONS[args.command](args)
+    handler = getattr(args, "handler", None)
+    if handler is not None:
+        code: int = trio.run(handler, args)
+        return code
+    try:
+        body = args.build(args)
+    except OSError as exc:
+        parser.exit(EXIT_USAGE, f"trio-jobs {args.command}: {exc}\n")
+    code = trio.run(run_operation, args, body)
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

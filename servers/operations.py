@@ -1,0 +1,354 @@
+"""The operation contract shared by the keeper, the queen, the hives and the workers.
+
+Every job body is one operation: a JSON object whose ``operation`` field (a snake_case tag)
+picks the model that validates the rest. :func:`parse_operation` turns a body into an
+:data:`Operation`; a bad body raises :class:`pydantic.ValidationError` whose errors name the
+field (``loc``). Each operation knows whether the queen forwards it to a hive
+(:meth:`OperationBase.should_forward_to_hive`).
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, field_validator
+from pydantic_core import InitErrorDetails, PydanticCustomError
+
+__all__ = [
+    "MODEL_ID_PATTERN",
+    "DEFAULT_HIVE",
+    "Operation",
+    "OperationBase",
+    "Status",
+    "SshTest",
+    "HiveInstall",
+    "HiveUninstall",
+    "HiveStart",
+    "HiveStop",
+    "HiveList",
+    "HiveGet",
+    "HiveStatus",
+    "HiveRefreshCapabilities",
+    "HiveImportSsh",
+    "WorkerSpawn",
+    "WorkerList",
+    "WorkerGet",
+    "WorkerDelete",
+    "ModelDownload",
+    "ModelList",
+    "ModelGet",
+    "ModelDelete",
+    "Infer",
+    "parse_operation",
+    "operation_names",
+]
+
+DEFAULT_HIVE = "localhost"
+"""The hive alias used when an operation does not name one."""
+
+MODEL_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"
+"""A model id is a plain file name in the hive's models directory (no path separators)."""
+
+_MODEL_ID = re.compile(MODEL_ID_PATTERN)
+
+
+class OperationBase(BaseModel):
+    """Fields and behaviour common to every operation."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    operation: str
+
+    def should_forward_to_hive(self) -> bool:
+        """True for operations the queen hands to a hive (worker and model management)."""
+        return False
+
+    @property
+    def name(self) -> str:
+        """The operation's tag, e.g. ``worker_spawn``."""
+        return self.operation
+
+    def to_body(self) -> dict[str, Any]:
+        """The operation as a JSON-ready job body (unset optional fields left out)."""
+        return self.model_dump(mode="json", exclude_none=True)
+
+
+class _HiveTargeted(OperationBase):
+    """An operation carried out by one hive, named by its alias."""
+
+    hive_id: str = Field(default=DEFAULT_HIVE, min_length=1)
+
+    def should_forward_to_hive(self) -> bool:
+        return True
+
+
+def _check_model_id(value: str) -> str:
+    if not _MODEL_ID.match(value):
+        raise ValueError(
+            "must be a plain file name: letters, digits, '.', '_' or '-', starting with a "
+            "letter or digit, at most 128 characters"
+        )
+    return value
+
+
+# ---- queen-local operations ---------------------------------------------------------------
+
+
+class Status(OperationBase):
+    """The queen's view: hives (reachable or not), live workers, job counts."""
+
+    operation: Literal["status"] = "status"
+
+
+class SshTest(OperationBase):
+    """Check that the hive's SSH host answers (``ssh <host> true``)."""
+
+    operation: Literal["ssh_test"] = "ssh_test"
+    alias: str = Field(min_length=1)
+
+
+class HiveInstall(OperationBase):
+    """Install trio-jobs on the hive's SSH host."""
+
+    operation: Literal["hive_install"] = "hive_install"
+    alias: str = Field(min_length=1)
+
+
+class HiveUninstall(OperationBase):
+    """Remove trio-jobs from the hive's SSH host."""
+
+    operation: Literal["hive_uninstall"] = "hive_uninstall"
+    alias: str = Field(min_length=1)
+
+
+class HiveStart(OperationBase):
+    """Start the hive daemon (a local child of the queen, or over SSH)."""
+
+    operation: Literal["hive_start"] = "hive_start"
+    alias: str = Field(default=DEFAULT_HIVE, min_length=1)
+
+
+class HiveStop(OperationBase):
+    """Stop a hive daemon the queen started."""
+
+    operation: Literal["hive_stop"] = "hive_stop"
+    alias: str = Field(default=DEFAULT_HIVE, min_length=1)
+
+
+class HiveList(OperationBase):
+    """The configured hives."""
+
+    operation: Literal["hive_list"] = "hive_list"
+
+
+class HiveGet(OperationBase):
+    """One configured hive."""
+
+    operation: Literal["hive_get"] = "hive_get"
+    alias: str = Field(default=DEFAULT_HIVE, min_length=1)
+
+
+class HiveStatus(OperationBase):
+    """Whether one hive answers its health check."""
+
+    operation: Literal["hive_status"] = "hive_status"
+    alias: str = Field(default=DEFAULT_HIVE, min_length=1)
+
+
+class HiveRefreshCapabilities(OperationBase):
+    """Ask a hive for its health record again and show it."""
+
+    operation: Literal["hive_refresh_capabilities"] = "hive_refresh_capabilities"
+    alias: str = Field(default=DEFAULT_HIVE, min_length=1)
+
+
+class HiveImportSsh(OperationBase):
+    """Add every ``Host`` of an OpenSSH config file as a hive at ``http://HostName:port``."""
+
+    operation: Literal["hive_import_ssh"] = "hive_import_ssh"
+    ssh_config_path: str = Field(min_length=1)
+    default_hive_port: int = Field(default=7834, ge=1, le=65535)
+
+
+# ---- hive operations ----------------------------------------------------------------------
+
+
+class WorkerSpawn(_HiveTargeted):
+    """Start a worker process for ``model`` on the hive and wait until it answers health.
+
+    ``queen_url`` is where the worker sends heartbeats; the queen fills it in when it
+    forwards the operation. ``backend`` picks the worker's generator: ``tiny`` (built in,
+    deterministic, no weights) or ``openai`` (an OpenAI-compatible streaming server at
+    ``upstream_url``).
+    """
+
+    operation: Literal["worker_spawn"] = "worker_spawn"
+    model: str = Field(min_length=1)
+    worker: str = Field(default="cpu", min_length=1)
+    device: int = Field(default=0, ge=0)
+    backend: Literal["tiny", "openai"] = "tiny"
+    upstream_url: str | None = None
+    token_delay_s: float | None = Field(default=None, ge=0, le=10)
+    queen_url: str | None = None
+
+    @field_validator("upstream_url")
+    @classmethod
+    def _http_url(cls, value: str | None) -> str | None:
+        if value is not None and not value.startswith(("http://", "https://")):
+            raise ValueError("must be an http:// or https:// URL")
+        return value
+
+
+class WorkerList(_HiveTargeted):
+    """The hive's workers with pid, port, model and state."""
+
+    operation: Literal["worker_list"] = "worker_list"
+
+
+class WorkerGet(_HiveTargeted):
+    """One worker of the hive."""
+
+    operation: Literal["worker_get"] = "worker_get"
+    id: str = Field(min_length=1)
+
+
+class WorkerDelete(_HiveTargeted):
+    """Stop a worker: SIGTERM, then SIGKILL after the hive's grace period."""
+
+    operation: Literal["worker_delete"] = "worker_delete"
+    id: str = Field(min_length=1)
+
+
+class ModelDownload(_HiveTargeted):
+    """Download a model file over HTTP(S) into the hive's models directory.
+
+    ``model`` is the file name it is stored under; ``url`` where to fetch it from (when
+    omitted, the hive's ``--model-source`` base URL plus the name); ``sha256`` the expected
+    hex digest, checked before the file appears under its name.
+    """
+
+    operation: Literal["model_download"] = "model_download"
+    model: str
+    url: str | None = None
+    sha256: str | None = Field(default=None, pattern=r"^[0-9a-fA-F]{64}$")
+
+    _model_id = field_validator("model")(_check_model_id)
+
+    @field_validator("url")
+    @classmethod
+    def _http_url(cls, value: str | None) -> str | None:
+        if value is not None and not value.startswith(("http://", "https://")):
+            raise ValueError("must be an http:// or https:// URL")
+        return value
+
+
+class ModelList(_HiveTargeted):
+    """The model files in the hive's models directory."""
+
+    operation: Literal["model_list"] = "model_list"
+
+
+class ModelGet(_HiveTargeted):
+    """One model file: size and sha256."""
+
+    operation: Literal["model_get"] = "model_get"
+    id: str
+
+    _model_id = field_validator("id")(_check_model_id)
+
+
+class ModelDelete(_HiveTargeted):
+    """Remove one model file."""
+
+    operation: Literal["model_delete"] = "model_delete"
+    id: str
+
+    _model_id = field_validator("id")(_check_model_id)
+
+
+# ---- inference ------------------------------------------------------------------------------
+
+
+class Infer(OperationBase):
+    """Generate text with a live worker serving ``model``; tokens arrive as narration.
+
+    The queen schedules it on a worker (of hive ``hive_id`` when given) and streams the
+    worker's job back; it is not forwarded through a hive.
+    """
+
+    operation: Literal["infer"] = "infer"
+    model: str = Field(min_length=1)
+    prompt: str
+    max_tokens: int = Field(default=32, ge=1, le=100_000)
+    temperature: float = Field(default=0.7, ge=0, le=10)
+    top_p: float = Field(default=1.0, gt=0, le=1)
+    top_k: int = Field(default=0, ge=0)
+    seed: int | None = None
+    hive_id: str | None = None
+
+
+Operation = Annotated[
+    Status
+    | SshTest
+    | HiveInstall
+    | HiveUninstall
+    | HiveStart
+    | HiveStop
+    | HiveList
+    | HiveGet
+    | HiveStatus
+    | HiveRefreshCapabilities
+    | HiveImportSsh
+    | WorkerSpawn
+    | WorkerList
+    | WorkerGet
+    | WorkerDelete
+    | ModelDownload
+    | ModelList
+    | ModelGet
+    | ModelDelete
+    | Infer,
+    Field(discriminator="operation"),
+]
+"""Any operation, told apart by its ``operation`` tag."""
+
+_ADAPTER: TypeAdapter[Operation] = TypeAdapter(Operation)
+
+
+def parse_operation(body: Any) -> Operation:
+    """Validate a job body (a dict, or an operation already parsed) into an operation.
+
+    Raises:
+        pydantic.ValidationError: the tag is missing or unknown, or a field is missing or
+            invalid; each error's ``loc`` names the field.
+    """
+    if isinstance(body, OperationBase):
+        return body  # type: ignore[return-value]
+    if isinstance(body, dict):
+        tag = body.get("operation")
+        if tag not in _NAMES:
+            message = (
+                "field 'operation' is required"
+                if tag is None
+                else f"unknown operation {tag!r}; expected one of: {', '.join(_NAMES)}"
+            )
+            error = PydanticCustomError("operation_unknown", message)
+            raise ValidationError.from_exception_data(
+                "Operation",
+                [InitErrorDetails(type=error, loc=("operation",), input=tag)],
+            )
+    return _ADAPTER.validate_python(body)
+
+
+def operation_names() -> list[str]:
+    """Every operation tag, in contract order."""
+    return list(_NAMES)
+
+
+def _names() -> tuple[str, ...]:
+    models: tuple[type[OperationBase], ...] = Operation.__origin__.__args__  # type: ignore[attr-defined]
+    return tuple(str(model.model_fields["operation"].default) for model in models)
+
+
+_NAMES = _names()

@@ -1,0 +1,35 @@
+"""The queen daemon: routes operations, forwards to hives, schedules ``infer`` on workers."""
+
+from ._config import HiveEntry as HiveEntry
+from ._config import QueenConfig as QueenConfig
+from ._config import hives_from_config as hives_from_config
+from ._config import load_config_file as load_config_file
+from ._config import parse_hive_flag as parse_hive_flag
+from ._forward import ForwardFailed as ForwardFailed
+from ._forward import forward_job as forward_job
+from ._scheduler import NoWorker as NoWorker
+from ._scheduler import WorkerEntry as WorkerEntry
+from ._scheduler import WorkerTable as WorkerTable
+from ._server import Queen as Queen
+from ._server import make_registry as make_registry
+from ._server import parse_queen_payload as parse_queen_payload
+from ._server import parse_ssh_config as parse_ssh_config
+from ._server import serve_queen as serve_queen
+
+__all__ = [
+    "ForwardFailed",
+    "HiveEntry",
+    "NoWorker",
+    "Queen",
+    "QueenConfig",
+    "WorkerEntry",
+    "WorkerTable",
+    "forward_job",
+    "hives_from_config",
+    "load_config_file",
+    "make_registry",
+    "parse_hive_flag",
+    "parse_queen_payload",
+    "parse_ssh_config",
+    "serve_queen",
+]

@@ -1,0 +1,124 @@
+"""Forwarding one queen job to another daemon's job and re-narrating what it says."""
+
+from __future__ import annotations
+
+import logging
+import math
+from typing import Any
+
+import trio
+
+from trio_jobs import (
+    InvalidJobState,
+    JobCancelled,
+    JobFailed,
+    JobNotFound,
+    JobRegistry,
+    JobTimeout,
+    NarrationEvent,
+    StreamEndedWithoutSignal,
+    TerminalSignal,
+    TransportError,
+    current_job_id,
+    narrate,
+)
+from trio_jobs._client import JobClient, raise_for_signal
+
+__all__ = ["ForwardFailed", "forward_job"]
+
+logger = logging.getLogger("servers.queen")
+
+
+class ForwardFailed(Exception):
+    """The forwarded job failed, or its daemon could not be reached; ``str`` says which."""
+
+
+async def forward_job(
+    registry: JobRegistry,
+    base_url: str,
+    body: dict[str, Any],
+    *,
+    what: str,
+    token: str | None = None,
+    cancel_timeout_s: float = 3.0,
+    max_reconnects: int = 2,
+) -> str:
+    """Run ``body`` as a job on the daemon at ``base_url`` as part of the current job.
+
+    Each event of the remote job is narrated again into the current job (keeping its actor
+    and fields). The remote outcome decides ours: ``[DONE]`` returns the remote job id,
+    ``[ERROR] msg`` raises :class:`ForwardFailed` with the same message, ``[CANCELLED]``
+    cancels the current job. The current job's remaining deadline is sent as the remote
+    ``timeout_s``, so both enforce the same timeout.
+
+    Cancellation: when the current job is cancelled (or times out) before the remote job
+    ended, a ``DELETE`` of the remote job is sent in a shielded cleanup bounded by
+    ``cancel_timeout_s``, then ``Cancelled`` propagates.
+    """
+    options: dict[str, Any] = {}
+    deadline = trio.current_effective_deadline()
+    if deadline != math.inf:
+        remaining = deadline - trio.current_time()
+        if remaining <= 0:
+            await trio.lowlevel.checkpoint()
+        options["timeout_s"] = max(round(remaining, 3), 0.001)
+    async with JobClient(
+        base_url, token=token, timeout=5.0, max_reconnects=max_reconnects, backoff_s=0.1
+    ) as client:
+        try:
+            remote_id = await client.submit(body, **options)
+        except TransportError as exc:
+            raise ForwardFailed(f"{what} at {base_url} is unreachable: {exc}") from None
+        narrate(
+            "forward",
+            f"Forwarded {body.get('operation')} to {what} as {remote_id}",
+            target=base_url,
+            remote_job_id=remote_id,
+        )
+        terminal: TerminalSignal | None = None
+        try:
+            async with client.stream(remote_id) as events:
+                async for item in events:
+                    if isinstance(item, NarrationEvent):
+                        narrate(item.action, item.human, actor=item.actor, **dict(item.fields))
+                    else:
+                        terminal = item
+        except StreamEndedWithoutSignal as exc:
+            raise ForwardFailed(f"lost {what} at {base_url} before the job ended: {exc}") from None
+        except TransportError as exc:
+            raise ForwardFailed(f"lost {what} at {base_url}: {exc}") from None
+        finally:
+            if terminal is None:
+                await _cancel_remote(client, remote_id, what, cancel_timeout_s)
+        try:
+            raise_for_signal(terminal, remote_id)
+        except JobTimeout as exc:
+            # Our own deadline is the same instant give or take the network: let it fire
+            # so the queen job reports its own timeout; fail with the remote text otherwise.
+            with trio.move_on_after(1.0):
+                await trio.sleep_forever()
+            raise ForwardFailed(exc.message) from None
+        except JobFailed as exc:
+            raise ForwardFailed(exc.message) from None
+        except JobCancelled:
+            job_id = current_job_id()
+            narrate("forward_cancelled", f"{what} cancelled job {remote_id}")
+            if job_id is not None and registry.cancel_job(job_id, f"cancelled on {what}"):
+                await trio.sleep_forever()
+            raise ForwardFailed(f"{what} cancelled job {remote_id}") from None
+        return remote_id
+
+
+async def _cancel_remote(client: JobClient, remote_id: str, what: str, timeout_s: float) -> None:
+    """DELETE the remote job; shielded and bounded, failures only logged."""
+    with trio.CancelScope(shield=True), trio.move_on_after(timeout_s) as scope:
+        try:
+            await client.cancel(remote_id)
+            logger.info("cancelled %s job %s", what, remote_id)
+            narrate("forward_cancel", f"Cancelled job {remote_id} on {what}")
+        except (InvalidJobState, JobNotFound):
+            pass
+        except TransportError as exc:
+            logger.warning("could not cancel %s job %s: %s", what, remote_id, exc)
+    if scope.cancelled_caught:
+        logger.warning("cancelling %s job %s took over %.1fs", what, remote_id, timeout_s)

@@ -1,0 +1,468 @@
+"""The queen daemon: routes operations, forwards to hives, schedules ``infer`` on workers."""
+
+from __future__ import annotations
+
+import logging
+import subprocess
+import sys
+from typing import Any
+from urllib.parse import urlsplit
+
+import httpx
+import trio
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from trio_jobs import JobRegistry, narrate
+from trio_jobs.http import create_app
+
+from .._daemon import is_loopback, run_daemon
+from ..hive._supervisor import _read_first_line, _wait_healthy, terminate
+from ..operations import (
+    HiveGet,
+    HiveImportSsh,
+    HiveInstall,
+    HiveList,
+    HiveRefreshCapabilities,
+    HiveStart,
+    HiveStatus,
+    HiveStop,
+    HiveUninstall,
+    Infer,
+    OperationBase,
+    SshTest,
+    Status,
+    WorkerSpawn,
+    parse_operation,
+)
+from ._config import HiveEntry, QueenConfig
+from ._forward import ForwardFailed, forward_job
+from ._scheduler import WorkerTable
+
+__all__ = ["Queen", "make_registry", "parse_queen_payload", "serve_queen", "parse_ssh_config"]
+
+logger = logging.getLogger("servers.queen")
+
+
+class NotSupported(Exception):
+    """An operation this queen cannot carry out here; the message starts ``not supported:``."""
+
+    def __init__(self, what: str) -> None:
+        super().__init__(f"not supported: {what}")
+
+
+class Heartbeat(BaseModel):
+    """What a worker reports to ``POST /v1/workers/heartbeat``."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    worker_id: str = Field(min_length=1)
+    url: str = Field(pattern=r"^https?://")
+    model: str = Field(min_length=1)
+    hive_id: str | None = None
+    pid: int | None = None
+    state: str = "ready"
+    running: int = 0
+    backend: str | None = None
+
+
+def make_registry() -> JobRegistry:
+    """The queen's job registry (one place, so a job store can be passed in later)."""
+    return JobRegistry(actor="queen", retention=600.0)
+
+
+def parse_queen_payload(body: Any) -> dict[str, Any]:
+    """Validate a queen job body into a known operation (422 naming the field otherwise)."""
+    return parse_operation(body).to_body()
+
+
+def parse_ssh_config(text: str) -> list[tuple[str, str]]:
+    """``(alias, hostname)`` for each concrete ``Host`` of an OpenSSH config (no wildcards)."""
+    hosts: list[tuple[str, str]] = []
+    current: list[str] = []
+    names: dict[str, str] = {}
+
+    def flush() -> None:
+        for alias in current:
+            hosts.append((alias, names.get(alias, alias)))
+
+    for raw in text.splitlines():
+        line = raw.strip()
+        if not line or line.startswith("#"):
+            continue
+        key, _, value = line.replace("=", " ", 1).partition(" ")
+        key, value = key.lower(), value.strip()
+        if key == "host":
+            flush()
+            current = [a for a in value.split() if not any(c in a for c in "*?!")]
+        elif key == "hostname":
+            for alias in current:
+                names[alias] = value
+    flush()
+    return hosts
+
+
+class Queen:
+    """The queen's state (hives, worker heartbeats, hives it started) and its executor."""
+
+    def __init__(self, config: QueenConfig, registry: JobRegistry, nursery: trio.Nursery) -> None:
+        self.config = config
+        self.registry = registry
+        self.workers = WorkerTable(config.heartbeat_ttl_s)
+        self.url: str | None = config.advertise_url
+        self._nursery = nursery
+        self._started_hives: dict[str, trio.Process] = {}
+
+    # ---- routing ------------------------------------------------------------------------
+
+    async def execute(self, job_id: str, payload: Any) -> None:
+        op = parse_operation(payload)
+        narrate("route_job", f"Executing operation: {op.operation}", operation=op.operation)
+        if isinstance(op, Infer):
+            await self.infer(op)
+        elif isinstance(op, Status):
+            await self.status()
+        elif op.should_forward_to_hive():
+            await self.forward_to_hive(op)
+        elif isinstance(op, HiveList):
+            hives = [h.to_dict() for h in self.config.hives.values()]
+            narrate(
+                "hive_list",
+                f"{len(hives)} hive(s)" + "".join(f"\n  {h['alias']} {h['url']}" for h in hives),
+                hives=hives,
+            )
+        elif isinstance(op, HiveGet):
+            entry = self.hive(op.alias)
+            narrate("hive_get", f"{entry.alias}: {entry.url}", hive=entry.to_dict())
+        elif isinstance(op, HiveStatus | HiveRefreshCapabilities):
+            await self.hive_status(op.alias)
+        elif isinstance(op, HiveImportSsh):
+            await self.import_ssh(op)
+        elif isinstance(op, SshTest):
+            await self.ssh_test(op.alias)
+        elif isinstance(op, HiveStart):
+            await self.hive_start(op.alias)
+        elif isinstance(op, HiveStop):
+            await self.hive_stop(op.alias)
+        elif isinstance(op, HiveInstall | HiveUninstall):
+            host = self.hive(op.alias).ssh_host or op.alias
+            verb = "install" if isinstance(op, HiveInstall) else "uninstall"
+            raise NotSupported(
+                f"{op.operation}: {verb} trio-jobs on {host} with pip "
+                f"(`pip {verb} trio-jobs`) and start it with `trio-jobs hive`"
+            )
+        else:
+            raise NotSupported(f"operation {op.operation}")
+
+    def hive(self, alias: str) -> HiveEntry:
+        try:
+            return self.config.hives[alias]
+        except KeyError:
+            known = ", ".join(sorted(self.config.hives)) or "none configured"
+            raise LookupError(f"unknown hive {alias!r} (known hives: {known})") from None
+
+    # ---- forwarding -----------------------------------------------------------------------
+
+    async def forward_to_hive(self, op: OperationBase) -> None:
+        hive_id = getattr(op, "hive_id", None) or "localhost"
+        entry = self.hive(hive_id)
+        body = op.to_body()
+        if isinstance(op, WorkerSpawn) and op.queen_url is None and self.url is not None:
+            body["queen_url"] = self.url
+        narrate("forward_to_hive", f"Forwarding {op.operation} to hive {hive_id} at {entry.url}")
+        await forward_job(
+            self.registry,
+            entry.url,
+            body,
+            what=f"hive {hive_id!r}",
+            token=entry.token or self.config.token,
+            cancel_timeout_s=self.config.cancel_timeout_s,
+        )
+
+    async def infer(self, op: Infer) -> None:
+        narrate(
+            "infer_schedule",
+            f"Scheduling inference for model {op.model}",
+            model=op.model,
+            max_tokens=op.max_tokens,
+        )
+        worker = await self.workers.pick(op.model, op.hive_id, self.config.schedule_wait_s)
+        narrate(
+            "infer_worker",
+            f"Scheduled to worker {worker.worker_id} at {worker.url}",
+            worker_id=worker.worker_id,
+            url=worker.url,
+        )
+        assigned = self.workers.assigned
+        assigned[worker.worker_id] = assigned.get(worker.worker_id, 0) + 1
+        try:
+            await forward_job(
+                self.registry,
+                worker.url,
+                op.to_body(),
+                what=f"worker {worker.worker_id}",
+                token=self.config.token,
+                cancel_timeout_s=self.config.cancel_timeout_s,
+            )
+        except ForwardFailed as exc:
+            if "unreachable" in str(exc) or "lost" in str(exc):
+                self.workers.forget(worker.worker_id)
+            raise
+        finally:
+            assigned[worker.worker_id] -= 1
+            if not assigned[worker.worker_id]:
+                del assigned[worker.worker_id]
+
+    # ---- status -----------------------------------------------------------------------------
+
+    async def _health(self, entry: HiveEntry, results: dict[str, dict[str, Any]]) -> None:
+        info: dict[str, Any] = {**entry.to_dict(), "reachable": False}
+        try:
+            async with httpx.AsyncClient(timeout=httpx.Timeout(2.0)) as client:
+                response = await client.get(f"{entry.url}/health")
+            info["reachable"] = response.status_code == 200
+            if info["reachable"]:
+                info["health"] = response.json()
+            else:
+                info["error"] = f"HTTP {response.status_code}"
+        except (httpx.HTTPError, ValueError) as exc:
+            info["error"] = str(exc) or type(exc).__name__
+        results[entry.alias] = info
+
+    async def hive_health(self) -> list[dict[str, Any]]:
+        results: dict[str, dict[str, Any]] = {}
+        async with trio.open_nursery() as nursery:
+            for entry in self.config.hives.values():
+                nursery.start_soon(self._health, entry, results)
+        return [results[alias] for alias in self.config.hives if alias in results]
+
+    async def status(self) -> None:
+        hives = await self.hive_health()
+        workers = self.workers.snapshot()
+        counts = {state.value: n for state, n in self.registry.counts().items() if n}
+        lines = [
+            f"hive {h['alias']} {h['url']}: {'up' if h['reachable'] else 'DOWN'}" for h in hives
+        ]
+        lines += [
+            f"worker {w['worker_id']} {w['state']} model={w['model']} hive={w['hive_id']} "
+            f"url={w['url']}"
+            for w in workers
+        ]
+        narrate(
+            "status",
+            f"{len(hives)} hive(s), {len(workers)} live worker(s), "
+            f"{self.registry.running} running job(s)" + "".join(f"\n  {x}" for x in lines),
+            hives=hives,
+            workers=workers,
+            jobs=counts,
+        )
+
+    async def hive_status(self, alias: str) -> None:
+        entry = self.hive(alias)
+        results: dict[str, dict[str, Any]] = {}
+        await self._health(entry, results)
+        info = results[alias]
+        if not info["reachable"]:
+            raise ForwardFailed(f"hive {alias!r} at {entry.url} is unreachable: {info['error']}")
+        narrate("hive_status", f"hive {alias} at {entry.url} is up", hive=info)
+
+    # ---- hive lifecycle and SSH ----------------------------------------------------------------
+
+    async def _ssh(self, host: str, *command: str) -> subprocess.CompletedProcess[bytes]:
+        """Run ``ssh host command`` (batch mode, bounded); never prompts, never hangs."""
+        argv = ["ssh", "-o", "BatchMode=yes", "-o", "ConnectTimeout=5", host, *command]
+        narrate("ssh", f"$ {' '.join(argv)}")
+        try:
+            with trio.fail_after(self.config.ssh_timeout_s):
+                return await trio.run_process(
+                    argv,
+                    capture_stdout=True,
+                    capture_stderr=True,
+                    check=False,
+                    stdin=subprocess.DEVNULL,
+                )
+        except trio.TooSlowError:
+            raise ForwardFailed(
+                f"ssh {host} did not finish within {self.config.ssh_timeout_s:g}s"
+            ) from None
+        except FileNotFoundError:
+            raise NotSupported("ssh: no ssh client installed on the queen's host") from None
+
+    async def ssh_test(self, alias: str) -> None:
+        entry = self.config.hives.get(alias)
+        host = (entry.ssh_host if entry else None) or (
+            urlsplit(entry.url).hostname if entry else alias
+        )
+        assert host is not None
+        result = await self._ssh(host, "true")
+        if result.returncode != 0:
+            detail = result.stderr.decode(errors="replace").strip()[-300:]
+            raise ForwardFailed(f"ssh {host} failed (exit {result.returncode}): {detail}")
+        narrate("ssh_test", f"ssh {host}: ok", host=host)
+
+    async def import_ssh(self, op: HiveImportSsh) -> None:
+        path = trio.Path(op.ssh_config_path)
+        try:
+            path = await path.expanduser()
+            text = await path.read_text(encoding="utf-8")
+        except OSError as exc:
+            raise ForwardFailed(f"cannot read {path}: {exc.strerror}") from None
+        added = []
+        for alias, hostname in parse_ssh_config(text):
+            if alias in self.config.hives:
+                continue
+            entry = HiveEntry(alias, f"http://{hostname}:{op.default_hive_port}", ssh_host=alias)
+            self.config.hives[alias] = entry
+            added.append(entry.to_dict())
+        narrate(
+            "hive_import_ssh",
+            f"Imported {len(added)} hive(s) from {path}"
+            + "".join(f"\n  {h['alias']} {h['url']}" for h in added),
+            hives=added,
+        )
+
+    async def hive_start(self, alias: str) -> None:
+        entry = self.hive(alias)
+        results: dict[str, dict[str, Any]] = {}
+        await self._health(entry, results)
+        if results[alias]["reachable"]:
+            narrate("hive_start", f"hive {alias} at {entry.url} is already running")
+            return
+        parts = urlsplit(entry.url)
+        host, port = parts.hostname or "127.0.0.1", parts.port or 7834
+        if not is_loopback(host):
+            if entry.ssh_host is None:
+                raise NotSupported(f"hive_start of remote hive {alias!r} without an ssh_host")
+            result = await self._ssh(
+                entry.ssh_host,
+                f"nohup trio-jobs hive --host 0.0.0.0 --port {port} --hive-id {alias}"
+                " >/dev/null 2>&1 &",
+            )
+            if result.returncode != 0:
+                detail = result.stderr.decode(errors="replace").strip()[-300:]
+                raise ForwardFailed(f"starting hive {alias} over ssh failed: {detail}")
+        else:
+            process: trio.Process = await self._nursery.start(self._run_hive, alias, host, port)
+            self._started_hives[alias] = process
+        with trio.fail_after(20):
+            await _wait_healthy(entry.url, interval_s=0.1)
+        narrate("hive_start", f"hive {alias} is up at {entry.url}")
+
+    async def _run_hive(
+        self,
+        alias: str,
+        host: str,
+        port: int,
+        task_status: trio.TaskStatus[trio.Process] = trio.TASK_STATUS_IGNORED,
+    ) -> None:
+        argv = [
+            sys.executable,
+            "-m",
+            "servers.hive",
+            "--host",
+            host,
+            "--port",
+            str(port),
+            "--hive-id",
+            alias,
+        ]
+        if self.url:
+            argv += ["--queen", self.url]
+        process = await trio.lowlevel.open_process(
+            argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE
+        )
+        try:
+            assert process.stdout is not None
+            with trio.fail_after(20):
+                line = await _read_first_line(process.stdout)
+            if line is None:
+                raise ForwardFailed(f"hive {alias} exited before listening")
+            task_status.started(process)
+            while await process.stdout.receive_some(65536):
+                pass
+            await process.wait()
+        finally:
+            await terminate(process, 5.0)
+            self._started_hives.pop(alias, None)
+
+    async def hive_stop(self, alias: str) -> None:
+        self.hive(alias)
+        process = self._started_hives.get(alias)
+        if process is None:
+            raise NotSupported(
+                f"hive_stop of {alias!r}: this queen did not start it (stop it with SIGTERM "
+                "where it runs)"
+            )
+        code = await terminate(process, 8.0)
+        narrate("hive_stop", f"hive {alias} stopped (exit code {code})")
+
+    async def stop_hives(self) -> None:
+        async with trio.open_nursery() as nursery:
+            for process in list(self._started_hives.values()):
+                nursery.start_soon(terminate, process, 8.0)
+
+    # ---- extra routes -------------------------------------------------------------------------
+
+    def add_routes(self, app: Any) -> None:
+        """``POST /v1/workers/heartbeat``, ``GET /v1/workers``, ``GET /v1/hives``."""
+        from quart import jsonify, request
+
+        async def heartbeat() -> Any:
+            data = await request.get_json(force=True, silent=True)
+            if not isinstance(data, dict):
+                detail = "a JSON object is required"
+                return jsonify({"error": "invalid_json", "detail": detail}), 400
+            try:
+                beat = Heartbeat.model_validate(data)
+            except ValidationError as exc:
+                errors = [{"loc": list(e["loc"]), "msg": e["msg"]} for e in exc.errors()]
+                return jsonify({"error": "invalid_heartbeat", "detail": errors}), 422
+            self.workers.beat(beat.model_dump())
+            return jsonify({"status": "ok", "ttl_s": self.workers.ttl_s})
+
+        async def workers() -> Any:
+            return jsonify({"workers": self.workers.snapshot()})
+
+        async def hives() -> Any:
+            return jsonify({"hives": [h.to_dict() for h in self.config.hives.values()]})
+
+        app.add_url_rule("/v1/workers/heartbeat", "worker_heartbeat", heartbeat, methods=["POST"])
+        app.add_url_rule("/v1/workers", "workers", workers, methods=["GET"])
+        app.add_url_rule("/v1/hives", "hives", hives, methods=["GET"])
+
+
+async def serve_queen(
+    config: QueenConfig,
+    *,
+    host: str = "127.0.0.1",
+    port: int = 7833,
+    registry: JobRegistry | None = None,
+    task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Run a queen until SIGTERM/SIGINT."""
+    registry = registry or make_registry()
+    async with trio.open_nursery() as nursery:
+        queen = Queen(config, registry, nursery)
+        app = create_app(
+            registry,
+            queen.execute,
+            name="queen",
+            parse_payload=parse_queen_payload,
+            token=config.token,
+            max_concurrent=config.max_concurrent,
+        )
+        queen.add_routes(app)
+
+        def started(url: str) -> None:
+            if queen.url is None:
+                queen.url = url
+
+        await run_daemon(
+            app,
+            host=host,
+            port=port,
+            name="queen",
+            started=started,
+            on_stop=queen.stop_hives,
+            task_status=task_status,
+        )
+        nursery.cancel_scope.cancel()

@@ -1,0 +1,128 @@
+"""Where a worker's tokens come from: the built-in tiny generator or an OpenAI upstream."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import httpx
+import trio
+
+from ..operations import Infer
+from ._tiny import tiny_tokens
+
+__all__ = ["Backend", "OpenAIBackend", "TinyBackend", "TokenSink", "UpstreamError"]
+
+TokenSink = Callable[[str], None]
+"""Called once per generated token, in order."""
+
+
+class UpstreamError(Exception):
+    """The OpenAI-compatible upstream failed or answered something unreadable."""
+
+
+class Backend(Protocol):
+    """Generates the tokens of one ``infer`` request."""
+
+    name: str
+
+    async def generate(self, request: Infer, emit: TokenSink) -> str:
+        """Call ``emit`` for each token; return the finish reason (``length``, ``stop``).
+
+        Cancelling stops generation (for an upstream, the request is closed).
+        """
+        ...
+
+
+@dataclass
+class TinyBackend:
+    """The deterministic built-in generator; ``token_delay_s`` paces it like a real model."""
+
+    token_delay_s: float = 0.0
+    name: str = "tiny"
+
+    async def generate(self, request: Infer, emit: TokenSink) -> str:
+        tokens = tiny_tokens(
+            request.model,
+            request.prompt,
+            max_tokens=request.max_tokens,
+            temperature=request.temperature,
+            top_p=request.top_p,
+            top_k=request.top_k,
+            seed=request.seed,
+        )
+        for token in tokens:
+            if self.token_delay_s > 0:
+                await trio.sleep(self.token_delay_s)
+            else:
+                await trio.lowlevel.checkpoint()
+            emit(token)
+        return "length"
+
+
+@dataclass
+class OpenAIBackend:
+    """Streams ``/v1/chat/completions`` (``stream: true``) from an OpenAI-compatible server.
+
+    llama.cpp's server, vLLM and Ollama all speak it. ``upstream_model`` overrides the model
+    name sent upstream (default: the requested model).
+    """
+
+    base_url: str
+    upstream_model: str | None = None
+    api_key: str | None = None
+    connect_timeout_s: float = 10.0
+    name: str = "openai"
+
+    def _body(self, request: Infer) -> dict[str, Any]:
+        body: dict[str, Any] = {
+            "model": self.upstream_model or request.model,
+            "messages": [{"role": "user", "content": request.prompt}],
+            "max_tokens": request.max_tokens,
+            "temperature": request.temperature,
+            "top_p": request.top_p,
+            "stream": True,
+        }
+        if request.top_k:
+            body["top_k"] = request.top_k
+        if request.seed is not None:
+            body["seed"] = request.seed
+        return body
+
+    async def generate(self, request: Infer, emit: TokenSink) -> str:
+        url = self.base_url.rstrip("/")
+        if not url.endswith("/v1"):
+            url += "/v1"
+        headers = {"Accept": "text/event-stream"}
+        if self.api_key:
+            headers["Authorization"] = f"Bearer {self.api_key}"
+        timeout = httpx.Timeout(self.connect_timeout_s, read=None)
+        finish = "stop"
+        async with (
+            httpx.AsyncClient(timeout=timeout) as client,
+            client.stream(
+                "POST", f"{url}/chat/completions", json=self._body(request), headers=headers
+            ) as response,
+        ):
+            if response.status_code >= 400:
+                detail = (await response.aread()).decode(errors="replace")[:300]
+                raise UpstreamError(f"upstream answered {response.status_code}: {detail}")
+            async for line in response.aiter_lines():
+                if not line.startswith("data:"):
+                    continue
+                data = line[5:].strip()
+                if data == "[DONE]":
+                    return finish
+                try:
+                    chunk = json.loads(data)
+                    choice = chunk["choices"][0]
+                except (ValueError, KeyError, IndexError, TypeError):
+                    raise UpstreamError(f"unreadable upstream chunk: {data[:200]}") from None
+                content = (choice.get("delta") or {}).get("content")
+                if content:
+                    emit(content)
+                if choice.get("finish_reason"):
+                    finish = str(choice["finish_reason"])
+        raise UpstreamError("upstream stream ended without data: [DONE]")
