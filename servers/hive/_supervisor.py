@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -13,12 +12,12 @@ from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlsplit
 
-import httpx
 import trio
 
 from trio_jobs import narrate
 
 from .._daemon import LISTENING_PREFIX
+from .._proc import drain, read_first_line, terminate, wait_healthy
 from ..operations import WorkerSpawn
 
 __all__ = ["WorkerProcess", "WorkerStartError", "WorkerSupervisor", "UnknownWorker"]
@@ -77,56 +76,6 @@ class WorkerProcess:
             "started_at": self.started_at,
             "ended_at": self.ended_at,
         }
-
-
-async def _read_first_line(stream: trio.abc.ReceiveStream, limit: int = 4096) -> str | None:
-    """The first line a child prints, or None if its stdout closed first."""
-    buffer = bytearray()
-    while b"\n" not in buffer:
-        chunk = await stream.receive_some(1024)
-        if not chunk:
-            return None
-        buffer += chunk
-        if len(buffer) > limit:
-            break
-    return bytes(buffer).split(b"\n", 1)[0].decode(errors="replace").strip()
-
-
-async def _drain(stream: trio.abc.ReceiveStream) -> None:
-    """Keep reading a child's stdout so it can never block on a full pipe."""
-    while await stream.receive_some(65536):
-        pass
-
-
-async def _wait_healthy(url: str, *, interval_s: float = 0.05) -> dict[str, Any]:
-    """Poll ``GET /health`` until it answers 200 (the caller bounds the time)."""
-    async with httpx.AsyncClient(timeout=httpx.Timeout(2.0)) as client:
-        while True:
-            try:
-                response = await client.get(f"{url}/health")
-                if response.status_code == 200:
-                    data: dict[str, Any] = response.json()
-                    return data
-            except httpx.HTTPError:
-                pass
-            await trio.sleep(interval_s)
-
-
-async def terminate(process: trio.Process, grace_s: float) -> int:
-    """SIGTERM, then SIGKILL if it is still running after ``grace_s``; returns its code.
-
-    Runs shielded: a cancel of the caller does not leave the child running.
-    """
-    with trio.CancelScope(shield=True):
-        if process.returncode is None:
-            process.send_signal(signal.SIGTERM)
-            with trio.move_on_after(grace_s):
-                await process.wait()
-            if process.returncode is None:
-                logger.warning("pid %d ignored SIGTERM for %.1fs; SIGKILL", process.pid, grace_s)
-                process.kill()
-        code = await process.wait()
-    return code
 
 
 class WorkerSupervisor:
@@ -246,7 +195,7 @@ class WorkerSupervisor:
         assert process.stdout is not None
         try:
             with trio.move_on_after(self.startup_timeout_s) as startup:
-                line = await _read_first_line(process.stdout)
+                line = await read_first_line(process.stdout)
                 if line is None or not line.startswith(LISTENING_PREFIX):
                     code = await process.wait()
                     raise WorkerStartError(
@@ -258,7 +207,7 @@ class WorkerSupervisor:
                 record.url = url
                 record.port = urlsplit(url).port
                 narrate("worker_listening", f"Worker {record.id} listening on {url}", url=url)
-                await _wait_healthy(url)
+                await wait_healthy(url)
             if startup.cancelled_caught:
                 raise WorkerStartError(
                     f"worker {record.id} not healthy within {self.startup_timeout_s:g}s"
@@ -266,7 +215,7 @@ class WorkerSupervisor:
             record.state = "ready"
             task_status.started(record)
             async with trio.open_nursery() as nursery:
-                nursery.start_soon(_drain, process.stdout)
+                nursery.start_soon(drain, process.stdout)
                 await process.wait()
                 nursery.cancel_scope.cancel()
         finally:

@@ -16,7 +16,7 @@ from trio_jobs import JobRegistry, narrate
 from trio_jobs.http import create_app
 
 from .._daemon import is_loopback, run_daemon
-from ..hive._supervisor import _read_first_line, _wait_healthy, terminate
+from .._proc import read_first_line, terminate, wait_healthy
 from ..operations import (
     HiveGet,
     HiveImportSsh,
@@ -344,7 +344,7 @@ class Queen:
             process: trio.Process = await self._nursery.start(self._run_hive, alias, host, port)
             self._started_hives[alias] = process
         with trio.fail_after(20):
-            await _wait_healthy(entry.url, interval_s=0.1)
+            await wait_healthy(entry.url, interval_s=0.1)
         narrate("hive_start", f"hive {alias} is up at {entry.url}")
 
     async def _run_hive(
@@ -373,7 +373,7 @@ class Queen:
         try:
             assert process.stdout is not None
             with trio.fail_after(20):
-                line = await _read_first_line(process.stdout)
+                line = await read_first_line(process.stdout)
             if line is None:
                 raise ForwardFailed(f"hive {alias} exited before listening")
             task_status.started(process)
