@@ -61,6 +61,7 @@ _JOB_OPTIONS = frozenset(
 )
 _RETRYABLE_STATUS = frozenset({502, 503, 504})
 _MAX_BACKOFF_S = 30.0
+_MAX_DRAIN_STEPS = 10_000
 _TIMEOUT_RE = re.compile(
     "^" + re.escape(TIMEOUT_MESSAGE).replace(re.escape("{seconds}"), r"[0-9.e+-]+") + "$"
 )
@@ -412,9 +413,13 @@ class JobEventStream(_ItemChannel):
         if self.terminal is not None:
             raise TransportError(f"stream of job {self.job_id}: data after the terminal signal")
         data = message.data
-        if data.startswith("["):
+        if not data.startswith("{"):
             signal = Signal.parse(data)
-            if signal is not None and signal.signal.is_terminal:
+            if signal is None:
+                raise TransportError(
+                    f"stream of job {self.job_id}: not an event or a signal: {data[:200]!r}"
+                )
+            if signal.signal.is_terminal:
                 self.terminal = TerminalSignal(signal.signal, signal.message, num)
         self._buffer.append((data, num))
         if message.id is not None:
@@ -511,13 +516,24 @@ class JobEventStream(_ItemChannel):
 async def _close_shielded(
     response: httpx.Response, chunks: AsyncIterator[bytes] | None = None
 ) -> None:
-    """Close a streamed response even inside a cancelled scope (bounded: 1 s)."""
+    """Close a streamed response even inside a cancelled scope (bounded: 1 s).
+
+    httpx reads bodies through nested async generators; closing only the outer one leaves
+    the inner ones to the garbage collector, which trio reports with a ResourceWarning.
+    So the response is closed first and the reader is then driven until the closed
+    connection makes it fail, which finishes every layer.
+    """
     with trio.CancelScope(shield=True), trio.move_on_after(1.0):
-        if chunks is not None and hasattr(chunks, "aclose"):
-            with suppress(httpx.HTTPError):
-                await chunks.aclose()
         with suppress(httpx.HTTPError):
             await response.aclose()
+        if chunks is not None:
+            for _ in range(_MAX_DRAIN_STEPS):
+                try:
+                    await chunks.__anext__()
+                except (StopAsyncIteration, httpx.HTTPError, trio.BrokenResourceError):
+                    break
+                except Exception:  # whatever a closed transport raises: the reader is done
+                    break
 
 
 # -- WebSocket ---------------------------------------------------------------------------

@@ -62,13 +62,15 @@ class SSEDecoder:
             self._started = True
             if text[0] == "\ufeff":
                 text = text[1:]
+        if not text:
+            return []
         if self._trailing_cr:
             # A CR ended the previous piece: a LF right here belongs to that line end.
             self._trailing_cr = False
-            if text.startswith("\n"):
+            if text[0] == "\n":
                 text = text[1:]
-        if not text:
-            return []
+                if not text:
+                    return []
         if "\r" in text:
             self._trailing_cr = text.endswith("\r")
             text = text.replace("\r\n", "\n").replace("\r", "\n")
