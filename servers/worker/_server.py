@@ -150,6 +150,9 @@ class Worker:
         if not queen:
             return
         headers = {"Authorization": f"Bearer {self.config.token}"} if self.config.token else {}
+        # A fresh connection per beat: a kept-alive one would hold a stopping queen open
+        # until its grace period ends.
+        headers["Connection"] = "close"
         async with httpx.AsyncClient(timeout=httpx.Timeout(2.0), headers=headers) as client:
             warned = False
             while True:
