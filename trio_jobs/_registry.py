@@ -164,6 +164,7 @@ class JobRegistry:
         self.retention = retention
         self.event_log_size = event_log_size
         self._jobs: dict[str, Job] = {}
+        self._jobs_peak = 0
         self._queue: list[tuple[int, int, Job]] = []
         self._queue_lot = trio.lowlevel.ParkingLot()
         self._expiry: deque[tuple[float, str]] = deque()
@@ -236,6 +237,8 @@ class JobRegistry:
             job.expires_at = trio.current_time() + expires
             heapq.heappush(self._deadlines, (job.expires_at, job.seq, job))
         self._jobs[job_id] = job
+        if len(self._jobs) > self._jobs_peak:
+            self._jobs_peak = len(self._jobs)
         self._notify(job, job.history[0])
         if enqueue:
             heapq.heappush(self._queue, (-prio, job.seq, job))
@@ -455,6 +458,12 @@ class JobRegistry:
             job = jobs.get(job_id)
             if job is not None and job.state.is_terminal:
                 del jobs[job_id]
+        # A dict never shrinks on deletes: rebuild it once most of its peak has left.
+        if len(jobs) > self._jobs_peak:
+            self._jobs_peak = len(jobs)
+        elif self._jobs_peak > 1024 and len(jobs) < self._jobs_peak // 4:
+            self._jobs = dict(jobs)
+            self._jobs_peak = len(jobs)
 
     def _next_deadline(self) -> float:
         deadlines = self._deadlines
@@ -462,7 +471,10 @@ class JobRegistry:
             heapq.heappop(deadlines)
         deadline = deadlines[0][0] if deadlines else math.inf
         if self._expiry:
-            deadline = min(deadline, self._expiry[0][0])
+            # Finished jobs expire one after another; sweeping them in slices of a tenth of
+            # the retention (at most 1 s) wakes the sweeper once per slice, not once per job.
+            slack = min(1.0, (self.retention or 0.0) / 10)
+            deadline = min(deadline, self._expiry[0][0] + slack)
         return deadline
 
     async def sweep(self) -> None:

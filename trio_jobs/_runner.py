@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
@@ -43,22 +42,29 @@ def _only_exceptions(exc: BaseException) -> bool:
 
 async def _attempt(job: Job, executor: Executor) -> tuple[BaseException | None, bool]:
     """Run the executor once in a fresh nursery; return (error, timed_out)."""
-    assert job.sender is not None
-    deadline = trio.current_time() + job.timeout if job.timeout is not None else math.inf
+    if job.timeout is None:
+        return await _attempt_in_nursery(job, executor), False
     error: BaseException | None = None
-    with trio.CancelScope(deadline=deadline) as timeout_scope:
-        try:
-            async with trio.open_nursery() as nursery:
-                token = _CURRENT.set(JobContext(job.id, job.sender, nursery))
-                try:
-                    await executor(job.id, job.payload)
-                finally:
-                    _CURRENT.reset(token)
-        except BaseException as exc:
-            if not _only_exceptions(exc):
-                raise
-            error = exc
+    with trio.move_on_after(job.timeout) as timeout_scope:
+        error = await _attempt_in_nursery(job, executor)
     return error, timeout_scope.cancelled_caught
+
+
+async def _attempt_in_nursery(job: Job, executor: Executor) -> BaseException | None:
+    """The job's nursery: the executor's body plus every task it starts in the nursery."""
+    assert job.sender is not None
+    try:
+        async with trio.open_nursery() as nursery:
+            token = _CURRENT.set(JobContext(job.id, job.sender, nursery))
+            try:
+                await executor(job.id, job.payload)
+            finally:
+                _CURRENT.reset(token)
+    except BaseException as exc:
+        if not _only_exceptions(exc):
+            raise
+        return exc
+    return None
 
 
 async def _attempts(registry: JobRegistry, job: Job, executor: Executor) -> TerminalSignal:

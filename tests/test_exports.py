@@ -1,0 +1,43 @@
+"""The public API: __all__ is sorted, complete and importable; implementation stays private."""
+
+from __future__ import annotations
+
+import types
+
+import trio_jobs
+
+
+def test_all_is_sorted_and_complete() -> None:
+    names = trio_jobs.__all__
+    assert names == sorted(names, key=lambda n: (not n.isupper(), n))
+    public = {
+        name
+        for name, value in vars(trio_jobs).items()
+        if not name.startswith("_") and not isinstance(value, types.ModuleType)
+    }
+    assert public == set(names)
+
+
+def test_every_public_name_is_re_exported_from_a_private_module() -> None:
+    for name in trio_jobs.__all__:
+        value = getattr(trio_jobs, name)
+        module = getattr(value, "__module__", "trio_jobs")
+        assert module == "trio_jobs" or module.startswith(
+            ("trio_jobs._", "builtins", "typing", "collections")
+        ), (
+            name,
+            module,
+        )
+
+
+def test_the_core_does_not_import_the_http_stack() -> None:
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, trio_jobs\n"
+        "bad = [m for m in ('quart', 'quart_trio', 'hypercorn', 'servers') if m in sys.modules]\n"
+        "print(','.join(bad))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == ""
