@@ -99,19 +99,20 @@ def running_record(job_id: str, *, attempts: int = 1, retry: RetryPolicy | None 
 
 async def write_crashed(store: JobStore, record: JobRecord, events: int) -> None:
     """Leave ``store`` as a process that died mid-job would: RUNNING, with events."""
+    history = (
+        Transition(JobState.QUEUED, record.created_at),
+        Transition(JobState.RUNNING, record.started_at or 0, "started"),
+    )
     batch = WriteBatch(
         jobs=[
             JobWrite(
                 record,
+                history,
                 None,
                 check_json("payload", record.payload),
                 check_json("metadata", record.metadata),
                 first=True,
             )
-        ],
-        transitions=[
-            (record.id, 0, Transition(JobState.QUEUED, record.created_at)),
-            (record.id, 1, Transition(JobState.RUNNING, record.started_at or 0, "started")),
         ],
         events=[
             NarrationEvent(i, record.id, time.time(), "trio-jobs", "tick", f"tick {i}", {"i": i})
@@ -183,7 +184,10 @@ async def test_later_writes_update_state_but_keep_payload(stores: StoreFactory) 
             }
         )
         async with stores() as store:
-            await store.write(WriteBatch(jobs=[JobWrite(done)]))
+            before = await store.load_job("job-y")
+            assert before is not None
+            stored_history = (*before.history, Transition(JobState.FAILED, time.time(), "boom"))
+            await store.write(WriteBatch(jobs=[JobWrite(done, stored_history)]))
             stored = await store.load_job("job-y")
             recent = await store.load_jobs(finished_since=time.time() - 60)
             none = await store.load_jobs(finished_since=time.time() + 60)
@@ -191,6 +195,7 @@ async def test_later_writes_update_state_but_keep_payload(stores: StoreFactory) 
     assert stored.record.state is JobState.FAILED and stored.record.error == "boom"
     assert stored.record.payload == {"n": 1}
     assert stored.record.metadata == {"m": 1}
+    assert stored.history == stored_history
     assert [s.record.id for s in recent] == ["job-y"]
     assert none == []
 

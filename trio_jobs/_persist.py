@@ -132,6 +132,7 @@ class Persister:
                 batch.jobs.append(
                     JobWrite(
                         job.record(),
+                        tuple(history),
                         None if expires is None else now + (expires - now_trio),
                         check_json("payload", job.payload) if not new.inserted else None,
                         check_json("metadata", job.metadata) if not new.inserted else None,
@@ -139,8 +140,6 @@ class Persister:
                     )
                 )
                 new.inserted = True
-                for index in range(new.transitions, len(history)):
-                    batch.transitions.append((job_id, index, history[index]))
                 new.transitions = len(history)
             log = job.log
             last = log.next_id - 1

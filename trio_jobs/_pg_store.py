@@ -17,15 +17,14 @@ from ._models import NarrationEvent
 from ._store import (
     JOB_COLUMNS,
     MUTABLE_COLUMNS,
+    N_JOB_COLUMNS,
     JobStore,
     StoredJob,
     WriteBatch,
-    event_from_row,
-    event_row,
+    event_chunks,
+    events_from_chunks,
     job_row,
     stored_job_from_row,
-    transition_from_row,
-    transition_row,
 )
 
 if TYPE_CHECKING:
@@ -55,6 +54,7 @@ PG_MIGRATIONS: list[tuple[int, list[str]]] = [
                 finished_at DOUBLE PRECISION,
                 next_attempt_at DOUBLE PRECISION,
                 expires_at DOUBLE PRECISION,
+                history TEXT NOT NULL,
                 owner TEXT,
                 lease_until DOUBLE PRECISION,
                 cancel_requested BOOLEAN NOT NULL DEFAULT FALSE
@@ -62,36 +62,30 @@ PG_MIGRATIONS: list[tuple[int, list[str]]] = [
             "CREATE INDEX jobs_unfinished ON jobs (finished_at, created_at)",
             "CREATE INDEX jobs_claimable ON jobs (priority DESC, created_at) "
             "WHERE state = 'queued'",
-            """CREATE TABLE transitions (
-                job_id TEXT NOT NULL,
-                seq INTEGER NOT NULL,
-                state TEXT NOT NULL,
-                at DOUBLE PRECISION NOT NULL,
-                reason TEXT,
-                PRIMARY KEY (job_id, seq)
-            )""",
             """CREATE TABLE events (
                 job_id TEXT NOT NULL,
-                id INTEGER NOT NULL,
-                ts DOUBLE PRECISION NOT NULL,
-                actor TEXT NOT NULL,
-                action TEXT NOT NULL,
-                human TEXT NOT NULL,
-                fields TEXT,
-                PRIMARY KEY (job_id, id)
+                first_id INTEGER NOT NULL,
+                last_id INTEGER NOT NULL,
+                events TEXT NOT NULL,
+                PRIMARY KEY (job_id, first_id)
             )""",
         ],
     ),
 ]
-"""Schema versions, applied in order under an advisory lock (queens may start together)."""
+"""Schema versions, applied in order under an advisory lock (queens may start together).
+
+As in SQLite: a job's history is a JSON column, its events are stored in chunks.
+"""
 
 _UPSERT = (
-    f"INSERT INTO jobs ({JOB_COLUMNS}) VALUES ({', '.join(['%s'] * 15)}) "
+    f"INSERT INTO jobs ({JOB_COLUMNS}) VALUES ({', '.join(['%s'] * N_JOB_COLUMNS)}) "
     "ON CONFLICT (id) DO UPDATE SET " + ", ".join(f"{c} = EXCLUDED.{c}" for c in MUTABLE_COLUMNS)
 )
-_TRANSITION = "INSERT INTO transitions VALUES (%s, %s, %s, %s, %s) ON CONFLICT DO NOTHING"
-_EVENT = "INSERT INTO events VALUES (%s, %s, %s, %s, %s, %s, %s) ON CONFLICT DO NOTHING"
-_PRUNE = "DELETE FROM events WHERE job_id = %s AND id <= %s"
+_EVENTS = (
+    "INSERT INTO events VALUES (%s, %s, %s, %s) ON CONFLICT (job_id, first_id) "
+    "DO UPDATE SET last_id = EXCLUDED.last_id, events = EXCLUDED.events"
+)
+_PRUNE = "DELETE FROM events WHERE job_id = %s AND last_id <= %s"
 _LOCK_KEY = 0x7472696F  # "trio": the migration advisory lock
 
 
@@ -175,10 +169,8 @@ class PostgresStore(JobStore):
             with conn.transaction(), conn.cursor() as cur:
                 if batch.jobs:
                     cur.executemany(_UPSERT, [job_row(w) for w in batch.jobs])
-                if batch.transitions:
-                    cur.executemany(_TRANSITION, [transition_row(*t) for t in batch.transitions])
                 if batch.events:
-                    cur.executemany(_EVENT, [event_row(e) for e in batch.events])
+                    cur.executemany(_EVENTS, event_chunks(batch.events))
                 if batch.prune:
                     cur.executemany(_PRUNE, batch.prune)
 
@@ -187,35 +179,15 @@ class PostgresStore(JobStore):
     async def load_jobs(self, *, finished_since: float | None = None) -> list[StoredJob]:
         def load(conn: psycopg.Connection[Any]) -> list[StoredJob]:
             cols = f"{JOB_COLUMNS}, owner, cancel_requested"
-            with conn.transaction():
-                if finished_since is None:
-                    jobs = conn.execute(f"SELECT {cols} FROM jobs ORDER BY created_at").fetchall()
-                    where = ""
-                    params: tuple[Any, ...] = ()
-                else:
-                    jobs = conn.execute(
-                        f"SELECT {cols} FROM jobs WHERE finished_at IS NULL "
-                        "OR finished_at >= %s ORDER BY created_at",
-                        (finished_since,),
-                    ).fetchall()
-                    where = (
-                        " WHERE job_id IN (SELECT id FROM jobs WHERE finished_at IS NULL "
-                        "OR finished_at >= %s)"
-                    )
-                    params = (finished_since,)
-                history: dict[str, list[Any]] = {row[0]: [] for row in jobs}
-                for job_id, state, at, reason in conn.execute(
-                    "SELECT job_id, state, at, reason FROM transitions"
-                    + where
-                    + " ORDER BY job_id, seq",
-                    params,
-                ):
-                    entries = history.get(job_id)
-                    if entries is not None:
-                        entries.append(transition_from_row(state, at, reason))
-            return [
-                stored_job_from_row(row[:15], history[row[0]], row[15], row[16]) for row in jobs
-            ]
+            if finished_since is None:
+                rows = conn.execute(f"SELECT {cols} FROM jobs ORDER BY created_at").fetchall()
+            else:
+                rows = conn.execute(
+                    f"SELECT {cols} FROM jobs WHERE finished_at IS NULL "
+                    "OR finished_at >= %s ORDER BY created_at",
+                    (finished_since,),
+                ).fetchall()
+            return [_stored(row) for row in rows]
 
         return await self._run(load)
 
@@ -225,16 +197,7 @@ class PostgresStore(JobStore):
                 f"SELECT {JOB_COLUMNS}, owner, cancel_requested FROM jobs WHERE id = %s",
                 (job_id,),
             ).fetchone()
-            if row is None:
-                return None
-            history = [
-                transition_from_row(*t)
-                for t in conn.execute(
-                    "SELECT state, at, reason FROM transitions WHERE job_id = %s ORDER BY seq",
-                    (job_id,),
-                )
-            ]
-            return stored_job_from_row(row[:15], history, row[15], row[16])
+            return None if row is None else _stored(row)
 
         return await self._run(load)
 
@@ -242,15 +205,23 @@ class PostgresStore(JobStore):
         self, job_id: str, *, after: int = 0, limit: int | None = None
     ) -> list[NarrationEvent]:
         def load(conn: psycopg.Connection[Any]) -> list[NarrationEvent]:
+            lower = after
+            if limit is not None:
+                top = conn.execute(
+                    "SELECT COALESCE(MAX(last_id), 0) FROM events WHERE job_id = %s", (job_id,)
+                ).fetchone()
+                lower = max(after, (top[0] if top else 0) - limit)
             rows = conn.execute(
-                "SELECT job_id, id, ts, actor, action, human, fields FROM events "
-                "WHERE job_id = %s AND id > %s ORDER BY id DESC LIMIT %s",
-                (job_id, after, limit),
+                "SELECT events FROM events WHERE job_id = %s AND last_id > %s ORDER BY first_id",
+                (job_id, lower),
             ).fetchall()
-            rows.reverse()
-            return [event_from_row(r) for r in rows]
+            return events_from_chunks(job_id, [r[0] for r in rows], after, limit)
 
         return await self._run(load)
+
+
+def _stored(row: Any) -> StoredJob:
+    return stored_job_from_row(row[:N_JOB_COLUMNS], row[N_JOB_COLUMNS], row[N_JOB_COLUMNS + 1])
 
 
 def _version(conn: psycopg.Connection[Any]) -> int:

@@ -11,7 +11,7 @@ import os
 import sqlite3
 import time
 from collections.abc import Callable
-from typing import Any, TypeVar
+from typing import TypeVar
 
 import trio
 
@@ -19,15 +19,14 @@ from ._models import NarrationEvent
 from ._store import (
     JOB_COLUMNS,
     MUTABLE_COLUMNS,
+    N_JOB_COLUMNS,
     JobStore,
     StoredJob,
     WriteBatch,
-    event_from_row,
-    event_row,
+    event_chunks,
+    events_from_chunks,
     job_row,
     stored_job_from_row,
-    transition_from_row,
-    transition_row,
 )
 
 __all__ = ["SQLiteStore", "MIGRATIONS"]
@@ -53,39 +52,32 @@ MIGRATIONS: list[tuple[int, list[str]]] = [
                 started_at REAL,
                 finished_at REAL,
                 next_attempt_at REAL,
-                expires_at REAL
+                expires_at REAL,
+                history TEXT NOT NULL
             )""",
             "CREATE INDEX jobs_unfinished ON jobs (finished_at, created_at)",
-            """CREATE TABLE transitions (
-                job_id TEXT NOT NULL,
-                seq INTEGER NOT NULL,
-                state TEXT NOT NULL,
-                at REAL NOT NULL,
-                reason TEXT,
-                PRIMARY KEY (job_id, seq)
-            ) WITHOUT ROWID""",
             """CREATE TABLE events (
                 job_id TEXT NOT NULL,
-                id INTEGER NOT NULL,
-                ts REAL NOT NULL,
-                actor TEXT NOT NULL,
-                action TEXT NOT NULL,
-                human TEXT NOT NULL,
-                fields TEXT,
-                PRIMARY KEY (job_id, id)
+                first_id INTEGER NOT NULL,
+                last_id INTEGER NOT NULL,
+                events TEXT NOT NULL,
+                PRIMARY KEY (job_id, first_id)
             ) WITHOUT ROWID""",
         ],
     ),
 ]
-"""Schema versions, applied in order; each version's statements run in one transaction."""
+"""Schema versions, applied in order; each version's statements run in one transaction.
+
+A job's history is a JSON column of its row; its events are stored in chunks, one row per
+run of events written by one flush (``[[id, ts, actor, action, human, fields], ...]``).
+"""
 
 _UPSERT = (
-    f"INSERT INTO jobs ({JOB_COLUMNS}) VALUES ({', '.join('?' * 15)}) "
+    f"INSERT INTO jobs ({JOB_COLUMNS}) VALUES ({', '.join('?' * N_JOB_COLUMNS)}) "
     "ON CONFLICT (id) DO UPDATE SET " + ", ".join(f"{c} = excluded.{c}" for c in MUTABLE_COLUMNS)
 )
-_TRANSITION = "INSERT OR IGNORE INTO transitions VALUES (?, ?, ?, ?, ?)"
-_EVENT = "INSERT OR REPLACE INTO events VALUES (?, ?, ?, ?, ?, ?, ?)"
-_PRUNE = "DELETE FROM events WHERE job_id = ? AND id <= ?"
+_EVENTS = "INSERT OR REPLACE INTO events VALUES (?, ?, ?, ?)"
+_PRUNE = "DELETE FROM events WHERE job_id = ? AND last_id <= ?"
 
 
 class SQLiteStore(JobStore):
@@ -167,31 +159,14 @@ class SQLiteStore(JobStore):
                     "OR finished_at >= ? ORDER BY created_at",
                     (finished_since,),
                 )
-            jobs = rows.fetchall()
-            history: dict[str, list[Any]] = {row[0]: [] for row in jobs}
-            for job_id, state, at, reason in conn.execute(
-                "SELECT job_id, state, at, reason FROM transitions ORDER BY job_id, seq"
-            ):
-                entries = history.get(job_id)
-                if entries is not None:
-                    entries.append(transition_from_row(state, at, reason))
-            return [stored_job_from_row(row, history[row[0]]) for row in jobs]
+            return [stored_job_from_row(row) for row in rows]
 
         return await self._run(load)
 
     async def load_job(self, job_id: str) -> StoredJob | None:
         def load(conn: sqlite3.Connection) -> StoredJob | None:
             row = conn.execute(f"SELECT {JOB_COLUMNS} FROM jobs WHERE id = ?", (job_id,)).fetchone()
-            if row is None:
-                return None
-            history = [
-                transition_from_row(*t)
-                for t in conn.execute(
-                    "SELECT state, at, reason FROM transitions WHERE job_id = ? ORDER BY seq",
-                    (job_id,),
-                )
-            ]
-            return stored_job_from_row(row, history)
+            return None if row is None else stored_job_from_row(row)
 
         return await self._run(load)
 
@@ -199,17 +174,17 @@ class SQLiteStore(JobStore):
         self, job_id: str, *, after: int = 0, limit: int | None = None
     ) -> list[NarrationEvent]:
         def load(conn: sqlite3.Connection) -> list[NarrationEvent]:
-            sql = (
-                "SELECT job_id, id, ts, actor, action, human, fields FROM events "
-                "WHERE job_id = ? AND id > ? ORDER BY id DESC"
-            )
-            params: tuple[Any, ...] = (job_id, after)
+            lower = after
             if limit is not None:
-                sql += " LIMIT ?"
-                params += (limit,)
-            rows = conn.execute(sql, params).fetchall()
-            rows.reverse()
-            return [event_from_row(r) for r in rows]
+                (top,) = conn.execute(
+                    "SELECT COALESCE(MAX(last_id), 0) FROM events WHERE job_id = ?", (job_id,)
+                ).fetchone()
+                lower = max(after, top - limit)
+            rows = conn.execute(
+                "SELECT events FROM events WHERE job_id = ? AND last_id > ? ORDER BY first_id",
+                (job_id, lower),
+            )
+            return events_from_chunks(job_id, [r[0] for r in rows], after, limit)
 
         return await self._run(load)
 
@@ -247,10 +222,8 @@ def _write(conn: sqlite3.Connection, batch: WriteBatch) -> None:
     try:
         if batch.jobs:
             conn.executemany(_UPSERT, [job_row(w) for w in batch.jobs])
-        if batch.transitions:
-            conn.executemany(_TRANSITION, [transition_row(*t) for t in batch.transitions])
         if batch.events:
-            conn.executemany(_EVENT, [event_row(e) for e in batch.events])
+            conn.executemany(_EVENTS, event_chunks(batch.events))
         if batch.prune:
             conn.executemany(_PRUNE, batch.prune)
         conn.execute("COMMIT")

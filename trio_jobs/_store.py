@@ -12,8 +12,9 @@ from __future__ import annotations
 import abc
 import dataclasses
 import importlib
+import itertools
 import json
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -32,8 +33,31 @@ __all__ = [
     "retry_to_json",
 ]
 
-dumps = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False).encode
-"""Strict compact JSON (no ``default=``: a value JSON cannot hold raises ``TypeError``)."""
+
+def _json_codec() -> tuple[Callable[[Any], str], Callable[[Any], str], Callable[[str], Any]]:
+    """(strict dumps, lenient dumps, loads): orjson's when installed (several times
+    faster, which is most of a flush's cost), else the standard library's."""
+    try:
+        import orjson
+    except ImportError:
+        strict = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False)
+        lenient = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False, default=str)
+        return strict.encode, lenient.encode, json.loads
+    options = orjson.OPT_NON_STR_KEYS
+
+    def strict_dumps(value: Any) -> str:
+        return orjson.dumps(value, option=options).decode()
+
+    def lenient_dumps(value: Any) -> str:
+        return orjson.dumps(value, default=str, option=options).decode()
+
+    return strict_dumps, lenient_dumps, orjson.loads
+
+
+dumps, dumps_lenient, loads = _json_codec()
+"""``dumps``: compact JSON, raising ``TypeError`` for what JSON cannot hold (payloads,
+metadata); ``dumps_lenient``: the same with ``str(value)`` for those (event fields, as on
+the wire)."""
 
 
 def retry_to_json(policy: RetryPolicy | None) -> str | None:
@@ -63,7 +87,7 @@ def retry_from_json(text: str | None) -> RetryPolicy | None:
     are replaced by ``Exception`` (a recovered job still retries rather than never)."""
     if not text:
         return None
-    data = json.loads(text)
+    data = loads(text)
     names = data.pop("retry_on", None) or []
     types = tuple(t for t in (_resolve_type(n) for n in names) if t is not None)
     return RetryPolicy(**data, retry_on=types or (Exception,))
@@ -83,13 +107,15 @@ class StoredJob:
 
 @dataclass(frozen=True, slots=True)
 class JobWrite:
-    """One job row to insert or update.
+    """One job row to insert or update, with the job's whole history.
 
-    ``payload_json`` / ``metadata_json`` / ``tags_json`` are set on the job's first write
-    only: those columns never change afterwards, so later writes update the rest.
+    ``payload_json`` / ``metadata_json`` are set on the job's first write (``first``)
+    only: payload, metadata, tags and retry policy never change afterwards, so later
+    writes update the rest.
     """
 
     record: JobRecord
+    history: tuple[Transition, ...] = ()
     expires_at: float | None = None
     payload_json: str | None = None
     metadata_json: str | None = None
@@ -102,19 +128,19 @@ class WriteBatch:
 
     Attributes:
         jobs: job rows to upsert.
-        transitions: ``(job_id, index, transition)``: history entries not stored yet.
-        events: narration events not stored yet.
-        prune: ``(job_id, upto)``: delete the job's stored events with id <= upto (the
-            stored log is bounded like the in-memory one).
+        events: narration events not stored yet, each job's in one consecutive run
+            of ascending ids (SQL stores keep each run as one row: a chunk).
+        prune: ``(job_id, upto)``: the job's stored events with id <= upto may go (the
+            stored log is bounded like the in-memory one; a chunk goes once all of its
+            events may).
     """
 
     jobs: list[JobWrite] = field(default_factory=list)
-    transitions: list[tuple[str, int, Transition]] = field(default_factory=list)
     events: list[NarrationEvent] = field(default_factory=list)
     prune: list[tuple[str, int]] = field(default_factory=list)
 
     def __bool__(self) -> bool:
-        return bool(self.jobs or self.transitions or self.events or self.prune)
+        return bool(self.jobs or self.events or self.prune)
 
 
 class JobStore(abc.ABC):
@@ -171,8 +197,9 @@ class JobStore(abc.ABC):
 
 JOB_COLUMNS = (
     "id, state, error, payload, timeout, priority, retry, tags, metadata, attempts, "
-    "created_at, started_at, finished_at, next_attempt_at, expires_at"
+    "created_at, started_at, finished_at, next_attempt_at, expires_at, history"
 )
+N_JOB_COLUMNS = 16
 MUTABLE_COLUMNS = (
     "state",
     "error",
@@ -181,6 +208,7 @@ MUTABLE_COLUMNS = (
     "finished_at",
     "next_attempt_at",
     "expires_at",
+    "history",
 )
 
 
@@ -203,18 +231,16 @@ def job_row(write: JobWrite) -> tuple[Any, ...]:
         rec.finished_at,
         rec.next_attempt_at,
         write.expires_at,
+        dumps([(t.state.value, t.at, t.reason) for t in write.history]),
     )
 
 
 def _loads(text: str | None) -> Any:
-    return None if text is None else json.loads(text)
+    return None if text is None else loads(text)
 
 
 def stored_job_from_row(
-    row: Sequence[Any],
-    history: Iterable[Transition],
-    owner: str | None = None,
-    cancel_requested: bool = False,
+    row: Sequence[Any], owner: str | None = None, cancel_requested: bool = False
 ) -> StoredJob:
     """Rebuild a :class:`StoredJob` from a row in ``JOB_COLUMNS`` order."""
     (
@@ -233,6 +259,7 @@ def stored_job_from_row(
         finished_at,
         next_attempt_at,
         expires_at,
+        history,
     ) = row
     record = JobRecord(
         id=job_id,
@@ -250,25 +277,42 @@ def stored_job_from_row(
         retry=retry_from_json(retry),
         next_attempt_at=next_attempt_at,
     )
-    return StoredJob(record, tuple(history), expires_at, owner, bool(cancel_requested))
+    transitions = tuple(
+        Transition(JobState(state), at, reason) for state, at, reason in _loads(history) or ()
+    )
+    return StoredJob(record, transitions, expires_at, owner, bool(cancel_requested))
 
 
-def transition_row(job_id: str, index: int, t: Transition) -> tuple[Any, ...]:
-    return (job_id, index, t.state.value, t.at, t.reason)
+def _plain(fields: Mapping[str, Any]) -> dict[str, Any]:
+    return fields if type(fields) is dict else dict(fields)
 
 
-def transition_from_row(state: str, at: float, reason: str | None) -> Transition:
-    return Transition(JobState(state), at, reason)
+def event_chunks(events: Iterable[NarrationEvent]) -> list[tuple[str, int, int, str]]:
+    """Rows ``(job_id, first_id, last_id, events_json)``: one per run of a job's events."""
+    rows: list[tuple[str, int, int, str]] = []
+    for job_id, run in itertools.groupby(events, key=lambda e: e.job_id):
+        events = list(run)
+        items = [
+            (e.id, e.ts, e.actor, e.action, e.human, _plain(e.fields) if e.fields else None)
+            for e in events
+        ]
+        rows.append((job_id, events[0].id, events[-1].id, dumps_lenient(items)))
+    return rows
 
 
-def event_row(event: NarrationEvent) -> tuple[Any, ...]:
-    fields = dumps(dict(event.fields)) if event.fields else None
-    return (event.job_id, event.id, event.ts, event.actor, event.action, event.human, fields)
-
-
-def event_from_row(row: Sequence[Any]) -> NarrationEvent:
-    job_id, event_id, ts, actor, action, human, fields = row
-    return NarrationEvent(event_id, job_id, ts, actor, action, human, _loads(fields) or {})
+def events_from_chunks(
+    job_id: str, chunks: Iterable[str], after: int, limit: int | None
+) -> list[NarrationEvent]:
+    """The events with id > ``after`` (the newest ``limit``) in chunks, oldest first."""
+    out: dict[int, NarrationEvent] = {}
+    for chunk in chunks:
+        for event_id, ts, actor, action, human, fields in loads(chunk):
+            if event_id > after:
+                out[event_id] = NarrationEvent(
+                    event_id, job_id, ts, actor, action, human, fields or {}
+                )
+    events = [out[i] for i in sorted(out)]
+    return events[-limit:] if limit is not None else events
 
 
 # ---- the in-memory store -----------------------------------------------------------------
@@ -276,10 +320,9 @@ def event_from_row(row: Sequence[Any]) -> NarrationEvent:
 
 @dataclass(slots=True)
 class _MemJob:
-    record: JobRecord
-    expires_at: float | None
-    history: list[Transition] = field(default_factory=list)
-    events: dict[int, NarrationEvent] = field(default_factory=dict)
+    stored: StoredJob
+    chunks: dict[int, tuple[int, str]] = field(default_factory=dict)
+    """first event id -> (last event id, JSON of the run), as the SQL stores keep them."""
 
 
 class MemoryStore(JobStore):
@@ -312,33 +355,31 @@ class MemoryStore(JobStore):
         jobs = self._jobs
         for w in batch.jobs:
             old = jobs.get(w.record.id)
-            rec = stored_job_from_row(job_row(w), ()).record
-            if old is not None and not w.first:
-                prev = old.record
-                old.record = dataclasses.replace(
-                    rec,
+            new = stored_job_from_row(job_row(w))
+            if old is None:
+                jobs[w.record.id] = _MemJob(new)
+            elif w.first:
+                old.stored = new
+            else:
+                prev = old.stored.record
+                record = dataclasses.replace(
+                    new.record,
                     payload=prev.payload,
                     metadata=prev.metadata,
                     tags=prev.tags,
                     retry=prev.retry,
                 )
-                old.expires_at = w.expires_at
-            else:
-                jobs[rec.id] = _MemJob(rec, w.expires_at, old.history if old else [])
-        for job_id, index, t in batch.transitions:
-            history = jobs[job_id].history
-            if index == len(history):
-                history.append(t)
-        for event in batch.events:
-            jobs[event.job_id].events[event.id] = event_from_row(event_row(event))
+                old.stored = dataclasses.replace(new, record=record)
+        for job_id, first, last, chunk in event_chunks(batch.events):
+            jobs[job_id].chunks[first] = (last, chunk)
         for job_id, upto in batch.prune:
-            events = jobs[job_id].events
-            for event_id in [i for i in events if i <= upto]:
-                del events[event_id]
+            chunks = jobs[job_id].chunks
+            for first in [f for f, (last, _) in chunks.items() if last <= upto]:
+                del chunks[first]
         self.writes += 1
 
     def _stored(self, job: _MemJob) -> StoredJob:
-        return StoredJob(job.record, tuple(job.history), job.expires_at)
+        return job.stored
 
     async def load_jobs(self, *, finished_since: float | None = None) -> list[StoredJob]:
         self._check()
@@ -347,8 +388,8 @@ class MemoryStore(JobStore):
             self._stored(j)
             for j in self._jobs.values()
             if finished_since is None
-            or j.record.finished_at is None
-            or j.record.finished_at >= finished_since
+            or j.stored.record.finished_at is None
+            or j.stored.record.finished_at >= finished_since
         ]
         out.sort(key=lambda s: s.record.created_at)
         return out
@@ -367,8 +408,8 @@ class MemoryStore(JobStore):
         job = self._jobs.get(job_id)
         if job is None:
             return []
-        events = [job.events[i] for i in sorted(job.events) if i > after]
-        return events[-limit:] if limit is not None else events
+        chunks = [job.chunks[f][1] for f in sorted(job.chunks)]
+        return events_from_chunks(job_id, chunks, after, limit)
 
     async def schema_version(self) -> int:
         await trio.lowlevel.checkpoint()
