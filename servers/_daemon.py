@@ -13,8 +13,6 @@ from typing import Any
 
 import trio
 
-from trio_jobs.http import serve
-
 __all__ = ["is_loopback", "run_daemon", "setup_logging", "LISTENING_PREFIX"]
 
 logger = logging.getLogger("servers")
@@ -64,6 +62,8 @@ async def run_daemon(
     (bounded by ``stop_grace_s``, shielded) and then the server and background tasks are
     cancelled; the function returns when everything has ended.
     """
+    from trio_jobs.http import serve  # the HTTP stack is loaded only by daemons
+
     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
         async with trio.open_nursery() as nursery:
             url: str = await nursery.start(partial(serve, app, host=host, port=port))

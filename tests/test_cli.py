@@ -1,0 +1,208 @@
+"""The ``trio-jobs`` keeper as a real process against a real queen, hive and worker.
+
+Checks the exit codes (0 ``[DONE]``, 1 ``[ERROR]``/``[CANCELLED]``/timeout, 130 after an
+interrupt that cancelled the job on the server), live output, ``--json`` lines, and that
+SSH operations end with a clear line instead of hanging.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+import trio
+
+from servers.worker import tiny_tokens
+from tests.daemons import Cluster, closed_port, spawn_worker, wait_idle
+from trio_jobs._client import JobClient
+
+
+@dataclass
+class Env:
+    queen: str
+    hive: str
+    slow_url: str
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
+    root = tmp_path_factory.mktemp("cli")
+    cluster = Cluster(root)
+    try:
+        hive = cluster.start(
+            "hive", ["hive", "--port", "0", "--models-dir", str(root / "m"), "--heartbeat-s", "0.3"]
+        )
+        ghost = f"http://127.0.0.1:{closed_port()}"
+        queen = cluster.start(
+            "queen",
+            [
+                *("queen", "--port", "0", "--hive", f"localhost={hive}"),
+                *("--hive", f"ghost={ghost}", "--schedule-wait", "3"),
+            ],
+        )
+
+        async def workers() -> str:
+            async with JobClient(queen) as client:
+                await spawn_worker(client, "tiny")
+                slow = await spawn_worker(client, "slow", token_delay_s=0.05)
+            return str(slow["url"])
+
+        slow_url = trio.run(workers)
+        yield Env(queen, hive, slow_url)
+    finally:
+        codes = cluster.close()
+    assert codes == {"queen": 0, "hive": 0}
+
+
+async def keeper(env: Env | None, *args: str, timeout: float = 20) -> tuple[int, str, str]:
+    """Run ``python -m servers [--queen URL] args``; returns (exit code, stdout, stderr)."""
+    argv = [sys.executable, "-m", "servers"]
+    if env is not None:
+        argv += ["--queen", env.queen]
+    with trio.fail_after(timeout):
+        result = await trio.run_process(
+            [*argv, *args], capture_stdout=True, capture_stderr=True, check=False
+        )
+    return result.returncode, result.stdout.decode(), result.stderr.decode()
+
+
+async def test_infer_prints_tokens_and_exits_zero(env: Env) -> None:
+    code, out, err = await keeper(env, "infer", "hello keeper", "--max-tokens", "6")
+    assert code == 0, err
+    lines = out.splitlines()
+    assert lines[-1] == "[DONE]"
+    text = "".join(tiny_tokens("tiny", "hello keeper", max_tokens=6))
+    assert text in lines
+    assert any(line.startswith("[queen] Scheduled to worker") for line in lines)
+    assert "job job-" in err
+
+
+async def test_json_lines(env: Env) -> None:
+    code, out, _ = await keeper(env, "--json", "infer", "--prompt", "p", "--max-tokens", "3")
+    assert code == 0
+    lines = out.splitlines()
+    assert lines[-1] == "[DONE]"
+    events = [json.loads(line) for line in lines[:-1]]
+    tokens = [e["token"] for e in events if e["action"] == "token"]
+    assert tokens == list(tiny_tokens("tiny", "p", max_tokens=3))
+    assert len({e["job_id"] for e in events}) == 1
+
+
+async def test_options_after_the_subcommand(env: Env) -> None:
+    code, out, _ = await keeper(None, "status", "--queen", env.queen, "--json")
+    assert code == 0
+    events = [json.loads(x) for x in out.splitlines() if x.startswith("{")]
+    status = next(e for e in events if e["action"] == "status")
+    assert {h["alias"] for h in status["hives"]} == {"localhost", "ghost"}
+
+
+async def test_failure_exits_one_with_the_error_line(env: Env) -> None:
+    code, out, _ = await keeper(env, "worker-get", "worker-nope")
+    assert code == 1
+    assert out.splitlines()[-1].startswith("[ERROR] unknown worker 'worker-nope'")
+
+
+async def test_timeout_exits_one(env: Env) -> None:
+    code, out, _ = await keeper(
+        env, "--timeout", "1", "infer", "x", "--model", "slow", "--max-tokens", "2000"
+    )
+    assert code == 1
+    assert out.splitlines()[-1] == "[ERROR] Job timed out after 1s"
+    await wait_idle(env.queen, env.hive, env.slow_url)
+
+
+async def test_interrupt_cancels_on_the_server_and_exits_130(env: Env) -> None:
+    argv = [sys.executable, "-m", "servers", "--queen", env.queen, "--json"]
+    argv += ["infer", "x", "--model", "slow", "--max-tokens", "2000"]
+    process = await trio.lowlevel.open_process(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        assert process.stdout is not None
+        buffer = b""
+        with trio.fail_after(15):
+            while buffer.count(b'"action":"token"') < 2:
+                chunk = await process.stdout.receive_some(65536)
+                assert chunk, "keeper ended early"
+                buffer += chunk
+            job_id = json.loads(buffer.split(b"\n", 1)[0])["job_id"]
+            process.send_signal(signal.SIGINT)
+            code = await process.wait()
+    finally:
+        if process.returncode is None:
+            process.kill()
+        await process.wait()
+    assert code == 130
+    async with JobClient(env.queen) as client:
+        assert (await client.get(job_id))["state"] == "cancelled"
+    with trio.fail_after(10):
+        await wait_idle(env.queen, env.hive, env.slow_url)
+
+
+async def test_unreachable_queen(env: Env) -> None:
+    url = f"http://127.0.0.1:{closed_port()}"
+    code, out, _ = await keeper(None, "--queen", url, "status")
+    assert code == 1
+    assert out.startswith(f"[ERROR] cannot reach the queen at {url}")
+
+
+async def test_invalid_operation_is_a_usage_error(env: Env) -> None:
+    code, out, _ = await keeper(env, "submit", '{"operation": "infer", "model": "tiny"}')
+    assert code == 2
+    assert out.startswith("[ERROR] invalid operation: infer.prompt: Field required")
+
+
+async def test_submit_raw_operation(env: Env, tmp_path: Path) -> None:
+    body = tmp_path / "op.json"
+    body.write_text(json.dumps({"operation": "hive_list"}))
+    code, out, _ = await keeper(env, "submit", f"@{body}")
+    assert code == 0
+    assert "2 hive(s)" in out
+
+
+async def test_jobs_and_cancel_of_a_finished_job(env: Env) -> None:
+    code, out, _ = await keeper(env, "--json", "jobs", "--state", "completed")
+    assert code == 0
+    jobs: list[dict[str, Any]] = [json.loads(line) for line in out.splitlines()]
+    assert jobs and all(j["state"] == "completed" for j in jobs)
+    code, out, _ = await keeper(env, "cancel", jobs[0]["job_id"])
+    assert code == 1
+    assert "already finished" in out
+    code, out, _ = await keeper(env, "cancel", "job-unknown")
+    assert code == 1
+
+
+async def test_ssh_operations_answer_and_never_hang(env: Env) -> None:
+    code, out, _ = await keeper(env, "hive-install", "ghost")
+    assert code == 1
+    assert out.splitlines()[-1].startswith("[ERROR] not supported: hive_install")
+    # ssh to the ghost hive's host: whatever the machine has (no client, no server, a
+    # refusal), the answer is a terminal line within the ssh timeout.
+    code, out, _ = await keeper(env, "ssh-test", "ghost", timeout=30)
+    last = out.splitlines()[-1]
+    assert (code, last) == (0, "[DONE]") or (code == 1 and last.startswith("[ERROR] "))
+
+
+async def test_hive_import_ssh(env: Env, tmp_path: Path) -> None:
+    config = tmp_path / "ssh_config"
+    config.write_text("Host gpu1\n  HostName 10.0.0.7\nHost *\n  User me\n")
+    code, out, _ = await keeper(env, "hive-import-ssh", str(config), "--default-hive-port", "9000")
+    assert code == 0
+    assert "gpu1 http://10.0.0.7:9000" in out
+    code, out, _ = await keeper(env, "hive-get", "gpu1")
+    assert code == 0 and "gpu1: http://10.0.0.7:9000" in out
+
+
+async def test_daemon_help_and_console_script() -> None:
+    script = Path(sys.executable).parent / "trio-jobs"
+    argv = [str(script)] if script.exists() else [sys.executable, "-m", "servers"]
+    with trio.fail_after(20):
+        result = await trio.run_process([*argv, "--help"], capture_stdout=True, check=False)
+    assert result.returncode == 0
+    for name in ("queen", "hive", "worker", "submit", "infer", "status", "cancel", "jobs"):
+        assert name in result.stdout.decode()
