@@ -25,7 +25,7 @@ from typing import Any
 import trio
 
 from ._channel import JobLog
-from ._models import JobState, NarrationEvent, Transition
+from ._models import JobRecord, JobState, NarrationEvent, Transition
 from ._registry import Job, JobRegistry
 from ._signals import Signal, TerminalSignal
 from ._store import JobStore, JobWrite, StoredJob, WriteBatch, check_json
@@ -88,6 +88,8 @@ class Persister:
         self._dirty: dict[str, Job] = {}
         self._live: dict[str, Job] = {}
         self._cursors: dict[str, _Cursor] = {}
+        self.foreign: set[str] = set()
+        """Ids of jobs another node owns: followed here, never written from here."""
         self._idle = trio.lowlevel.ParkingLot()
         self._full = trio.lowlevel.ParkingLot()
         self.flushes = 0
@@ -97,6 +99,8 @@ class Persister:
 
     def observe(self, job: Job, transition: Transition) -> None:
         """Registry observer: mark the job changed (and watched while it can narrate)."""
+        if self.foreign and job.id in self.foreign:
+            return
         dirty = self._dirty
         dirty[job.id] = job
         if transition.state is JobState.RUNNING:
@@ -106,8 +110,16 @@ class Persister:
         if len(dirty) >= self.max_batch and self._full:
             self._full.unpark_all()
 
+    def disown(self, job_id: str) -> None:
+        """Stop writing a job: another node owns it now."""
+        self.foreign.add(job_id)
+        self._dirty.pop(job_id, None)
+        self._live.pop(job_id, None)
+        self._cursors.pop(job_id, None)
+
     def adopt(self, job: Job, stored: StoredJob, last_event_id: int) -> None:
         """Record that a recovered job's row, history and events are already stored."""
+        self.foreign.discard(job.id)
         self._cursors[job.id] = _Cursor(len(stored.history), last_event_id, True)
 
     # ---- batching ---------------------------------------------------------------------------
@@ -277,13 +289,67 @@ def _restore_job(registry: JobRegistry, stored: StoredJob, events: list[Narratio
     return job
 
 
-async def recover(registry: JobRegistry, store: JobStore, persister: Persister | None) -> int:
+def _interrupted(registry: JobRegistry, job: Job, *, counted: bool) -> None:
+    """A job whose process died while it ran (``job.state`` RUNNING or RETRYING): re-queue
+    it when its retry policy allows another attempt, else end it FAILED("interrupted").
+    ``counted``: the job is already counted in ``registry.running``."""
+    policy = job.retry
+    if policy is None or job.attempts >= policy.max_attempts:
+        if not counted:
+            registry.running += 1  # finish() counts it down again
+        registry.finish(job, TerminalSignal(Signal.ERROR, INTERRUPTED), INTERRUPTED)
+        return
+    if counted:
+        registry.running -= 1
+    job.state = JobState.QUEUED
+    job.next_attempt_at = None
+    entry = Transition(
+        JobState.QUEUED,
+        time.time(),
+        f"{INTERRUPTED}; re-queued for attempt {job.attempts + 1} of {policy.max_attempts}",
+    )
+    job.history.append(entry)
+    registry._notify(job, entry)
+
+
+def _close_finished(registry: JobRegistry, job: Job, rec: JobRecord) -> None:
+    """Give a restored job its stored terminal state and signal."""
+    job.state = rec.state
+    sender, job.sender = job.sender, None
+    assert sender is not None
+    message = rec.error if rec.state is JobState.FAILED else None
+    sender.set_outcome(TerminalSignal(_SIGNALS[rec.state], message))
+    sender.close()
+    if registry.retention is not None:
+        now = time.time()
+        left = registry.retention - (now - (rec.finished_at or now))
+        registry._expiry.append((trio.current_time() + max(0.0, left), rec.id))
+
+
+def _held_elsewhere(stored: StoredJob, node: str) -> bool:
+    state = stored.record.state
+    if state.is_terminal or stored.owner == node:
+        return False
+    return not (state is JobState.QUEUED and stored.owner is None)
+
+
+async def recover(
+    registry: JobRegistry,
+    store: JobStore,
+    persister: Persister | None,
+    *,
+    node: str | None = None,
+) -> int:
     """Put the store's jobs back into ``registry``; return how many were restored.
 
     Jobs already in the registry are left alone. Finished jobs whose retention has run out
     stay in the store only (:meth:`JobRegistry.fetch` still finds them). Jobs that were
     running are re-queued when their retry policy allows another attempt, else they end
     ``FAILED("interrupted")``; both outcomes are written back to the store.
+
+    With ``node`` (several queens share the store), unfinished jobs held by other nodes,
+    or running without an owner, are left to :func:`run_shared_jobs` (which follows them
+    or takes them over when their owner's lease runs out).
     """
     since = None if registry.retention is None else time.time() - registry.retention
     stored_jobs = await store.load_jobs(finished_since=since)
@@ -294,38 +360,22 @@ async def recover(registry: JobRegistry, store: JobStore, persister: Persister |
         rec = stored.record
         if rec.id in registry._jobs:
             continue
+        if node is not None and _held_elsewhere(stored, node):
+            continue
         events = await store.load_events(rec.id, limit=registry.event_log_size)
         job = _restore_job(registry, stored, events)
         if persister is not None:
             persister.adopt(job, stored, events[-1].id if events else 0)
         registry._jobs[rec.id] = job
         restored += 1
-        state = rec.state
-        if state.is_terminal:
-            job.state = state
-            sender, job.sender = job.sender, None
-            assert sender is not None
-            message = rec.error if state is JobState.FAILED else None
-            sender.set_outcome(TerminalSignal(_SIGNALS[state], message))
-            sender.close()
-            if registry.retention is not None:
-                left = registry.retention - (now - (rec.finished_at or now))
-                registry._expiry.append((now_trio + max(0.0, left), rec.id))
+        if rec.state.is_terminal:
+            _close_finished(registry, job, rec)
             continue
-        if state is not JobState.QUEUED:
-            policy = rec.retry
-            if policy is None or rec.attempts >= policy.max_attempts:
-                registry.running += 1  # finish() counts it down again
-                job.state = state
-                registry.finish(job, TerminalSignal(Signal.ERROR, INTERRUPTED), INTERRUPTED)
+        if rec.state is not JobState.QUEUED:
+            job.state = rec.state
+            _interrupted(registry, job, counted=False)
+            if job.state.is_terminal:
                 continue
-            entry = Transition(
-                JobState.QUEUED,
-                now,
-                f"{INTERRUPTED}; re-queued for attempt {rec.attempts + 1} of {policy.max_attempts}",
-            )
-            job.history.append(entry)
-            registry._notify(job, entry)
         elif stored.expires_at is not None:
             job.expires_at = now_trio + (stored.expires_at - now)
             registry._deadlines.append((job.expires_at, job.seq, job))
@@ -370,7 +420,7 @@ async def run_persistence(
     registry.add_observer(persister.observe)
     try:
         try:
-            await recover(registry, store, persister)
+            await recover(registry, store, persister, node=getattr(store, "node", None))
             task_status.started(persister)
             await persister.run()
         finally:

@@ -62,6 +62,8 @@ PG_MIGRATIONS: list[tuple[int, list[str]]] = [
             "CREATE INDEX jobs_unfinished ON jobs (finished_at, created_at)",
             "CREATE INDEX jobs_claimable ON jobs (priority DESC, created_at) "
             "WHERE state = 'queued'",
+            "CREATE INDEX jobs_owned ON jobs (owner) WHERE owner IS NOT NULL "
+            "AND state IN ('queued', 'running', 'retrying')",
             """CREATE TABLE events (
                 job_id TEXT NOT NULL,
                 first_id INTEGER NOT NULL,
@@ -81,6 +83,8 @@ _UPSERT = (
     f"INSERT INTO jobs ({JOB_COLUMNS}) VALUES ({', '.join(['%s'] * N_JOB_COLUMNS)}) "
     "ON CONFLICT (id) DO UPDATE SET " + ", ".join(f"{c} = EXCLUDED.{c}" for c in MUTABLE_COLUMNS)
 )
+_UPSERT_OWNED = _UPSERT + " WHERE jobs.owner IS NULL OR jobs.owner = %s"
+_ACTIVE = "('queued', 'running', 'retrying')"
 _EVENTS = (
     "INSERT INTO events VALUES (%s, %s, %s, %s) ON CONFLICT (job_id, first_id) "
     "DO UPDATE SET last_id = EXCLUDED.last_id, events = EXCLUDED.events"
@@ -96,11 +100,15 @@ class PostgresStore(JobStore):
         dsn: a libpq connection string or URL.
         schema: the schema holding the tables (created if missing), so several
             deployments or test runs can share one database.
+        node: this queen's name when several share the table (see
+            :func:`~trio_jobs._persist.run_shared_jobs`): rows another node has claimed
+            are then never overwritten by this one.
     """
 
-    def __init__(self, dsn: str, *, schema: str = "trio_jobs") -> None:
+    def __init__(self, dsn: str, *, schema: str = "trio_jobs", node: str | None = None) -> None:
         self.dsn = dsn
         self.schema = schema
+        self.node = node
         self._conn: psycopg.Connection[Any] | None = None
         self._limiter = trio.CapacityLimiter(1)
 
@@ -165,10 +173,14 @@ class PostgresStore(JobStore):
             await trio.lowlevel.checkpoint()
             return
 
+        node = self.node
+
         def write(conn: psycopg.Connection[Any]) -> None:
             with conn.transaction(), conn.cursor() as cur:
-                if batch.jobs:
+                if batch.jobs and node is None:
                     cur.executemany(_UPSERT, [job_row(w) for w in batch.jobs])
+                elif batch.jobs:
+                    cur.executemany(_UPSERT_OWNED, [(*job_row(w), node) for w in batch.jobs])
                 if batch.events:
                     cur.executemany(_EVENTS, event_chunks(batch.events))
                 if batch.prune:
@@ -218,6 +230,120 @@ class PostgresStore(JobStore):
             return events_from_chunks(job_id, [r[0] for r in rows], after, limit)
 
         return await self._run(load)
+
+    # ---- several queens on one table -----------------------------------------------------
+
+    def _node(self) -> str:
+        if self.node is None:
+            raise RuntimeError("shared mode needs PostgresStore(node=...)")
+        return self.node
+
+    async def claim(self, limit: int, lease: float) -> list[StoredJob]:
+        """Take up to ``limit`` queued jobs nobody holds (highest priority, oldest first)
+        for this node, leased for ``lease`` seconds. ``FOR UPDATE SKIP LOCKED`` makes two
+        nodes claiming at once take different jobs, so each job runs once."""
+        node = self._node()
+
+        def claim(conn: psycopg.Connection[Any]) -> list[StoredJob]:
+            now = time.time()
+            rows = conn.execute(
+                f"UPDATE jobs SET owner = %s, lease_until = %s WHERE id IN ("
+                "SELECT id FROM jobs WHERE state = 'queued' AND NOT cancel_requested "
+                "AND (owner IS NULL OR owner = %s OR lease_until < %s) "
+                "ORDER BY priority DESC, created_at LIMIT %s FOR UPDATE SKIP LOCKED) "
+                f"RETURNING {JOB_COLUMNS}, owner, cancel_requested",
+                (node, now + lease, node, now, limit),
+            ).fetchall()
+            rows.sort(key=lambda r: (-r[5], r[10]))
+            return [_stored(r) for r in rows]
+
+        return await self._run(claim)
+
+    async def take_over(self, limit: int, lease: float) -> list[StoredJob]:
+        """Take running jobs whose owner's lease ran out (the owner died) for this node;
+        the caller ends or re-queues them as restart recovery does."""
+        node = self._node()
+
+        def take(conn: psycopg.Connection[Any]) -> list[StoredJob]:
+            now = time.time()
+            rows = conn.execute(
+                "UPDATE jobs SET owner = %s, lease_until = %s WHERE id IN ("
+                "SELECT id FROM jobs WHERE state IN ('running', 'retrying') "
+                "AND (owner IS NULL OR (owner <> %s AND lease_until < %s)) "
+                "ORDER BY created_at LIMIT %s FOR UPDATE SKIP LOCKED) "
+                f"RETURNING {JOB_COLUMNS}, owner, cancel_requested",
+                (node, now + lease, node, now, limit),
+            ).fetchall()
+            return [_stored(r) for r in rows]
+
+        return await self._run(take)
+
+    async def heartbeat(self, lease: float) -> None:
+        """Extend the leases of this node's unfinished jobs by ``lease`` seconds."""
+        node = self._node()
+
+        def beat(conn: psycopg.Connection[Any]) -> None:
+            conn.execute(
+                f"UPDATE jobs SET lease_until = %s WHERE owner = %s AND state IN {_ACTIVE}",
+                (time.time() + lease, node),
+            )
+
+        await self._run(beat)
+
+    async def cancel_requests(self) -> list[str]:
+        """Ids of this node's unfinished jobs that some node asked to cancel."""
+        node = self._node()
+
+        def asked(conn: psycopg.Connection[Any]) -> list[str]:
+            rows = conn.execute(
+                f"SELECT id FROM jobs WHERE owner = %s AND cancel_requested AND state IN {_ACTIVE}",
+                (node,),
+            ).fetchall()
+            return [r[0] for r in rows]
+
+        return await self._run(asked)
+
+    async def request_cancel(self, job_ids: list[str]) -> None:
+        """Ask the owners of these jobs to cancel them (they see it at their heartbeat)."""
+
+        def ask(conn: psycopg.Connection[Any]) -> None:
+            conn.execute(
+                "UPDATE jobs SET cancel_requested = TRUE "
+                f"WHERE id = ANY(%s) AND state IN {_ACTIVE}",
+                (job_ids,),
+            )
+
+        await self._run(ask)
+
+    async def poll(self, after: dict[str, int]) -> list[tuple[StoredJob, list[NarrationEvent]]]:
+        """Rows held by other nodes among ``after``'s job ids, each with its events after
+        the given id: how a node follows jobs that run elsewhere."""
+        node = self._node()
+
+        def poll(conn: psycopg.Connection[Any]) -> list[tuple[StoredJob, list[NarrationEvent]]]:
+            ids = list(after)
+            rows = conn.execute(
+                f"SELECT {JOB_COLUMNS}, owner, cancel_requested FROM jobs "
+                "WHERE id = ANY(%s) AND owner IS NOT NULL AND owner <> %s",
+                (ids, node),
+            ).fetchall()
+            if not rows:
+                return []
+            held = [r[0] for r in rows]
+            chunks: dict[str, list[str]] = {job_id: [] for job_id in held}
+            for job_id, last_id, events in conn.execute(
+                "SELECT job_id, last_id, events FROM events WHERE job_id = ANY(%s) "
+                "ORDER BY job_id, first_id",
+                (held,),
+            ):
+                if last_id > after[job_id]:
+                    chunks[job_id].append(events)
+            return [
+                (_stored(r), events_from_chunks(r[0], chunks[r[0]], after[r[0]], None))
+                for r in rows
+            ]
+
+        return await self._run(poll)
 
 
 def _stored(row: Any) -> StoredJob:
