@@ -7,6 +7,7 @@ import logging
 import os
 import re
 import time
+from contextlib import aclosing
 from pathlib import Path
 from typing import Any
 
@@ -188,8 +189,11 @@ class ModelStore:
             done = offset
             started = time.monotonic()
             last = started
-            async with await trio.open_file(part, mode) as file:
-                async for chunk in response.aiter_bytes(_CHUNK):
+            async with (
+                await trio.open_file(part, mode) as file,
+                aclosing(response.aiter_bytes(_CHUNK)) as chunks,
+            ):
+                async for chunk in chunks:
                     await file.write(chunk)
                     digest.update(chunk)
                     done += len(chunk)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable
+from contextlib import aclosing
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -100,6 +101,7 @@ class OpenAIBackend:
             headers["Authorization"] = f"Bearer {self.api_key}"
         timeout = httpx.Timeout(self.connect_timeout_s, read=None)
         finish = "stop"
+        done = False
         async with (
             httpx.AsyncClient(timeout=timeout) as client,
             client.stream(
@@ -109,20 +111,26 @@ class OpenAIBackend:
             if response.status_code >= 400:
                 detail = (await response.aread()).decode(errors="replace")[:300]
                 raise UpstreamError(f"upstream answered {response.status_code}: {detail}")
-            async for line in response.aiter_lines():
-                if not line.startswith("data:"):
-                    continue
-                data = line[5:].strip()
-                if data == "[DONE]":
-                    return finish
-                try:
-                    chunk = json.loads(data)
-                    choice = chunk["choices"][0]
-                except (ValueError, KeyError, IndexError, TypeError):
-                    raise UpstreamError(f"unreadable upstream chunk: {data[:200]}") from None
-                content = (choice.get("delta") or {}).get("content")
-                if content:
-                    emit(content)
-                if choice.get("finish_reason"):
-                    finish = str(choice["finish_reason"])
-        raise UpstreamError("upstream stream ended without data: [DONE]")
+            # Read the body to its end (it ends right after [DONE]): leaving httpx's nested
+            # async iterators half-consumed leaks them to the garbage collector.
+            async with aclosing(response.aiter_lines()) as lines:
+                async for line in lines:
+                    if done or not line.startswith("data:"):
+                        continue
+                    data = line[5:].strip()
+                    if data == "[DONE]":
+                        done = True
+                        continue
+                    try:
+                        chunk = json.loads(data)
+                        choice = chunk["choices"][0]
+                    except (ValueError, KeyError, IndexError, TypeError):
+                        raise UpstreamError(f"unreadable upstream chunk: {data[:200]}") from None
+                    content = (choice.get("delta") or {}).get("content")
+                    if content:
+                        emit(content)
+                    if choice.get("finish_reason"):
+                        finish = str(choice["finish_reason"])
+        if not done:
+            raise UpstreamError("upstream stream ended without data: [DONE]")
+        return finish

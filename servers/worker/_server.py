@@ -90,6 +90,8 @@ class Worker:
         self.url: str | None = None
         self.started_at = time.time()
         self.tokens_total = 0
+        self.open_completions = 0
+        """``/v1/chat/completions`` streams being served right now."""
 
     async def execute(self, job_id: str, payload: Any) -> None:
         """The ``infer`` executor: each token becomes a ``token`` narration event."""
@@ -130,6 +132,7 @@ class Worker:
         )
 
     def health(self) -> dict[str, Any]:
+        """What this worker reports in heartbeats."""
         return {
             "worker_id": self.config.worker_id,
             "model": self.config.model,
@@ -238,21 +241,25 @@ def _openai_route(app: Any, worker: Worker) -> None:
             return f"data: {json.dumps(data)}\n\n".encode()
 
         async def body_chunks() -> AsyncIterator[bytes]:
-            yield chunk({"role": "assistant"}, None)
-            for token in tiny_tokens(
-                infer.model,
-                infer.prompt,
-                max_tokens=infer.max_tokens,
-                temperature=infer.temperature,
-                top_p=infer.top_p,
-                top_k=infer.top_k,
-                seed=infer.seed,
-            ):
-                if delay:
-                    await trio.sleep(delay)
-                yield chunk({"content": token}, None)
-            yield chunk({}, "length")
-            yield b"data: [DONE]\n\n"
+            worker.open_completions += 1
+            try:
+                yield chunk({"role": "assistant"}, None)
+                for token in tiny_tokens(
+                    infer.model,
+                    infer.prompt,
+                    max_tokens=infer.max_tokens,
+                    temperature=infer.temperature,
+                    top_p=infer.top_p,
+                    top_k=infer.top_k,
+                    seed=infer.seed,
+                ):
+                    if delay:
+                        await trio.sleep(delay)
+                    yield chunk({"content": token}, None)
+                yield chunk({}, "length")
+                yield b"data: [DONE]\n\n"
+            finally:
+                worker.open_completions -= 1
 
         response = Response(body_chunks(), mimetype="text/event-stream")
         response.headers["Cache-Control"] = "no-cache"

@@ -1,0 +1,107 @@
+"""The worker app in-process on real sockets: tiny and OpenAI-upstream backends, cancel."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import httpx
+import pytest
+import trio
+
+from servers.worker import WorkerConfig, build_app, tiny_tokens
+from tests.daemons import closed_port, collect
+from trio_jobs import HTTPStatusError, NarrationEvent, TerminalSignal
+from trio_jobs._client import JobClient
+from trio_jobs.http import serve
+
+
+async def _serve(nursery: trio.Nursery, config: WorkerConfig) -> tuple[str, Any]:
+    app, worker = build_app(config)
+    url: str = await nursery.start(serve, app)
+    return url, worker
+
+
+def _tokens(events: list[NarrationEvent]) -> list[str]:
+    return [str(e.fields["token"]) for e in events if e.action == "token"]
+
+
+async def test_tiny_worker_serves_infer(nursery: trio.Nursery) -> None:
+    url, _ = await _serve(nursery, WorkerConfig(worker_id="w1", model="tiny"))
+    body = {"operation": "infer", "model": "tiny", "prompt": "abc", "max_tokens": 5, "seed": 7}
+    with trio.fail_after(10):
+        async with JobClient(url) as client:
+            _, events, terminal = await collect(client, body)
+    assert terminal is not None and terminal.wire == "[DONE]"
+    assert _tokens(events) == list(tiny_tokens("tiny", "abc", max_tokens=5, seed=7))
+    assert [e.fields["index"] for e in events if e.action == "token"] == list(range(5))
+    assert events[-1].fields["tokens"] == 5
+
+
+async def test_worker_refuses_other_operations_and_models(nursery: trio.Nursery) -> None:
+    url, _ = await _serve(nursery, WorkerConfig(worker_id="w1", model="tiny"))
+    with trio.fail_after(10):
+        async with JobClient(url) as client:
+            with pytest.raises(HTTPStatusError) as info:
+                await client.submit({"operation": "status"})
+            assert info.value.status_code == 422
+            body = {"operation": "infer", "model": "big", "prompt": "x"}
+            _, _, terminal = await collect(client, body)
+    assert terminal is not None
+    assert terminal.wire == "[ERROR] worker w1 serves model 'tiny', not 'big'"
+
+
+async def test_openai_backend_streams_from_the_upstream(nursery: trio.Nursery) -> None:
+    upstream, _ = await _serve(nursery, WorkerConfig(worker_id="up", model="tiny"))
+    config = WorkerConfig(worker_id="px", model="tiny", backend="openai", upstream_url=upstream)
+    url, _ = await _serve(nursery, config)
+    body = {"operation": "infer", "model": "tiny", "prompt": "hi there", "max_tokens": 9}
+    with trio.fail_after(10):
+        async with JobClient(url) as client:
+            _, events, terminal = await collect(client, body)
+    assert terminal is not None and terminal.wire == "[DONE]"
+    assert _tokens(events) == list(tiny_tokens("tiny", "hi there", max_tokens=9))
+    assert events[-1].fields["finish_reason"] == "length"
+
+
+async def test_cancel_closes_the_upstream_request(nursery: trio.Nursery) -> None:
+    slow = WorkerConfig(worker_id="up", model="tiny", token_delay_s=0.05)
+    upstream, upstream_worker = await _serve(nursery, slow)
+    config = WorkerConfig(worker_id="px", model="tiny", backend="openai", upstream_url=upstream)
+    url, _ = await _serve(nursery, config)
+    body = {"operation": "infer", "model": "tiny", "prompt": "x", "max_tokens": 5000}
+    with trio.fail_after(10):
+        async with JobClient(url) as client:
+            job_id = await client.submit(body)
+            terminal: TerminalSignal | None = None
+            async with client.stream(job_id) as stream:
+                async for item in stream:
+                    if isinstance(item, NarrationEvent):
+                        if item.action == "token" and item.fields["index"] == 2:
+                            assert upstream_worker.open_completions == 1
+                            await client.cancel(job_id)
+                    else:
+                        terminal = item
+        assert terminal is not None and terminal.wire == "[CANCELLED]"
+        while upstream_worker.open_completions:
+            await trio.sleep(0.01)
+
+
+async def test_openai_backend_reports_upstream_errors(nursery: trio.Nursery) -> None:
+    dead = f"http://127.0.0.1:{closed_port()}"
+    config = WorkerConfig(worker_id="px", model="tiny", backend="openai", upstream_url=dead)
+    url, _ = await _serve(nursery, config)
+    with trio.fail_after(10):
+        async with JobClient(url) as client:
+            _, _, terminal = await collect(
+                client, {"operation": "infer", "model": "tiny", "prompt": "x"}
+            )
+    assert terminal is not None and terminal.wire.startswith("[ERROR] ")
+
+
+async def test_chat_completions_validates_its_body(nursery: trio.Nursery) -> None:
+    url, _ = await _serve(nursery, WorkerConfig(worker_id="w", model="tiny"))
+    with trio.fail_after(10):
+        async with httpx.AsyncClient() as http:
+            response = await http.post(f"{url}/v1/chat/completions", json={"model": "tiny"})
+    assert response.status_code == 422
+    assert "messages" in response.json()["detail"]
