@@ -7,9 +7,10 @@ import logging
 import os
 import re
 import time
+from collections.abc import AsyncGenerator
 from contextlib import aclosing
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import httpx
 import trio
@@ -191,7 +192,7 @@ class ModelStore:
             last = started
             async with (
                 await trio.open_file(part, mode) as file,
-                aclosing(response.aiter_bytes(_CHUNK)) as chunks,
+                aclosing(cast(AsyncGenerator[bytes, None], response.aiter_bytes(_CHUNK))) as chunks,
             ):
                 async for chunk in chunks:
                     await file.write(chunk)

@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
+from collections.abc import AsyncGenerator, Callable
 from contextlib import aclosing
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, Protocol, cast
 
 import httpx
 import trio
@@ -113,7 +113,7 @@ class OpenAIBackend:
                 raise UpstreamError(f"upstream answered {response.status_code}: {detail}")
             # Read the body to its end (it ends right after [DONE]): leaving httpx's nested
             # async iterators half-consumed leaks them to the garbage collector.
-            async with aclosing(response.aiter_lines()) as lines:
+            async with aclosing(cast(AsyncGenerator[str, None], response.aiter_lines())) as lines:
                 async for line in lines:
                     if done or not line.startswith("data:"):
                         continue
