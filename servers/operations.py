@@ -42,6 +42,7 @@ __all__ = [
     "Infer",
     "parse_operation",
     "operation_names",
+    "operation_schema",
 ]
 
 DEFAULT_HIVE = "localhost"
@@ -339,6 +340,11 @@ def parse_operation(body: Any) -> Operation:
                 [InitErrorDetails(type=error, loc=("operation",), input=tag)],
             )
     return _ADAPTER.validate_python(body)
+
+
+def operation_schema() -> dict[str, Any]:
+    """The JSON schema of a job body (any operation), for the OpenAPI document."""
+    return _ADAPTER.json_schema()
 
 
 def operation_names() -> list[str]:

@@ -7,6 +7,7 @@ SSH operations end with a clear line instead of hanging.
 
 from __future__ import annotations
 
+import io
 import json
 import signal
 import subprocess
@@ -19,8 +20,10 @@ from typing import Any
 import pytest
 import trio
 
+from servers.cli import Printer
 from servers.worker import tiny_tokens
 from tests.daemons import Cluster, closed_port, spawn_worker, wait_idle
+from trio_jobs import NarrationEvent, Signal, TerminalSignal
 from trio_jobs._client import JobClient
 
 
@@ -206,3 +209,66 @@ async def test_daemon_help_and_console_script() -> None:
     assert result.returncode == 0
     for name in ("queen", "hive", "worker", "submit", "infer", "status", "cancel", "jobs"):
         assert name in result.stdout.decode()
+
+
+class _Tty(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+def _event(action: str, human: str, **fields: Any) -> NarrationEvent:
+    return NarrationEvent(1, "job-1", 0.0, "hive", action, human, fields)
+
+
+def test_printer_draws_a_progress_bar_on_a_terminal() -> None:
+    out = _Tty()
+    printer = Printer(json_lines=False, out=out)
+    progress = {"done": 512 * 1024, "total": 1024 * 1024, "unit": "bytes"}
+    printer.item(_event("download_progress", "m: half", progress=progress, rate_bytes_s=2048))
+    printer.item(_event("download_progress", "m: all", progress={**progress, "done": 1 << 20}))
+    printer.item(TerminalSignal(Signal.DONE))
+    text = out.getvalue()
+    assert "\r[###############---------------]  50.0% 512.0 KiB/1.0 MiB 2.0 KiB/s" in text
+    assert "\r[##############################] 100.0% 1.0 MiB/1.0 MiB" in text
+    assert text.endswith("\n[DONE]\n")
+
+
+def test_printer_inline_tokens_and_plain_progress_off_a_terminal() -> None:
+    out = io.StringIO()
+    printer = Printer(json_lines=False, out=out)
+    printer.item(_event("token", "Hi", token="Hi"))
+    printer.item(_event("token", " there", token=" there"))
+    printer.item(_event("download_progress", "m: 1 B", progress={"done": 1, "total": 2}))
+    printer.item(TerminalSignal(Signal.ERROR, "boom"))
+    assert out.getvalue() == "Hi there\n[hive] m: 1 B\n[ERROR] boom\n"
+
+
+def test_printer_json_lines() -> None:
+    out = io.StringIO()
+    printer = Printer(json_lines=True, out=out)
+    printer.item(_event("token", "Hi", token="Hi"))
+    printer.item(TerminalSignal(Signal.CANCELLED))
+    first, second = out.getvalue().splitlines()
+    assert json.loads(first)["token"] == "Hi"
+    assert second == "[CANCELLED]"
+
+
+async def test_token_is_required_and_passed_through_the_chain(tmp_path: Path) -> None:
+    cluster = Cluster(tmp_path)
+    token = "s3cret-token"
+    try:
+        hive = cluster.start(
+            "hive", ["hive", "--port", "0", "--models-dir", str(tmp_path / "m"), "--token", token]
+        )
+        queen = cluster.start(
+            "queen", ["queen", "--port", "0", "--hive", f"localhost={hive}", "--token", token]
+        )
+        code, out, _ = await keeper(None, "--queen", queen, "model-list")
+        assert code == 1
+        assert out.startswith("[ERROR] the queen refused the job: HTTP 401")
+        code, out, _ = await keeper(None, "--queen", queen, "--token", token, "model-list")
+        assert code == 0, out
+        assert "0 model(s)" in out
+    finally:
+        codes = cluster.close()
+    assert codes == {"queen": 0, "hive": 0}

@@ -22,6 +22,7 @@ from ..operations import (
     WorkerGet,
     WorkerList,
     WorkerSpawn,
+    operation_schema,
     parse_operation,
 )
 from ._models import ModelStore
@@ -173,6 +174,7 @@ async def serve_hive(
             parse_payload=parse_hive_payload,
             token=config.token,
             max_concurrent=config.max_concurrent,
+            payload_schema=operation_schema(),
         )
         logger.info("hive %s: models in %s", config.hive_id, config.models_dir)
         await run_daemon(

@@ -32,6 +32,7 @@ from ..operations import (
     SshTest,
     Status,
     WorkerSpawn,
+    operation_schema,
     parse_operation,
 )
 from ._config import HiveEntry, QueenConfig
@@ -449,6 +450,7 @@ async def serve_queen(
             parse_payload=parse_queen_payload,
             token=config.token,
             max_concurrent=config.max_concurrent,
+            payload_schema=operation_schema(),
         )
         queen.add_routes(app)
 
