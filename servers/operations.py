@@ -12,7 +12,15 @@ from __future__ import annotations
 import re
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    TypeAdapter,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 from pydantic_core import InitErrorDetails, PydanticCustomError
 
 __all__ = [
@@ -199,6 +207,12 @@ class WorkerSpawn(_HiveTargeted):
         if value is not None and not value.startswith(("http://", "https://")):
             raise ValueError("must be an http:// or https:// URL")
         return value
+
+    @model_validator(mode="after")
+    def _upstream_for_openai(self) -> WorkerSpawn:
+        if self.backend == "openai" and not self.upstream_url:
+            raise ValueError("upstream_url is required when backend is 'openai'")
+        return self
 
 
 class WorkerList(_HiveTargeted):

@@ -253,22 +253,36 @@ def test_printer_json_lines() -> None:
     assert second == "[CANCELLED]"
 
 
-async def test_token_is_required_and_passed_through_the_chain(tmp_path: Path) -> None:
+async def test_queen_first_hive_registers_and_token_goes_through_the_chain(
+    tmp_path: Path,
+) -> None:
+    """The queen starts knowing no hive; the hive (``--queen``) announces itself. Every
+    hop carries the token: keeper -> queen, queen -> hive, worker heartbeats -> queen."""
     cluster = Cluster(tmp_path)
     token = "s3cret-token"
     try:
-        hive = cluster.start(
-            "hive", ["hive", "--port", "0", "--models-dir", str(tmp_path / "m"), "--token", token]
-        )
-        queen = cluster.start(
-            "queen", ["queen", "--port", "0", "--hive", f"localhost={hive}", "--token", token]
+        queen = cluster.start("queen", ["queen", "--port", "0", "--token", token])
+        cluster.start(
+            "hive",
+            [
+                *("hive", "--port", "0", "--models-dir", str(tmp_path / "m")),
+                *("--queen", queen, "--token", token, "--heartbeat-s", "0.3"),
+            ],
         )
         code, out, _ = await keeper(None, "--queen", queen, "model-list")
         assert code == 1
         assert out.startswith("[ERROR] the queen refused the job: HTTP 401")
-        code, out, _ = await keeper(None, "--queen", queen, "--token", token, "model-list")
+        auth = ("--queen", queen, "--token", token)
+        with trio.fail_after(10):
+            while True:  # the hive registers right after it starts listening
+                code, out, _ = await keeper(None, *auth, "hive-status", "localhost")
+                if code == 0:
+                    break
+        code, out, _ = await keeper(None, *auth, "worker-spawn", "--model", "tiny")
         assert code == 0, out
-        assert "0 model(s)" in out
+        code, out, _ = await keeper(None, *auth, "infer", "secret", "--max-tokens", "4")
+        assert code == 0, out
+        assert "".join(tiny_tokens("tiny", "secret", max_tokens=4)) in out.splitlines()
     finally:
         codes = cluster.close()
     assert codes == {"queen": 0, "hive": 0}

@@ -122,6 +122,7 @@ def test_infer_fields_and_defaults() -> None:
             {"operation": "model_download", "model": "m", "url": "ftp://x"},
             ("model_download", "url"),
         ),
+        ({"operation": "worker_spawn", "model": "m", "backend": "openai"}, ("worker_spawn",)),
         ({"operation": "nope"}, ("operation",)),
         ({"model": "m"}, ("operation",)),
     ],

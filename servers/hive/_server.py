@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
+import httpx
 import trio
 from pydantic import ValidationError
 
@@ -145,6 +147,31 @@ class Hive:
             raise ValueError(f"not a hive operation: {op.operation}")
 
 
+async def register_with_queen(config: HiveConfig, url: str) -> None:
+    """Tell the queen (``--queen``) this hive's alias and URL, retrying until it answers.
+
+    A one-off announcement, not a heartbeat: workers report their own liveness.
+    """
+    if not config.queen_url:
+        return
+    headers = {"Authorization": f"Bearer {config.token}"} if config.token else {}
+    body = {"alias": config.hive_id, "url": url}
+    delay = 0.2
+    async with httpx.AsyncClient(timeout=httpx.Timeout(5.0), headers=headers) as client:
+        while True:
+            try:
+                response = await client.post(f"{config.queen_url.rstrip('/')}/v1/hives", json=body)
+                if response.status_code < 400:
+                    logger.info("registered with the queen at %s", config.queen_url)
+                    return
+                logger.warning("the queen refused the registration: %s", response.text[:200])
+                return
+            except httpx.HTTPError as exc:
+                logger.info("queen at %s not reachable yet (%s)", config.queen_url, exc)
+            await trio.sleep(delay)
+            delay = min(delay * 2, 10.0)
+
+
 async def serve_hive(
     config: HiveConfig,
     *,
@@ -182,6 +209,7 @@ async def serve_hive(
             host=host,
             port=port,
             name=f"hive {config.hive_id}",
+            background=[partial(register_with_queen, config)],
             on_stop=supervisor.stop_all,
             stop_grace_s=config.worker_grace_s + 2.0,
             task_status=task_status,

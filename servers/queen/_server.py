@@ -51,6 +51,15 @@ class NotSupported(Exception):
         super().__init__(f"not supported: {what}")
 
 
+class HiveRegistration(BaseModel):
+    """What a hive started with ``--queen`` announces once to ``POST /v1/hives``."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    alias: str = Field(min_length=1, max_length=128)
+    url: str = Field(pattern=r"^https?://")
+
+
 class Heartbeat(BaseModel):
     """What a worker reports to ``POST /v1/workers/heartbeat``."""
 
@@ -420,6 +429,27 @@ class Queen:
             self.workers.beat(beat.model_dump())
             return jsonify({"status": "ok", "ttl_s": self.workers.ttl_s})
 
+        async def register_hive() -> Any:
+            data = await request.get_json(force=True, silent=True)
+            if not isinstance(data, dict):
+                detail = "a JSON object is required"
+                return jsonify({"error": "invalid_json", "detail": detail}), 400
+            try:
+                hive = HiveRegistration.model_validate(data)
+            except ValidationError as exc:
+                errors = [{"loc": list(e["loc"]), "msg": e["msg"]} for e in exc.errors()]
+                return jsonify({"error": "invalid_hive", "detail": errors}), 422
+            known = self.config.hives.get(hive.alias)
+            entry = HiveEntry(
+                hive.alias,
+                hive.url.rstrip("/"),
+                ssh_host=known.ssh_host if known else None,
+                token=known.token if known else None,
+            )
+            self.config.hives[hive.alias] = entry
+            logger.info("hive %s registered at %s", entry.alias, entry.url)
+            return jsonify(entry.to_dict())
+
         async def workers() -> Any:
             return jsonify({"workers": self.workers.snapshot()})
 
@@ -429,6 +459,7 @@ class Queen:
         app.add_url_rule("/v1/workers/heartbeat", "worker_heartbeat", heartbeat, methods=["POST"])
         app.add_url_rule("/v1/workers", "workers", workers, methods=["GET"])
         app.add_url_rule("/v1/hives", "hives", hives, methods=["GET"])
+        app.add_url_rule("/v1/hives", "register_hive", register_hive, methods=["POST"])
 
 
 async def serve_queen(
