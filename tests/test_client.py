@@ -368,7 +368,7 @@ async def test_wait_outcomes(signal: str | None, expected: type[Exception] | Non
         bodies.append(Body(sse_body(3, signal)))
         return sse_response(bodies[-1])
 
-    client, seen = client_for(handler)
+    client, seen = client_for(handler, max_reconnects=0)
     async with client:
         if expected is None:
             await client.wait(JOB)
@@ -377,7 +377,7 @@ async def test_wait_outcomes(signal: str | None, expected: type[Exception] | Non
                 await client.wait(JOB)
             if expected is JobFailed:
                 assert info.value.message == "disk full"  # type: ignore[attr-defined]
-    assert len(seen) == 1  # a clean end is never retried
+    assert len(seen) == 1
     (body,) = bodies
     assert body.finished and body.closed  # read to the end of the body, then released
 
@@ -556,6 +556,33 @@ async def test_reconnect_resumes_after_last_event_without_duplicates(
     assert isinstance(items[-1], TerminalSignal)
     assert events.reconnects == 1
     assert [r.headers.get("last-event-id") for r in seen] == [None, "3"]
+
+
+async def test_body_ending_without_signal_is_resumed(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """A clean end before the signal (a server draining) is resumed like a drop."""
+    answers = iter(
+        [
+            sse_response(Body([*sse_body(2, None), b": server shutting down\n\n"])),
+            sse_response(Body(sse_body(4, "[DONE]", first=3))),
+        ]
+    )
+    client, seen = client_for(lambda r: next(answers))
+    async with client, client.stream(JOB) as events:
+        assert [item.id async for item in events] == [1, 2, 3, 4, 5]
+    assert [r.headers.get("last-event-id") for r in seen] == [None, "2"]
+
+
+async def test_body_always_ending_without_signal_gives_up(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    client, seen = client_for(lambda r: sse_response(Body(sse_body(0, None))), max_reconnects=2)
+    async with client:
+        with pytest.raises(StreamEndedWithoutSignal, match="2 reconnect") as info:
+            await client.wait(JOB)
+    assert isinstance(info.value.__cause__, StreamEndedWithoutSignal)
+    assert len(seen) == 3
 
 
 async def test_reconnect_of_the_one_call_form_uses_the_stream_url(

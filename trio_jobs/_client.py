@@ -22,7 +22,7 @@ from collections.abc import AsyncIterator, Callable, Iterator, Mapping
 from contextlib import AsyncExitStack, asynccontextmanager, contextmanager, suppress
 from datetime import datetime
 from types import TracebackType
-from typing import TYPE_CHECKING, Any, Literal, Protocol, Self, TypedDict, Unpack
+from typing import TYPE_CHECKING, Any, Literal, NoReturn, Protocol, Self, TypedDict, Unpack
 from urllib.parse import quote, urlsplit, urlunsplit
 
 import httpx
@@ -129,6 +129,10 @@ def _translate(exc: BaseException, what: str, *, job_id: str | None = None) -> T
             return TransportError(f"{what}: {type(exc).__name__}: {cause}")
         if isinstance(exc, ws.ConnectionClosed):
             return TransportError(f"{what}: websocket closed ({exc.reason})")
+    if isinstance(exc, trio.TooSlowError):
+        return TransportError(f"{what}: timed out")
+    if isinstance(exc, OSError):
+        return TransportError(f"{what}: {type(exc).__name__}: {exc}")
     return None
 
 
@@ -290,8 +294,8 @@ class JobEventStream(_ItemChannel):
     """One job's SSE stream: a receive channel of events and then the terminal signal.
 
     Made by :meth:`JobClient.stream`. Reads whatever the network delivered as a batch and
-    hands it out item by item. When the connection drops before the terminal signal it
-    reconnects with ``Last-Event-ID`` set to the last event received, waiting
+    hands it out item by item. When the connection drops, or the body ends, before the
+    terminal signal it reconnects with ``Last-Event-ID`` set to the last event received, waiting
     ``backoff_s * 2**(n-1)`` seconds before attempt ``n`` (capped by the server's ``retry:``),
     up to ``max_reconnects`` attempts in a row without a new event; events the server sends
     again are dropped, so the channel has no duplicate. ``last_event_id`` and ``reconnects``
@@ -381,8 +385,8 @@ class JobEventStream(_ItemChannel):
         while True:
             if self._failures > client.max_reconnects:
                 raise StreamEndedWithoutSignal(
-                    f"stream of job {self.job_id} lost and not resumed after "
-                    f"{client.max_reconnects} reconnect attempt(s) "
+                    f"stream of job {self.job_id} ended before its terminal signal and was "
+                    f"not resumed after {client.max_reconnects} reconnect attempt(s) "
                     f"(last event id {self.last_event_id}): {self._cause!r}"
                 ) from self._cause
             delay = client.backoff_s * 2 ** (self._failures - 1)
@@ -440,13 +444,14 @@ class JobEventStream(_ItemChannel):
             except StopAsyncIteration:
                 self._decoder.close()
                 await self._drop()
-                if self.terminal is None:
-                    raise StreamEndedWithoutSignal(
-                        f"stream of job {self.job_id} ended without a terminal signal "
-                        f"(last event id {self.last_event_id})"
-                    ) from None
-                self._ended = True
-                return
+                if self.terminal is not None:
+                    self._ended = True
+                    return
+                # A body that ends before the signal (a server shutting down, a proxy
+                # timeout) is resumed like a broken connection, as SSE prescribes.
+                self._failures += 1
+                self._cause = StreamEndedWithoutSignal("the body ended without a signal")
+                continue
             except httpx.TransportError as exc:
                 await self._drop()
                 if self.terminal is not None:
@@ -544,7 +549,9 @@ class JobWebSocketStream(_ItemChannel):
 
     :meth:`send_cancel` asks the server to cancel the job (the stream then ends with
     ``[CANCELLED]`` unless the job finished first). There is no resume: a connection that
-    closes before the terminal signal raises :class:`StreamEndedWithoutSignal`.
+    closes before the terminal signal raises :class:`StreamEndedWithoutSignal`. Error
+    answers of the server to our messages (``{"error": ..., "detail": ...}``, e.g. a cancel
+    of a job that just finished) are not items: they are kept in ``server_errors``.
     """
 
     def __init__(self, ws: WebSocketConnection, job_id: str) -> None:
@@ -552,6 +559,7 @@ class JobWebSocketStream(_ItemChannel):
         self.job_id = job_id
         self.terminal: TerminalSignal | None = None
         self.close_code: int | None = None
+        self.server_errors: list[dict[str, Any]] = []
         self._ended = False
         self._closed = False
 
@@ -574,6 +582,15 @@ class JobWebSocketStream(_ItemChannel):
                 f"websocket of job {self.job_id} closed before its terminal signal ({exc.reason})"
             ) from exc
         line = message.decode("utf-8", "replace") if isinstance(message, bytes) else message
+        if line.startswith('{"error"'):
+            try:
+                answer = json.loads(line)
+            except ValueError:
+                answer = None
+            if isinstance(answer, dict) and "action" not in answer:
+                # The server's answer to a message of ours (e.g. a cancel that came late).
+                self.server_errors.append(answer)
+                return await self._next_line()
         if self.terminal is not None:
             raise TransportError(f"websocket of job {self.job_id}: data after the signal")
         if line.startswith("["):
@@ -880,18 +897,83 @@ class JobClient:
             HTTPStatusError: another refusal (401 without a valid token, ...).
             TransportError: the server could not be reached.
         """
-        from trio_websocket import open_websocket_url
-
         headers = [(b"authorization", f"Bearer {self._token}".encode())] if self._token else []
         async with AsyncExitStack() as stack:
             with _translating(f"websocket of job {job_id}", job_id=job_id):
                 ws = await stack.enter_async_context(
-                    open_websocket_url(
-                        self._ws_url(job_id),
-                        extra_headers=headers,
-                        connect_timeout=self.timeout,
-                        disconnect_timeout=self.timeout,
-                    )
+                    _open_websocket(self._ws_url(job_id), headers, self.timeout)
                 )
             channel = JobWebSocketStream(ws, job_id)
             yield channel
+
+
+def _raise_alone(exc: BaseException) -> NoReturn:
+    """Raise ``exc`` out of an ``except*``-less group handler without chaining the group."""
+    context = exc.__context__
+    try:
+        raise exc
+    finally:
+        exc.__context__ = context
+        del exc, context
+
+
+@asynccontextmanager
+async def _open_websocket(
+    url: str, headers: list[tuple[bytes, bytes]], timeout: float
+) -> AsyncIterator[WebSocketConnection]:
+    """A client WebSocket over a TCP stream we own, so that it is closed in every case.
+
+    (``trio_websocket.open_websocket_url`` leaves the socket to the garbage collector when
+    the server refuses the handshake, which trio reports as a ResourceWarning.) Like
+    ``open_websocket``, a single non-cancel exception (a refusal from the reader task, or
+    one raised in the block) comes out alone, not inside an exception group.
+    """
+    from trio_websocket import wrap_client_stream
+
+    parts = urlsplit(url)
+    secure = parts.scheme == "wss"
+    host = parts.hostname or "127.0.0.1"
+    port = parts.port or (443 if secure else 80)
+    resource = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+    host_header = host if port in (80, 443) else f"{host}:{port}"
+    stream: trio.abc.Stream
+    with trio.fail_after(timeout):
+        if secure:
+            import ssl
+
+            stream = await trio.open_ssl_over_tcp_stream(
+                host, port, ssl_context=ssl.create_default_context(), https_compatible=True
+            )
+        else:
+            stream = await trio.open_tcp_stream(host, port)
+    try:
+        try:
+            async with trio.open_nursery() as nursery:
+                with trio.fail_after(timeout):
+                    ws = await wrap_client_stream(
+                        nursery, stream, host_header, resource, extra_headers=headers
+                    )
+                try:
+                    yield ws
+                finally:
+                    with trio.CancelScope(shield=True), trio.move_on_after(timeout):
+                        await ws.aclose()
+        except BaseExceptionGroup as group:
+            _, rest = group.split(trio.Cancelled)
+            leaves = _leaves(rest) if rest is not None else []
+            if len(leaves) == 1:
+                _raise_alone(leaves[0])
+            raise
+    finally:
+        with trio.CancelScope(shield=True), trio.move_on_after(timeout):
+            await stream.aclose()
+
+
+def _leaves(group: BaseExceptionGroup[BaseException]) -> list[BaseException]:
+    out: list[BaseException] = []
+    for exc in group.exceptions:
+        if isinstance(exc, BaseExceptionGroup):
+            out.extend(_leaves(exc))
+        else:
+            out.append(exc)
+    return out

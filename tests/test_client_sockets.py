@@ -1,0 +1,346 @@
+"""JobClient against a real job server: hypercorn on 127.0.0.1 port 0, real sockets.
+
+The server comes from the ``trio_jobs.testing`` fixtures (``trio_jobs_server`` runs the app
+in the test's nursery). A small TCP relay between client and server counts connections and
+can cut them all at once, which is how a dropped connection is forced. Every test runs
+under a ``trio.fail_after`` cap; the only real waits are on sockets.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+import pytest
+import trio
+
+from trio_jobs import (
+    HTTPStatusError,
+    InvalidJobState,
+    JobCancelled,
+    JobFailed,
+    JobNotFound,
+    JobRegistry,
+    JobTimeout,
+    NarrationEvent,
+    Signal,
+    StreamEndedWithoutSignal,
+    TerminalSignal,
+    narrate,
+)
+from trio_jobs._client import JobClient
+from trio_jobs.http import create_app, serve
+from trio_jobs.testing import (
+    assert_stream_cancelled,
+    assert_stream_done,
+    assert_stream_error,
+    narrating_executor,
+)
+
+CAP = 10.0  # seconds: a socket test that takes longer is stuck
+
+
+@pytest.fixture(autouse=True)
+async def _cap() -> AsyncIterator[None]:
+    with trio.fail_after(CAP):
+        yield
+
+
+class Relay:
+    """A TCP relay to the server: counts connections, and ``cut()`` drops every one."""
+
+    def __init__(self, target: str) -> None:
+        host, port = target.removeprefix("http://").rsplit(":", 1)
+        self.host, self.port = host, int(port)
+        self.connections = 0
+        self.url = ""
+        self._scopes: set[trio.CancelScope] = set()
+
+    async def run(self, *, task_status: trio.TaskStatus[str]) -> None:
+        listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
+        port = listeners[0].socket.getsockname()[1]
+        async with trio.open_nursery() as nursery:
+            await nursery.start(trio.serve_listeners, self._handle, listeners)
+            task_status.started(f"http://127.0.0.1:{port}")
+
+    async def _handle(self, downstream: trio.SocketStream) -> None:
+        self.connections += 1
+        upstream = await trio.open_tcp_stream(self.host, self.port)
+        with trio.CancelScope() as scope:
+            self._scopes.add(scope)
+            async with downstream, upstream, trio.open_nursery() as nursery:
+                nursery.start_soon(self._pump, downstream, upstream, nursery.cancel_scope)
+                nursery.start_soon(self._pump, upstream, downstream, nursery.cancel_scope)
+        self._scopes.discard(scope)
+
+    @staticmethod
+    async def _pump(
+        source: trio.SocketStream, sink: trio.SocketStream, done: trio.CancelScope
+    ) -> None:
+        try:
+            async for data in source:
+                await sink.send_all(data)
+        except trio.BrokenResourceError:
+            pass
+        done.cancel()
+
+    def cut(self) -> None:
+        for scope in list(self._scopes):
+            scope.cancel()
+
+
+@pytest.fixture
+async def relay(nursery: trio.Nursery, trio_jobs_server: str) -> Relay:
+    relay = Relay(trio_jobs_server)
+    relay.url = await nursery.start(relay.run)
+    return relay
+
+
+def wire(items: list[Any]) -> list[str]:
+    return [item.wire for item in items]
+
+
+# -- submit, stream, records ---------------------------------------------------------------
+
+
+async def test_submit_stream_get_list(trio_jobs_client: JobClient) -> None:
+    client = trio_jobs_client
+    job_id = await client.submit({"n": 3}, tags={"team": "a"}, priority="high")
+    async with client.stream(job_id) as events:
+        items = [item async for item in events]
+    assert [i.id for i in items] == [1, 2, 3, 4]
+    assert all(isinstance(i, NarrationEvent) and i.job_id == job_id for i in items[:3])
+    assert items[0].human == "step 1 of 3"  # type: ignore[union-attr]
+    assert items[-1] == TerminalSignal(Signal.DONE, None, 4)
+    assert_stream_done(items)
+    record = await client.get(job_id)
+    assert (record["job_id"], record["state"], record["priority"]) == (job_id, "completed", "high")
+    assert record["tags"] == {"team": "a"}
+    other = await client.submit({"n": 0})
+    await client.wait(other)
+    assert [j["job_id"] for j in await client.list_jobs(tag="team:a")] == [job_id]
+    completed = {j["job_id"] for j in await client.list_jobs(state="completed")}
+    assert completed == {job_id, other}
+    assert [h["state"] for h in await client.history(job_id)][-1] == "completed"
+    assert (await client.health())["status"] == "ok"
+
+
+async def test_submit_and_stream_lines(trio_jobs_client: JobClient) -> None:
+    lines: list[str] = []
+    job_id = await trio_jobs_client.submit_and_stream({"n": 4}, lines.append)
+    events = assert_stream_done(lines)
+    assert [e["id"] for e in events] == [1, 2, 3, 4]
+    assert {e["job_id"] for e in events} == {job_id}
+    assert (await trio_jobs_client.get(job_id))["state"] == "completed"
+
+
+async def test_failure_and_timeout_outcomes(trio_jobs_client: JobClient) -> None:
+    lines: list[str] = []
+    with pytest.raises(JobFailed, match="disk full") as failed:
+        await trio_jobs_client.submit_and_stream({"n": 2, "fail": "disk full"}, lines.append)
+    assert type(failed.value) is JobFailed
+    assert_stream_error(lines, match="disk full")
+    assert (await trio_jobs_client.get(failed.value.job_id or ""))["state"] == "failed"
+    with pytest.raises(JobTimeout, match=r"timed out after 0\.05s"):
+        await trio_jobs_client.submit_and_stream(
+            {"n": 1, "delay": 60}, lambda line: None, timeout_s=0.05
+        )
+
+
+async def test_cancel_ends_the_open_stream(trio_jobs_client: JobClient) -> None:
+    client = trio_jobs_client
+    job_id = await client.submit({"n": 2, "delay": 60})
+    async with client.stream(job_id) as events:
+        record = await client.cancel(job_id)
+        assert record["job_id"] == job_id
+        items = [item async for item in events]
+    assert_stream_cancelled(items)
+    assert (await client.get(job_id))["state"] == "cancelled"
+    with pytest.raises(JobCancelled):
+        await client.wait(job_id)
+    with pytest.raises(InvalidJobState, match="cancelled"):
+        await client.cancel(job_id)
+
+
+async def test_unknown_job_and_bad_input(trio_jobs_client: JobClient) -> None:
+    client = trio_jobs_client
+    for call in (client.get, client.cancel, client.wait, client.history):
+        with pytest.raises(JobNotFound) as info:
+            await call("job-nope")
+        assert info.value.job_id == "job-nope"
+    with pytest.raises(JobNotFound):
+        async with client.stream_ws("job-nope"):
+            pytest.fail("opened the websocket of an unknown job")
+    with pytest.raises(HTTPStatusError) as bad:
+        await client.submit({"n": 1}, priority="urgent")  # type: ignore[arg-type]
+    assert bad.value.status_code == 422
+    assert "priority" in json.dumps(bad.value.detail)
+    with pytest.raises(HTTPStatusError) as bad_one_call:
+        await client.submit_and_stream({"n": 1}, print, timeout_s=-1)
+    assert bad_one_call.value.status_code == 422
+    assert await client.list_jobs() == []  # nothing was created
+
+
+async def test_resume_from_an_event_id(trio_jobs_client: JobClient) -> None:
+    job_id = await trio_jobs_client.submit({"n": 5})
+    await trio_jobs_client.wait(job_id)
+    async with trio_jobs_client.stream(job_id, last_event_id=3) as events:
+        assert [item.id async for item in events] == [4, 5, 6]
+
+
+# -- connections: reuse, early exit, forced drops ---------------------------------------------
+
+
+async def test_streams_reuse_one_connection(relay: Relay) -> None:
+    """Reading each body to its end keeps the connection: 20 jobs, one TCP connection."""
+    async with JobClient(relay.url) as client:
+        for _ in range(10):
+            await client.submit_and_stream({"n": 3}, lambda line: None)
+        for _ in range(10):
+            async with client.stream(await client.submit({"n": 2})) as events:
+                async for _item in events:
+                    pass
+    assert relay.connections == 1
+
+
+async def test_leaving_a_stream_early_disconnects(
+    trio_jobs_client: JobClient, trio_jobs_registry: JobRegistry
+) -> None:
+    """The server sees the client go: with ``on_disconnect="cancel"`` the job is cancelled."""
+    client = trio_jobs_client
+    job_id = await client.submit({"n": 3, "delay": 60}, on_disconnect="cancel")
+    detached = await client.submit({"n": 2, "delay": 0.05})
+    for each in (job_id, detached):
+        async with client.stream(each):
+            pass
+    record = await trio_jobs_registry.wait(job_id)
+    assert record.state.value == "cancelled"
+    assert (await trio_jobs_registry.wait(detached)).state.value == "completed"
+
+
+@pytest.fixture
+def gates() -> dict[str, trio.Event]:
+    return {}
+
+
+@pytest.fixture
+def trio_jobs_executor(gates: dict[str, trio.Event]) -> Callable[[str, Any], Any]:
+    """Narrate ``before`` events, wait for the test's gate, then narrate ``after`` more."""
+
+    async def executor(job_id: str, payload: Any) -> None:
+        if "gate" not in payload:
+            await narrating_executor(job_id, payload)
+            return
+        for i in range(payload["before"]):
+            narrate("before", f"before {i}")
+        await gates.setdefault(payload["gate"], trio.Event()).wait()
+        for i in range(payload["after"]):
+            narrate("after", f"after {i}")
+
+    return executor
+
+
+async def test_reconnect_after_forced_disconnect(
+    relay: Relay, gates: dict[str, trio.Event]
+) -> None:
+    """Cut mid-stream: the client resumes with Last-Event-ID, no gap and no duplicate."""
+    gate = gates.setdefault("g", trio.Event())
+    async with JobClient(relay.url, backoff_s=0.01) as client:
+        job_id = await client.submit({"gate": "g", "before": 5, "after": 5})
+        async with client.stream(job_id) as events:
+            items = [await events.receive() for _ in range(5)]
+            relay.cut()
+            gate.set()
+            items += [item async for item in events]
+        assert events.reconnects == 1
+    assert [i.id for i in items] == list(range(1, 12))
+    assert_stream_done(items)
+    assert relay.connections == 2
+
+
+async def test_one_call_form_resumes_too(relay: Relay, gates: dict[str, trio.Event]) -> None:
+    gate = gates.setdefault("h", trio.Event())
+    lines: list[str] = []
+
+    def on_line(line: str) -> None:
+        lines.append(line)
+        if len(lines) == 3:
+            relay.cut()
+            gate.set()
+
+    async with JobClient(relay.url, backoff_s=0.01) as client:
+        job_id = await client.submit_and_stream({"gate": "h", "before": 3, "after": 3}, on_line)
+    events = assert_stream_done(lines)
+    assert [e["id"] for e in events] == [1, 2, 3, 4, 5, 6]
+    assert {e["job_id"] for e in events} == {job_id}
+
+
+async def test_server_gone_exhausts_reconnects() -> None:
+    """The server stops mid-stream; reconnects are refused; the stream says so."""
+    registry = JobRegistry()
+    app = create_app(registry, narrating_executor)
+    async with trio.open_nursery() as nursery:
+        url = await nursery.start(
+            lambda task_status: serve(app, grace_s=0.0, task_status=task_status)
+        )
+        async with JobClient(url, max_reconnects=2, backoff_s=0.01) as client:
+            job_id = await client.submit({"n": 3, "delay": 60})
+            async with client.stream(job_id) as events:
+                nursery.cancel_scope.cancel()
+                with pytest.raises(StreamEndedWithoutSignal, match="2 reconnect") as info:
+                    await events.receive()
+            assert events.reconnects == 2
+            assert info.value.__cause__ is not None
+
+
+# -- WebSocket and auth -----------------------------------------------------------------------
+
+
+async def test_websocket_stream(trio_jobs_client: JobClient) -> None:
+    job_id = await trio_jobs_client.submit({"n": 3})
+    async with trio_jobs_client.stream_ws(job_id) as ws:
+        items = [item async for item in ws]
+        ws.check()
+    assert [i.id for i in items[:3]] == [1, 2, 3]
+    assert_stream_done(items)
+    assert ws.close_code == 1000
+
+
+async def test_websocket_cancel(trio_jobs_client: JobClient) -> None:
+    job_id = await trio_jobs_client.submit({"n": 3, "delay": 60})
+    async with trio_jobs_client.stream_ws(job_id) as ws:
+        await ws.send_cancel()
+        lines = [line async for line in ws.lines()]
+        with pytest.raises(JobCancelled):
+            ws.check()
+    assert_stream_cancelled(lines)
+    assert ws.close_code == 1000
+    assert (await trio_jobs_client.get(job_id))["state"] == "cancelled"
+
+
+@pytest.fixture
+def trio_jobs_token(request: pytest.FixtureRequest) -> str | None:
+    return "s3cret" if "token" in request.node.name else None
+
+
+async def test_token_auth(trio_jobs_server: str, trio_jobs_client: JobClient) -> None:
+    job_id = await trio_jobs_client.submit({"n": 1})  # the fixture client has the token
+    await trio_jobs_client.wait(job_id)
+    async with trio_jobs_client.stream_ws(job_id) as ws:
+        assert_stream_done([item async for item in ws])
+    for token in (None, "wrong"):
+        async with JobClient(trio_jobs_server, token=token) as client:
+            assert (await client.health())["status"] == "ok"
+            for call in (
+                lambda: client.submit({"n": 1}),
+                lambda: client.get(job_id),
+                lambda: client.wait(job_id),
+            ):
+                with pytest.raises(HTTPStatusError) as info:
+                    await call()
+                assert info.value.status_code == 401
+            with pytest.raises(HTTPStatusError) as ws_info:
+                async with client.stream_ws(job_id):
+                    pytest.fail("websocket opened without the token")
+            assert ws_info.value.status_code == 401
