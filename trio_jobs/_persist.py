@@ -15,6 +15,7 @@ process died either re-queued (their retry policy allows another attempt) or
 
 from __future__ import annotations
 
+import heapq
 import logging
 import time
 from collections import deque
@@ -33,9 +34,11 @@ from ._store import JobStore, JobWrite, StoredJob, WriteBatch, check_json
 __all__ = [
     "INTERRUPTED",
     "Persister",
+    "SharedRunner",
     "open_registry",
     "recover",
     "run_persistence",
+    "run_shared_jobs",
 ]
 
 logger = logging.getLogger("trio_jobs.persist")
@@ -460,3 +463,294 @@ async def open_registry(
             yield registry
         finally:
             nursery.cancel_scope.cancel()
+
+
+# ---- several queens on one PostgreSQL store ---------------------------------------------
+
+
+class SharedRunner:
+    """Runs a registry's share of the jobs in a PostgreSQL table shared by several nodes.
+
+    Made by :func:`run_shared_jobs`. Every ``poll_interval`` it:
+
+    - claims queued jobs (``FOR UPDATE SKIP LOCKED``) up to its free capacity and runs
+      them here, loading those submitted to other nodes into this registry;
+    - takes over jobs whose owner's lease ran out (the owner died): they are re-queued or
+      end ``FAILED("interrupted")`` as in restart recovery;
+    - follows jobs of this registry that another node runs (their state and events are
+      copied here, so ``get``/``subscribe`` work on any node) and forwards their cancels;
+    - cancels its own jobs that another node asked to cancel;
+    - renews the leases of its jobs (every third of ``lease``).
+    """
+
+    def __init__(
+        self,
+        registry: JobRegistry,
+        store: Any,
+        persister: Persister,
+        executor: Any,
+        *,
+        max_concurrent: int | None,
+        poll_interval: float,
+        lease: float,
+        claim: bool = True,
+    ) -> None:
+        self.registry = registry
+        self.claim = claim
+        self.store = store
+        self.persister = persister
+        self.executor = executor
+        self.max_concurrent = max_concurrent
+        self.poll_interval = poll_interval
+        self.lease = lease
+        self.here: set[str] = set()
+        """Jobs this node claimed and runs (or ran)."""
+        self.running_here = 0
+        self._cancel_sent: set[str] = set()
+        self._cancel_queue: list[str] = []
+        self._wake = trio.Event()
+        registry.add_observer(self._observe)
+
+    def _observe(self, job: Job, transition: Transition) -> None:
+        if transition.state is JobState.QUEUED and job.id not in self.here:
+            self._wake.set()  # a new job: claim it without waiting for the next poll
+        elif transition.state is JobState.CANCELLED and job.id not in self.here:
+            # cancelled here while queued, but another node may have claimed it already
+            self._cancel_queue.append(job.id)
+            self._wake.set()
+
+    def _followed(self) -> dict[str, int]:
+        """Jobs in this registry that may run elsewhere, with their last local event id."""
+        out: dict[str, int] = {}
+        for _, _, job in self.registry._queue:
+            if job.state is JobState.QUEUED and job.id not in self.here:
+                out[job.id] = job.log.next_id - 1
+        for job_id in self.persister.foreign:
+            mirror = self.registry._jobs.get(job_id)
+            if mirror is not None and not mirror.state.is_terminal:
+                out[job_id] = mirror.log.next_id - 1
+        return out
+
+    async def _load(self, stored: StoredJob) -> Job:
+        """The registry's job for a row this node just took, restored if it is not here."""
+        registry = self.registry
+        job = registry._jobs.get(stored.record.id)
+        if job is None:
+            events = await self.store.load_events(stored.record.id, limit=registry.event_log_size)
+            job = _restore_job(registry, stored, events)
+            registry._jobs[job.id] = job
+            self.persister.adopt(job, stored, events[-1].id if events else 0)
+            return job
+        if job.id in self.persister.foreign:
+            await self._sync(job, stored, await self._events_after(job))
+            job.history = list(stored.history)
+        self.persister.adopt(job, stored, job.log.next_id - 1)
+        return job
+
+    async def _events_after(self, job: Job) -> list[NarrationEvent]:
+        events: list[NarrationEvent] = await self.store.load_events(
+            job.id, after=job.log.next_id - 1
+        )
+        return events
+
+    async def _sync(self, job: Job, stored: StoredJob, events: list[NarrationEvent]) -> None:
+        """Copy another node's view of a job into this registry's copy."""
+        await trio.lowlevel.checkpoint()
+        log = job.log
+        for event in events:
+            if event.id == log.next_id and log.terminal is None:
+                log.append(event.action, event.human, event.fields, event.ts, event.actor)
+        rec = stored.record
+        if job.state.is_terminal:
+            return
+        registry = self.registry
+        job.attempts = rec.attempts
+        job.started_at = rec.started_at
+        job.next_attempt_at = rec.next_attempt_at
+        if rec.state.is_terminal:
+            message = rec.error if rec.state is JobState.FAILED else None
+            reason = stored.history[-1].reason if stored.history else None
+            registry.finish(job, TerminalSignal(_SIGNALS[rec.state], message), reason)
+            job.finished_at = rec.finished_at
+            job.history = list(stored.history)
+        elif rec.state is not job.state:
+            if job.state is JobState.QUEUED:
+                registry.transition(job, rec.state, "running on another node")
+            else:
+                job.state = rec.state
+            job.history = list(stored.history)
+
+    async def follow(self, job_id: str) -> bool:
+        """Make a job created on another node known here (``get``, ``subscribe`` and
+        ``cancel_job`` then work on it); False if the store has no such job."""
+        registry = self.registry
+        if job_id in registry._jobs:
+            await trio.lowlevel.checkpoint()
+            return True
+        stored = await self.store.load_job(job_id)
+        if stored is None:
+            return False
+        events = await self.store.load_events(job_id, limit=registry.event_log_size)
+        if job_id in registry._jobs:  # loaded meanwhile
+            return True
+        job = _restore_job(registry, stored, events)
+        registry._jobs[job_id] = job
+        rec = stored.record
+        if rec.state.is_terminal:
+            _close_finished(registry, job, rec)
+            return True
+        self.persister.disown(job_id)
+        if rec.state is not JobState.QUEUED:
+            job.state = rec.state
+            registry.running += 1  # a mirror is counted while it runs, as in _sync()
+        self._wake.set()
+        return True
+
+    async def _start(self, nursery: trio.Nursery, stored: StoredJob) -> None:
+        job_id = stored.record.id
+        if job_id in self.here:
+            return
+        job = await self._load(stored)
+        if job.state is not JobState.QUEUED:
+            return
+        self.here.add(job_id)
+        self.running_here += 1
+        nursery.start_soon(self._run_one, job_id)
+
+    async def _run_one(self, job_id: str) -> None:
+        from ._runner import run_job
+
+        try:
+            await run_job(self.registry, job_id, self.executor)
+        finally:
+            self.running_here -= 1
+            self._wake.set()
+
+    async def _take_over(self, stored: StoredJob) -> None:
+        registry = self.registry
+        mirror = registry._jobs.get(stored.record.id)
+        counted = (
+            mirror is not None
+            and not mirror.state.is_terminal
+            and mirror.state is not JobState.QUEUED
+        )
+        job = await self._load(stored)
+        if job.state.is_terminal:
+            return
+        if not counted:
+            job.state = stored.record.state
+        _interrupted(registry, job, counted=counted)
+
+    def _prune_queue(self) -> None:
+        """Nobody pops this registry's local queue in shared mode: drop what left it."""
+        queue = self.registry._queue
+        if len(queue) > 64:
+            kept = [e for e in queue if e[2].state is JobState.QUEUED and e[2].id not in self.here]
+            if len(kept) < len(queue):
+                heapq.heapify(kept)
+                self.registry._queue = kept
+
+    async def run(self, nursery: trio.Nursery) -> None:
+        store = self.store
+        next_beat = 0.0
+        while True:
+            self._wake = trio.Event()
+            free = 64 if self.max_concurrent is None else self.max_concurrent - self.running_here
+            if free > 0 and self.claim:
+                for stored in await store.claim(free, self.lease):
+                    await self._start(nursery, stored)
+            if self.claim:
+                for stored in await store.take_over(16, self.lease):
+                    await self._take_over(stored)
+            for job_id in await store.cancel_requests():
+                if job_id in self.here:
+                    self.registry.cancel_job(job_id, "cancelled through another node")
+            followed = self._followed()
+            if followed:
+                for stored, events in await store.poll(followed):
+                    job = self.registry._jobs[stored.record.id]
+                    if job.id not in self.persister.foreign:
+                        self.persister.disown(job.id)
+                    await self._sync(job, stored, events)
+            asked = [
+                job_id
+                for job_id in self.persister.foreign
+                if job_id not in self._cancel_sent
+                and (mirror := self.registry._jobs.get(job_id)) is not None
+                and mirror.cancel_requested
+            ]
+            asked += self._cancel_queue
+            self._cancel_queue = []
+            if asked:
+                await store.request_cancel(asked)
+                self._cancel_sent.update(asked)
+            now = trio.current_time()
+            if now >= next_beat:
+                await store.heartbeat(self.lease)
+                next_beat = now + self.lease / 3
+            self._prune_queue()
+            with trio.move_on_after(self.poll_interval):
+                await self._wake.wait()
+
+
+async def run_shared_jobs(
+    registry: JobRegistry,
+    executor: Any,
+    *,
+    max_concurrent: int | None = None,
+    poll_interval: float = 0.05,
+    lease: float = 10.0,
+    claim: bool = True,
+    task_status: trio.TaskStatus[SharedRunner] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Run jobs of a PostgreSQL table shared by several nodes (queens), until cancelled.
+
+    Use instead of :func:`run_jobs` when several processes share one
+    ``PostgresStore(dsn, node=<unique name>)``: jobs created on any node are claimed
+    through the database, so each runs exactly once, on whichever node has a free slot;
+    a node's ``get``/``subscribe``/``cancel_job`` keep working for the jobs it created
+    even when another node runs them; a node that dies (no lease renewal for ``lease``
+    seconds) leaves its jobs to the others, which re-queue or fail them as restart
+    recovery does. Persistence is started here if it is not running yet. When cancelled,
+    this node's running jobs end ``[CANCELLED]`` and are written.
+
+    ``claim=False`` makes a node that submits and follows jobs but runs none.
+    ``task_status.started()`` hands out the :class:`SharedRunner` (its :meth:`follow`
+    loads a job created elsewhere).
+    """
+    store = registry.store
+    if store is None or getattr(store, "node", None) is None:
+        raise ValueError("run_shared_jobs needs a registry with PostgresStore(node=...)")
+    if max_concurrent is not None and max_concurrent < 1:
+        raise ValueError("max_concurrent must be >= 1 or None")
+    # Persistence must outlive this node's jobs (their final states are written after
+    # they end) and the loop using the store: it is shielded from the caller's cancel
+    # and stopped explicitly once both are done.
+    persistence = trio.CancelScope(shield=True)
+
+    async def persist(task_status: trio.TaskStatus[Persister]) -> None:
+        with persistence:
+            await run_persistence(registry, task_status=task_status)
+
+    async with trio.open_nursery() as outer:
+        persister = registry._persister
+        if persister is None:
+            persister = await outer.start(persist)
+        assert persister is not None
+        shared = SharedRunner(
+            registry,
+            store,
+            persister,
+            executor,
+            max_concurrent=max_concurrent,
+            poll_interval=poll_interval,
+            lease=lease,
+            claim=claim,
+        )
+        try:
+            async with trio.open_nursery() as jobs:
+                task_status.started(shared)
+                await shared.run(jobs)
+        finally:
+            registry.remove_observer(shared._observe)
+            persistence.cancel()

@@ -1,0 +1,213 @@
+"""Several queens on one PostgreSQL store (``run_shared_jobs``).
+
+Two nodes in this process (separate connections, so the database arbitrates their claims
+for real), and a node in a child process that is SIGKILLed mid-job. Needs a PostgreSQL
+server: see tests/pg.py (skips with instructions otherwise).
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from functools import partial
+from typing import Any
+
+import pytest
+import trio
+
+from trio_jobs import JobRegistry, JobState, narrate
+from trio_jobs._persist import INTERRUPTED, SharedRunner, run_shared_jobs
+from trio_jobs._pg_store import PostgresStore
+
+from . import pg
+from .helpers import collect
+
+pytestmark = pytest.mark.postgres
+
+CAP = 30.0
+
+
+@pytest.fixture
+def dsn_schema() -> tuple[str, str]:
+    return pg.dsn_or_skip(), pg.fresh_schema()
+
+
+Executor = Callable[[str, Any], Any]
+
+
+@asynccontextmanager
+async def node(
+    dsn_schema: tuple[str, str],
+    name: str,
+    executor: Executor,
+    **options: Any,
+) -> AsyncIterator[tuple[JobRegistry, SharedRunner]]:
+    """A queen: a registry on the shared store, running its share of the jobs."""
+    dsn, schema = dsn_schema
+    registry = JobRegistry(store=PostgresStore(dsn, schema=schema, node=name))
+    async with trio.open_nursery() as nursery:
+        shared: SharedRunner = await nursery.start(
+            partial(run_shared_jobs, registry, executor, poll_interval=0.01, **options)
+        )
+        yield registry, shared
+        nursery.cancel_scope.cancel()
+
+
+async def test_each_job_runs_once_across_two_nodes(dsn_schema: tuple[str, str]) -> None:
+    ran: list[tuple[str, str]] = []
+
+    def executor_for(name: str) -> Executor:
+        async def executor(job_id: str, payload: Any) -> None:
+            ran.append((name, job_id))
+            narrate("step", "one")
+            await trio.sleep(0.001)
+            narrate("step", "two")
+
+        return executor
+
+    with trio.fail_after(CAP):
+        async with (
+            node(dsn_schema, "a", executor_for("a"), max_concurrent=4) as (a, _),
+            node(dsn_schema, "b", executor_for("b"), max_concurrent=4) as (b, _),
+        ):
+            ids = [(reg, reg.create_job({"i": i})) for i in range(40) for reg in (a, b)]
+            for reg, job_id in ids:
+                record = await reg.wait(job_id)
+                assert record.state is JobState.COMPLETED, record
+            lines = await collect(ids[0][0], ids[0][1])
+            other = await collect(ids[1][0], ids[1][1])
+    counts: dict[str, int] = {}
+    for _, job_id in ran:
+        counts[job_id] = counts.get(job_id, 0) + 1
+    assert sorted(counts) == sorted(job_id for _, job_id in ids)
+    assert set(counts.values()) == {1}
+    for got in (lines, other):
+        assert [json.loads(line)["human"] for line in got[:-1]] == ["one", "two"]
+        assert got[-1] == "[DONE]"
+
+
+async def test_job_submitted_to_one_node_is_seen_and_cancelled_through_it(
+    dsn_schema: tuple[str, str],
+) -> None:
+    started = trio.Event()
+
+    async def hang(job_id: str, payload: Any) -> None:
+        narrate("start", "working on it")
+        started.set()
+        await trio.sleep_forever()
+
+    with trio.fail_after(CAP):
+        async with (
+            node(dsn_schema, "front", hang, claim=False) as (front, front_shared),
+            node(dsn_schema, "worker", hang) as (worker, worker_shared),
+        ):
+            job_id = front.create_job({"x": 1}, tags={"from": "front"})
+            await started.wait()
+            assert job_id in worker
+            async with front.subscribe(job_id) as stream:
+                first = await stream.receive()
+                assert json.loads(first.wire)["human"] == "working on it"
+                while front.get(job_id).state is not JobState.RUNNING:
+                    await trio.sleep(0.01)
+                assert front.cancel_job(job_id)
+                rest = [item.wire async for item in stream]
+            assert rest == ["[CANCELLED]"]
+            assert (await worker.wait(job_id)).state is JobState.CANCELLED
+            assert front.get(job_id).state is JobState.CANCELLED
+
+            # and the other way: a job created on the worker, found and cancelled via front
+            started = trio.Event()
+            second = worker.create_job({"x": 2})
+            await started.wait()
+            assert second not in front
+            assert (await front.fetch(second)).id == second  # visible in the store at once
+            assert await worker_shared.follow(second)  # already known there: a no-op
+            assert await front_shared.follow(second)
+            assert not await front_shared.follow("job-missing")
+            while front.get(second).state is not JobState.RUNNING:
+                await trio.sleep(0.01)
+            assert front.cancel_job(second)
+            assert (await worker.wait(second)).state is JobState.CANCELLED
+            assert (await front.wait(second)).state is JobState.CANCELLED
+
+
+CHILD = r"""
+import json, sys, trio
+from trio_jobs import JobRegistry, RetryPolicy, narrate
+from trio_jobs._persist import run_shared_jobs
+from trio_jobs._pg_store import PostgresStore
+
+async def hang(job_id, payload):
+    narrate("start", "child took it")
+    await trio.sleep_forever()
+
+async def main():
+    registry = JobRegistry(store=PostgresStore(sys.argv[1], schema=sys.argv[2], node="child"))
+    async with trio.open_nursery() as nursery:
+        await nursery.start(
+            lambda task_status: run_shared_jobs(
+                registry, hang, poll_interval=0.01, lease=0.5, task_status=task_status
+            )
+        )
+        ids = {
+            "plain": registry.create_job({}),
+            "retry": registry.create_job({}, retry=RetryPolicy(max_attempts=2, backoff_base=0)),
+        }
+        while registry.running < 2 or registry._persister.pending:
+            await trio.sleep(0.01)
+        await trio.sleep(0.05)
+        print(json.dumps(ids), flush=True)
+        await trio.sleep_forever()
+
+trio.run(main)
+"""
+
+
+async def test_a_killed_nodes_jobs_are_taken_over(dsn_schema: tuple[str, str]) -> None:
+    dsn, schema = dsn_schema
+    with trio.fail_after(CAP):
+        async with trio.open_nursery() as nursery:
+            proc: trio.Process = await nursery.start(
+                partial(
+                    trio.run_process,
+                    [sys.executable, "-c", CHILD, dsn, schema],
+                    stdout=subprocess.PIPE,
+                    check=False,
+                )
+            )
+            assert proc.stdout is not None
+            buf = b""
+            while not buf.endswith(b"\n"):
+                chunk = await proc.stdout.receive_some()
+                assert chunk, "the child exited early"
+                buf += chunk
+            proc.send_signal(signal.SIGKILL)
+        ids: dict[str, str] = json.loads(buf)
+
+        ran: list[str] = []
+
+        async def finish(job_id: str, payload: Any) -> None:
+            ran.append(job_id)
+            narrate("done", "survivor finished it")
+
+        async with node(dsn_schema, "survivor", finish, lease=0.5) as (survivor, _):
+            while ids["plain"] not in survivor or ids["retry"] not in survivor:
+                await trio.sleep(0.02)
+            plain = await survivor.wait(ids["plain"])
+            retried = await survivor.wait(ids["retry"])
+            plain_lines = await collect(survivor, ids["plain"])
+            retry_lines = await collect(survivor, ids["retry"])
+        assert plain.state is JobState.FAILED and plain.error == INTERRUPTED
+        assert [json.loads(line)["human"] for line in plain_lines[:-1]] == ["child took it"]
+        assert plain_lines[-1] == "[ERROR] interrupted"
+        assert retried.state is JobState.COMPLETED and retried.attempts == 2
+        assert [json.loads(line)["id"] for line in retry_lines[:-1]] == [1, 2]
+        assert ran == [ids["retry"]]
+        async with PostgresStore(dsn, schema=schema) as store:
+            stored = await store.load_job(ids["plain"])
+        assert stored is not None and stored.record.state is JobState.FAILED
+        assert stored.owner == "survivor"
