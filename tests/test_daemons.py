@@ -380,3 +380,37 @@ async def test_model_download_list_get_delete_through_the_queen(
             assert not (env.models / "good.bin").exists()
         await wait_idle(env.queen, env.hive)
         assert await running_jobs(env.queen) == []
+
+
+@pytest.mark.parametrize("ending", ["cancel", "timeout"])
+async def test_spawn_cut_short_leaves_no_worker_process(env: Env, ending: str) -> None:
+    """keeper -> queen -> hive -> worker process: a spawn cancelled or timed out while the
+    worker starts ends with the matching signal and the process does not survive."""
+    with trio.fail_after(20):
+        async with JobClient(env.queen) as client:
+            body = {"operation": "worker_spawn", "model": f"cut-{ending}"}
+            options: dict[str, Any] = {"timeout_s": 0.3} if ending == "timeout" else {}
+            job_id = await client.submit(body, **options)
+            pid = None
+            terminal: TerminalSignal | None = None
+            async with client.stream(job_id) as stream:
+                async for item in stream:
+                    if isinstance(item, NarrationEvent):
+                        if item.action == "worker_process":
+                            pid = int(item.fields["pid"])
+                            if ending == "cancel":
+                                await client.cancel(job_id)
+                    else:
+                        terminal = item
+            assert terminal is not None
+            expected = "[CANCELLED]" if ending == "cancel" else "[ERROR] Job timed out after 0.3s"
+            assert terminal.wire == expected
+            # A worker never starts in 0.3 s; on a slow machine the timeout may even fire
+            # before the process exists (then there is nothing to leak).
+            assert pid is not None or ending == "timeout"
+            if pid is not None:
+                await wait_pid_gone(pid)
+            await wait_idle(env.queen, env.hive)
+            _, events, _ = await collect(client, {"operation": "worker_list"})
+            models = {w["model"] for w in events[-1].fields["workers"]}
+            assert f"cut-{ending}" not in models
