@@ -404,11 +404,12 @@ class JobEventStream(_ItemChannel):
                 self._cause = exc
             self._failures += 1
 
-    async def _drop(self) -> None:
+    async def _drop(self, *, reader_done: bool = False) -> None:
+        """Forget the connection; ``reader_done``: the body reader already finished."""
         response, chunks = self._response, self._chunks
         self._response = self._chunks = None
         if response is not None:
-            await _close_shielded(response, chunks)
+            await _close_shielded(response, None if reader_done else chunks)
 
     def _accept(self, message: SSEMessage) -> None:
         num = _sse_int(message.id)
@@ -443,7 +444,7 @@ class JobEventStream(_ItemChannel):
                 chunk = await self._chunks.__anext__()
             except StopAsyncIteration:
                 self._decoder.close()
-                await self._drop()
+                await self._drop(reader_done=True)
                 if self.terminal is not None:
                     self._ended = True
                     return
@@ -453,7 +454,7 @@ class JobEventStream(_ItemChannel):
                 self._cause = StreamEndedWithoutSignal("the body ended without a signal")
                 continue
             except httpx.TransportError as exc:
-                await self._drop()
+                await self._drop(reader_done=True)
                 if self.terminal is not None:
                     self._ended = True  # the signal is in: the lost tail does not matter
                     return
@@ -528,7 +529,7 @@ async def _close_shielded(
     So the response is closed first and the reader is then driven until the closed
     connection makes it fail, which finishes every layer.
     """
-    with trio.CancelScope(shield=True), trio.move_on_after(1.0):
+    with trio.CancelScope(shield=True, deadline=trio.current_time() + 1.0):
         with suppress(httpx.HTTPError):
             await response.aclose()
         if chunks is not None:
