@@ -24,6 +24,7 @@ import socket
 import subprocess
 import tempfile
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -159,3 +160,40 @@ _schemas = iter(range(1, 1_000_000))
 def fresh_schema() -> str:
     """A schema name not used before in this process (one per test keeps them apart)."""
     return f"t{os.getpid()}_{next(_schemas)}"
+
+
+def persist_every_registry(kind: str | None, monkeypatch: pytest.MonkeyPatch, tmp: Path) -> None:
+    """Give every ``JobRegistry()`` made during a test a store of ``kind`` (``memory``,
+    ``sqlite``, ``postgres``; None or empty: leave registries alone).
+
+    For running a whole suite on each store (``TRIO_JOBS_TEST_STORE``), from an autouse
+    fixture. SQL stores are made with ``threaded=False``: under an autojumping
+    ``MockClock`` a database call in a worker thread would let virtual time jump.
+    """
+    if not kind:
+        return
+    from trio_jobs import JobRegistry
+    from trio_jobs._pg_store import PostgresStore
+    from trio_jobs._sqlite_store import SQLiteStore
+    from trio_jobs._store import JobStore, MemoryStore
+
+    if kind == "postgres":
+        dsn = dsn_or_skip()
+    elif kind not in ("memory", "sqlite"):
+        raise ValueError(f"TRIO_JOBS_TEST_STORE must be memory, sqlite or postgres: {kind!r}")
+    original = JobRegistry.__init__
+    counter = iter(range(1_000_000))
+
+    def make() -> JobStore:
+        if kind == "memory":
+            return MemoryStore()
+        if kind == "sqlite":
+            return SQLiteStore(tmp / f"registry{next(counter)}.db", threaded=False)
+        return PostgresStore(dsn, schema=fresh_schema(), threaded=False)
+
+    def init(self: JobRegistry, *args: Any, **kwargs: Any) -> None:
+        if kwargs.get("store") is None:
+            kwargs["store"] = make()
+        original(self, *args, **kwargs)
+
+    monkeypatch.setattr(JobRegistry, "__init__", init)

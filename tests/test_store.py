@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -17,6 +18,7 @@ from typing import Any
 
 import pytest
 import trio
+import trio.testing
 
 from trio_jobs import (
     JobNotFound,
@@ -460,3 +462,51 @@ async def test_persistence_cannot_run_twice() -> None:
         nursery.cancel_scope.cancel()
     with pytest.raises(ValueError, match="no store"):
         await run_persistence(JobRegistry())
+
+
+@pytest.mark.parametrize("kind", KINDS)
+async def test_persist_every_registry_under_an_autojump_clock(
+    kind: str,
+    monkeypatch: pytest.MonkeyPatch,
+    tmp_path: Path,
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    pg.persist_every_registry(kind, monkeypatch, tmp_path)
+    reg = JobRegistry(retention=600)
+    assert reg.store is not None
+    async with open_job_runner(reg, ticking):
+        job_id = reg.create_job({"n": 2, "sleep": 100})
+        record = await reg.wait(job_id)
+    # 100 s of virtual time passed and nothing else: database calls made no leaps
+    assert trio.current_time() == pytest.approx(100, abs=0.5)
+    assert record.state is JobState.COMPLETED
+    assert (await collect(reg, job_id))[-1] == "[DONE]"
+    store = reg.store
+    async with store:
+        stored = await store.load_job(job_id)
+    assert stored is not None and stored.record.state is JobState.COMPLETED
+
+
+def test_json_codec_without_orjson(monkeypatch: pytest.MonkeyPatch) -> None:
+    from trio_jobs import _store
+
+    monkeypatch.setitem(sys.modules, "orjson", None)  # import orjson now fails
+    strict, lenient, loads = _store._json_codec()
+    assert strict({"a": [1, 2.5, None, "é"]}) == '{"a":[1,2.5,null,"é"]}'
+    with pytest.raises(TypeError):
+        strict({"a": object()})
+    assert loads(lenient({"when": Path("/x")})) == {"when": "/x"}
+
+
+async def test_event_fields_json_cannot_hold_are_stored_as_text(stores: StoreFactory) -> None:
+    async def odd(job_id: str, payload: Any) -> None:
+        narrate("odd", "a path", where=Path("/tmp/x"), n=1)
+
+    with trio.fail_after(CAP):
+        async with open_registry(stores(), interval=0.005) as reg:
+            async with open_job_runner(reg, odd):
+                job_id = reg.create_job({})
+                await reg.wait(job_id)
+        async with stores() as store:
+            [event] = await store.load_events(job_id)
+    assert event.fields == {"where": "/tmp/x", "n": 1}

@@ -103,14 +103,24 @@ class PostgresStore(JobStore):
         node: this queen's name when several share the table (see
             :func:`~trio_jobs._persist.run_shared_jobs`): rows another node has claimed
             are then never overwritten by this one.
+        threaded: False runs database calls in the event loop's thread (blocking it);
+            only for tests under an autojumping ``MockClock`` (see ``SQLiteStore``).
     """
 
-    def __init__(self, dsn: str, *, schema: str = "trio_jobs", node: str | None = None) -> None:
+    def __init__(
+        self,
+        dsn: str,
+        *,
+        schema: str = "trio_jobs",
+        node: str | None = None,
+        threaded: bool = True,
+    ) -> None:
         self.dsn = dsn
         self.schema = schema
         self.node = node
         self._conn: psycopg.Connection[Any] | None = None
         self._limiter = trio.CapacityLimiter(1)
+        self.threaded = threaded
 
     def __repr__(self) -> str:
         return f"PostgresStore(schema={self.schema!r})"
@@ -119,7 +129,13 @@ class PostgresStore(JobStore):
         conn = self._conn
         if conn is None:
             raise trio.ClosedResourceError("store is not open")
-        return await trio.to_thread.run_sync(fn, conn, limiter=self._limiter)
+        return await self._offload(lambda: fn(conn))
+
+    async def _offload(self, fn: Callable[[], T]) -> T:
+        if not self.threaded:
+            await trio.lowlevel.checkpoint()
+            return fn()
+        return await trio.to_thread.run_sync(fn, limiter=self._limiter)
 
     def _connect(self) -> psycopg.Connection[Any]:
         import psycopg
@@ -156,14 +172,14 @@ class PostgresStore(JobStore):
         if self._conn is not None:
             await trio.lowlevel.checkpoint()
             return
-        self._conn = await trio.to_thread.run_sync(self._connect, limiter=self._limiter)
+        self._conn = await self._offload(self._connect)
 
     async def aclose(self) -> None:
         conn, self._conn = self._conn, None
         if conn is None:
             await trio.lowlevel.checkpoint()
             return
-        await trio.to_thread.run_sync(conn.close, limiter=self._limiter)
+        await self._offload(conn.close)
 
     async def schema_version(self) -> int:
         return await self._run(_version)

@@ -88,15 +88,21 @@ class SQLiteStore(JobStore):
         synchronous: SQLite's ``synchronous`` pragma. ``NORMAL`` (the default) in WAL
             mode loses at most the last transactions on power loss, never on a process
             crash; ``FULL`` syncs every flush.
+        threaded: False runs database calls in the event loop's thread (blocking it).
+            Only for tests under ``MockClock(autojump_threshold=0)``: while a task waits
+            for a worker thread, autojump sees every task blocked and jumps virtual time.
     """
 
-    def __init__(self, path: str | os.PathLike[str], *, synchronous: str = "NORMAL") -> None:
+    def __init__(
+        self, path: str | os.PathLike[str], *, synchronous: str = "NORMAL", threaded: bool = True
+    ) -> None:
         if synchronous.upper() not in {"OFF", "NORMAL", "FULL", "EXTRA"}:
             raise ValueError(f"unknown synchronous mode {synchronous!r}")
         self.path = os.fspath(path)
         self.synchronous = synchronous.upper()
         self._conn: sqlite3.Connection | None = None
         self._limiter = trio.CapacityLimiter(1)
+        self.threaded = threaded
 
     def __repr__(self) -> str:
         return f"SQLiteStore({self.path!r})"
@@ -105,7 +111,13 @@ class SQLiteStore(JobStore):
         conn = self._conn
         if conn is None:
             raise trio.ClosedResourceError("store is not open")
-        return await trio.to_thread.run_sync(fn, conn, limiter=self._limiter)
+        return await self._offload(lambda: fn(conn))
+
+    async def _offload(self, fn: Callable[[], T]) -> T:
+        if not self.threaded:
+            await trio.lowlevel.checkpoint()
+            return fn()
+        return await trio.to_thread.run_sync(fn, limiter=self._limiter)
 
     # ---- opening and migrating ---------------------------------------------------------
 
@@ -127,14 +139,14 @@ class SQLiteStore(JobStore):
         if self._conn is not None:
             await trio.lowlevel.checkpoint()
             return
-        self._conn = await trio.to_thread.run_sync(self._connect, limiter=self._limiter)
+        self._conn = await self._offload(self._connect)
 
     async def aclose(self) -> None:
         conn, self._conn = self._conn, None
         if conn is None:
             await trio.lowlevel.checkpoint()
             return
-        await trio.to_thread.run_sync(conn.close, limiter=self._limiter)
+        await self._offload(conn.close)
 
     async def schema_version(self) -> int:
         return await self._run(_version)
