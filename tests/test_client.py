@@ -423,6 +423,24 @@ async def test_receive_is_a_checkpoint() -> None:
             events.receive_nowait()
 
 
+async def test_batch_fast_path() -> None:
+    """wait_ready + receive_batch: whole network chunks at once, then an empty batch."""
+    body = b"".join(sse_body(3)[:3]), b"".join(sse_body(3)[3:])
+    chunks = [body[0], frame(None, "[START]"), body[1]]
+    client, _ = client_for(lambda r: sse_response(Body(chunks)))
+    batches: list[list[Any]] = []
+    async with client, client.stream(JOB) as events:
+        while True:
+            await events.wait_ready()
+            batch = events.receive_batch()
+            if not batch:
+                break
+            batches.append(batch)
+        with pytest.raises(trio.EndOfChannel):
+            await events.receive()
+    assert [[item.id for item in batch] for batch in batches] == [[1, 2], [3, 4]]
+
+
 async def test_garbage_and_data_after_signal_are_errors() -> None:
     bodies = iter(
         [

@@ -12,6 +12,7 @@ import json
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
+import httpx
 import pytest
 import trio
 
@@ -305,6 +306,39 @@ async def test_websocket_stream(trio_jobs_client: JobClient) -> None:
     assert [i.id for i in items[:3]] == [1, 2, 3]
     assert_stream_done(items)
     assert ws.close_code == 1000
+
+
+async def test_websocket_batches_and_late_cancel(trio_jobs_client: JobClient) -> None:
+    job_id = await trio_jobs_client.submit({"n": 50})
+    await trio_jobs_client.wait(job_id)
+    items: list[Any] = []
+    async with trio_jobs_client.stream_ws(job_id) as ws:
+        while True:
+            await ws.wait_ready()
+            batch = ws.receive_batch()
+            if not batch:
+                break
+            items += batch
+        await ws.send_cancel()  # the connection is closed: a no-op
+    assert [i.id for i in items[:50]] == list(range(1, 51))
+    assert_stream_done(items)
+
+
+async def test_keepalive_comments_are_skipped() -> None:
+    """A quiet job: the server sends ``: keep-alive`` comments; the client sees only items."""
+    app = create_app(JobRegistry(), narrating_executor, keepalive_s=0.02)
+    async with trio.open_nursery() as nursery:
+        url = await nursery.start(serve, app)
+        async with JobClient(url) as client, httpx.AsyncClient(base_url=url) as raw:
+            quiet = {"n": 2, "delay": 0.1}
+            job_id = await client.submit(quiet)
+            async with raw.stream("GET", f"/v1/jobs/{job_id}/stream") as response:
+                body = b"".join([chunk async for chunk in response.aiter_bytes()])
+            assert b"\n: keep-alive\n" in body or body.startswith(b": keep-alive")
+            lines: list[str] = []
+            await client.submit_and_stream(quiet, lines.append)
+            assert len(assert_stream_done(lines)) == 2
+        nursery.cancel_scope.cancel()
 
 
 async def test_websocket_cancel(trio_jobs_client: JobClient) -> None:

@@ -278,6 +278,27 @@ class _ItemChannel(trio.abc.ReceiveChannel[StreamItem]):
             if item is not None:
                 return item
 
+    @abstractmethod
+    async def wait_ready(self) -> None:
+        """Block until :meth:`receive_nowait` has something: an item, or the end.
+
+        Raises what :meth:`receive` raises when the stream breaks.
+        """
+
+    def receive_batch(self, limit: int = 1024) -> list[StreamItem]:
+        """Every item already received (up to ``limit``), without blocking; may be empty.
+
+        The fast path for a consumer that keeps up: ``await wait_ready()``, then take the
+        batch; an empty batch right after ``wait_ready()`` means the stream has ended.
+        """
+        items: list[StreamItem] = []
+        try:
+            while len(items) < limit:
+                items.append(self.receive_nowait())
+        except (trio.WouldBlock, trio.EndOfChannel):
+            pass
+        return items
+
     def lines(self) -> WireLineReader:
         """This stream as raw wire lines (``[START]`` included when the server sends it)."""
         return WireLineReader(self)
@@ -485,6 +506,16 @@ class JobEventStream(_ItemChannel):
             raise trio.EndOfChannel
         raise trio.WouldBlock
 
+    async def wait_ready(self) -> None:
+        await trio.lowlevel.checkpoint()
+        buffer = self._buffer
+        while True:
+            while buffer and buffer[0][0] == "[START]":
+                buffer.popleft()  # not an item: keep "empty batch = end" true
+            if buffer or self._ended:
+                return
+            await self._fill()
+
     async def _next_batch(self) -> list[tuple[str, int | None]]:
         """Everything received so far (at least one line); ``EndOfChannel`` at the end."""
         if not self._buffer:
@@ -561,47 +592,74 @@ class JobWebSocketStream(_ItemChannel):
         self.terminal: TerminalSignal | None = None
         self.close_code: int | None = None
         self.server_errors: list[dict[str, Any]] = []
+        self._pending: deque[str] = deque()
         self._ended = False
         self._closed = False
 
-    async def _next_line(self) -> tuple[str, int | None]:
+    async def _read(self) -> str:
+        """The next line from the socket; ``EndOfChannel`` once closed after the signal."""
         from trio_websocket import ConnectionClosed
 
         if self._closed:
             raise trio.ClosedResourceError("the stream was closed")
-        if self._ended:
-            await trio.lowlevel.checkpoint()
-            raise trio.EndOfChannel
-        try:
-            message = await self._ws.get_message()
-        except ConnectionClosed as exc:
-            self._ended = True
-            self.close_code = exc.reason.code if exc.reason is not None else None
-            if self.terminal is not None:
-                raise trio.EndOfChannel from None
-            raise StreamEndedWithoutSignal(
-                f"websocket of job {self.job_id} closed before its terminal signal ({exc.reason})"
-            ) from exc
-        line = message.decode("utf-8", "replace") if isinstance(message, bytes) else message
-        if line.startswith('{"error"'):
+        while True:
+            if self._ended:
+                await trio.lowlevel.checkpoint()
+                raise trio.EndOfChannel
             try:
-                answer = json.loads(line)
-            except ValueError:
-                answer = None
-            if isinstance(answer, dict) and "action" not in answer:
-                # The server's answer to a message of ours (e.g. a cancel that came late).
-                self.server_errors.append(answer)
-                return await self._next_line()
-        if self.terminal is not None:
-            raise TransportError(f"websocket of job {self.job_id}: data after the signal")
-        if line.startswith("["):
-            signal = Signal.parse(line)
-            if signal is not None and signal.signal.is_terminal:
-                self.terminal = signal
-        return line, None
+                message = await self._ws.get_message()
+            except ConnectionClosed as exc:
+                self._ended = True
+                self.close_code = exc.reason.code if exc.reason is not None else None
+                if self.terminal is not None:
+                    raise trio.EndOfChannel from None
+                raise StreamEndedWithoutSignal(
+                    f"websocket of job {self.job_id} closed before its terminal signal "
+                    f"({exc.reason})"
+                ) from exc
+            line = message.decode("utf-8", "replace") if isinstance(message, bytes) else message
+            if line.startswith('{"error"'):
+                try:
+                    answer = json.loads(line)
+                except ValueError:
+                    answer = None
+                if isinstance(answer, dict) and "action" not in answer:
+                    # The server's answer to a message of ours (e.g. a cancel that came late).
+                    self.server_errors.append(answer)
+                    continue
+            if self.terminal is not None:
+                raise TransportError(f"websocket of job {self.job_id}: data after the signal")
+            if not line.startswith("{"):
+                signal = Signal.parse(line)
+                if signal is None:
+                    raise TransportError(
+                        f"websocket of job {self.job_id}: not an event or a signal: {line[:200]!r}"
+                    )
+                if signal.signal.is_terminal:
+                    self.terminal = signal
+            return line
+
+    async def _next_line(self) -> tuple[str, int | None]:
+        if self._pending:
+            await trio.lowlevel.checkpoint()
+            return self._pending.popleft(), None
+        return await self._read(), None
 
     def _next_line_nowait(self) -> tuple[str, int | None]:
+        if self._closed:
+            raise trio.ClosedResourceError("the stream was closed")
+        if self._pending:
+            return self._pending.popleft(), None
+        if self._ended:
+            raise trio.EndOfChannel
         raise trio.WouldBlock
+
+    async def wait_ready(self) -> None:
+        if self._pending or self._ended:
+            await trio.lowlevel.checkpoint()
+            return
+        with suppress(trio.EndOfChannel):
+            self._pending.append(await self._read())
 
     async def send_cancel(self) -> None:
         """Send ``{"cancel": true}``; a no-op (a checkpoint) once the connection closed."""
