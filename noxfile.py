@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import glob
+import os
+import shutil
+
 import nox
 
 nox.options.sessions = ["tests", "lint", "typing"]
@@ -10,17 +14,44 @@ nox.options.reuse_existing_virtualenvs = True
 PYTHON = "3.11"
 
 
+def _have_postgres_server() -> bool:
+    return bool(shutil.which("initdb") or glob.glob("/usr/lib/postgresql/*/bin/initdb"))
+
+
+def _ensure_postgres(session: nox.Session) -> None:
+    """Install Debian's PostgreSQL server when it is missing and we may (root + apt-get).
+
+    The tests start and stop a throw-away cluster themselves (tests/pg.py); without a
+    server they skip with a message, except in CI, where a missing server is an error.
+    """
+    if os.environ.get("TRIO_JOBS_PG_DSN") or _have_postgres_server():
+        return
+    if os.geteuid() == 0 and shutil.which("apt-get"):
+        env = {"DEBIAN_FRONTEND": "noninteractive"}
+        session.run("apt-get", "update", "-qq", external=True, env=env)
+        session.run(
+            "apt-get", "install", "-y", "-qq", "--no-install-recommends", "postgresql",
+            external=True, env=env,
+        )
+    if not _have_postgres_server() and os.environ.get("CI"):
+        session.error("CI needs a PostgreSQL server for the PostgreSQL tests")
+
+
 @nox.session(python=PYTHON)
 def tests(session: nox.Session) -> None:
-    """The test suite, with the PostgreSQL tests when TRIO_JOBS_PG_DSN is set."""
+    """The whole test suite; installs PostgreSQL (apt-get) when it can, for its tests."""
+    _ensure_postgres(session)
     session.install("-e", ".[test,postgres]")
-    session.run("pytest", *session.posargs)
+    env = {"TRIO_JOBS_REQUIRE_PG": "1"} if os.environ.get("CI") else {}
+    session.run("pytest", *session.posargs, env=env)
 
 
 @nox.session(python=PYTHON)
 @nox.parametrize("store", ["memory", "sqlite", "postgres"])
 def tests_store(session: nox.Session, store: str) -> None:
-    """The lifecycle suite against one job store."""
+    """The store-parametrised lifecycle suite against one job store."""
+    if store == "postgres":
+        _ensure_postgres(session)
     session.install("-e", ".[test,postgres]")
     session.run("pytest", "tests/test_lifecycle.py", *session.posargs,
                 env={"TRIO_JOBS_TEST_STORE": store})
