@@ -3,14 +3,16 @@
 The registry itself stays in memory and never waits for the database. A
 :class:`Persister` observes every state transition (a dict insert, nothing more) and a
 flusher task writes, every ``interval`` seconds or as soon as ``max_batch`` jobs changed,
-one :class:`~trio_jobs._store.WriteBatch` holding the changed records, their new history
-entries and the events their logs gained since the last flush. Streaming therefore runs at
-memory speed; what a crash can lose is the last ``interval`` of changes.
+one :class:`~trio_jobs._store.WriteBatch` holding the changed records with their history
+and the events their logs gained since the last flush. Streaming therefore runs at memory
+speed; what a crash can lose is the last ``interval`` of changes.
 
 On start the store's jobs are put back in the registry (:func:`recover`): finished jobs
 with their logs and signals, queued jobs on the queue, and jobs that were running when the
 process died either re-queued (their retry policy allows another attempt) or
 ``FAILED("interrupted")``.
+
+:func:`run_shared_jobs` runs several processes (queens) on one PostgreSQL table.
 """
 
 from __future__ import annotations
