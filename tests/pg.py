@@ -8,7 +8,8 @@
   only, stopped and deleted when the process exits. As root the server runs as the
   ``postgres`` user (or ``nobody``), since PostgreSQL refuses to run as root.
 
-Without either, the calling test is skipped with a message saying how to run it.
+Without either, the calling test is skipped with a message saying how to run it (or
+fails, when ``TRIO_JOBS_REQUIRE_PG`` is set).
 """
 
 from __future__ import annotations
@@ -147,9 +148,12 @@ def _dsn() -> tuple[str | None, str]:
 
 
 def dsn_or_skip() -> str:
-    """A PostgreSQL connection string, or skip the calling test saying how to get one."""
+    """A PostgreSQL connection string, or skip the calling test saying how to get one
+    (fail it instead when ``TRIO_JOBS_REQUIRE_PG`` is set, as in CI)."""
     dsn, why = _dsn()
     if dsn is None:
+        if os.environ.get("TRIO_JOBS_REQUIRE_PG"):
+            pytest.fail(f"TRIO_JOBS_REQUIRE_PG is set but there is no server: {why}")
         pytest.skip(why)
     return dsn
 
