@@ -113,9 +113,10 @@ async def spawn_worker(
     return worker
 
 
-async def running_jobs(url: str) -> list[dict[str, Any]]:
+async def running_jobs(url: str, token: str | None = None) -> list[dict[str, Any]]:
     """Jobs in state running (or retrying/queued) on the daemon at ``url``."""
-    async with httpx.AsyncClient(timeout=5) as http:
+    headers = {"Authorization": f"Bearer {token}"} if token else None
+    async with httpx.AsyncClient(timeout=5, headers=headers) as http:
         active = []
         for state in ("queued", "running", "retrying"):
             response = await http.get(f"{url}/v1/jobs", params={"state": state})
@@ -124,11 +125,11 @@ async def running_jobs(url: str) -> list[dict[str, Any]]:
     return active
 
 
-async def wait_idle(*urls: str, within_s: float = 5.0) -> None:
+async def wait_idle(*urls: str, within_s: float = 5.0, token: str | None = None) -> None:
     """Wait until no daemon at ``urls`` has an active job (fails after ``within_s``)."""
     with trio.move_on_after(within_s):
         while True:
-            busy = {url: await running_jobs(url) for url in urls}
+            busy = {url: await running_jobs(url, token) for url in urls}
             if not any(busy.values()):
                 return
             await trio.sleep(0.05)

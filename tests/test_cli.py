@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 import trio
 
@@ -32,48 +33,78 @@ class Env:
     queen: str
     hive: str
     slow_url: str
+    token: str
+
+
+TOKEN = "cli-test-token"
 
 
 @pytest.fixture(scope="module")
 def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
+    """A queen started first (knowing only the ``ghost`` hive) with a token; the hive is
+    started with ``--queen`` and registers itself as ``localhost``. Every hop carries the
+    token: keeper -> queen, hive -> queen, queen -> hive, worker heartbeats -> queen."""
     root = tmp_path_factory.mktemp("cli")
     cluster = Cluster(root)
     try:
-        hive = cluster.start(
-            "hive", ["hive", "--port", "0", "--models-dir", str(root / "m"), "--heartbeat-s", "0.3"]
-        )
         ghost = f"http://127.0.0.1:{closed_port()}"
         queen = cluster.start(
             "queen",
             [
-                *("queen", "--port", "0", "--hive", f"localhost={hive}"),
+                *("queen", "--port", "0", "--token", TOKEN),
                 *("--hive", f"ghost={ghost}", "--schedule-wait", "3"),
             ],
         )
+        hive = cluster.start(
+            "hive",
+            [
+                *("hive", "--port", "0", "--models-dir", str(root / "m")),
+                *("--queen", queen, "--token", TOKEN, "--heartbeat-s", "0.3"),
+            ],
+        )
 
-        async def workers() -> str:
-            async with JobClient(queen) as client:
-                await spawn_worker(client, "tiny")
-                slow = await spawn_worker(client, "slow", token_delay_s=0.05)
-            return str(slow["url"])
+        async def setup() -> str:
+            headers = {"Authorization": f"Bearer {TOKEN}"}
+            with trio.fail_after(15):
+                async with httpx.AsyncClient(headers=headers) as http:
+                    while True:  # the hive registers right after it starts listening
+                        hives = (await http.get(f"{queen}/v1/hives")).json()["hives"]
+                        if any(h["url"] == hive for h in hives):
+                            break
+                        await trio.sleep(0.05)
+                found: dict[str, Any] = {}
 
-        slow_url = trio.run(workers)
-        yield Env(queen, hive, slow_url)
+                async def spawn(client: JobClient, model: str, delay: float | None) -> None:
+                    found[model] = await spawn_worker(client, model, token_delay_s=delay)
+
+                async with JobClient(queen, token=TOKEN) as client, trio.open_nursery() as n:
+                    n.start_soon(spawn, client, "tiny", None)
+                    n.start_soon(spawn, client, "slow", 0.05)
+            return str(found["slow"]["url"])
+
+        slow_url = trio.run(setup)
+        yield Env(queen, hive, slow_url, TOKEN)
     finally:
         codes = cluster.close()
     assert codes == {"queen": 0, "hive": 0}
 
 
 async def keeper(env: Env | None, *args: str, timeout: float = 20) -> tuple[int, str, str]:
-    """Run ``python -m servers [--queen URL] args``; returns (exit code, stdout, stderr)."""
+    """Run ``python -m servers [--queen URL --token T] args``: (exit code, stdout, stderr)."""
     argv = [sys.executable, "-m", "servers"]
     if env is not None:
-        argv += ["--queen", env.queen]
+        argv += ["--queen", env.queen, "--token", env.token]
     with trio.fail_after(timeout):
         result = await trio.run_process(
             [*argv, *args], capture_stdout=True, capture_stderr=True, check=False
         )
     return result.returncode, result.stdout.decode(), result.stderr.decode()
+
+
+async def test_a_token_is_required(env: Env) -> None:
+    code, out, _ = await keeper(None, "--queen", env.queen, "model-list")
+    assert code == 1
+    assert out.startswith("[ERROR] the queen refused the job: HTTP 401")
 
 
 async def test_infer_prints_tokens_and_exits_zero(env: Env) -> None:
@@ -99,7 +130,8 @@ async def test_json_lines(env: Env) -> None:
 
 
 async def test_options_after_the_subcommand(env: Env) -> None:
-    code, out, _ = await keeper(None, "status", "--queen", env.queen, "--json")
+    args = ("status", "--queen", env.queen, "--token", env.token, "--json")
+    code, out, _ = await keeper(None, *args)
     assert code == 0
     events = [json.loads(x) for x in out.splitlines() if x.startswith("{")]
     status = next(e for e in events if e["action"] == "status")
@@ -118,11 +150,11 @@ async def test_timeout_exits_one(env: Env) -> None:
     )
     assert code == 1
     assert out.splitlines()[-1] == "[ERROR] Job timed out after 1s"
-    await wait_idle(env.queen, env.hive, env.slow_url)
+    await wait_idle(env.queen, env.hive, env.slow_url, token=env.token)
 
 
 async def test_interrupt_cancels_on_the_server_and_exits_130(env: Env) -> None:
-    argv = [sys.executable, "-m", "servers", "--queen", env.queen, "--json"]
+    argv = [sys.executable, "-m", "servers", "--queen", env.queen, "--token", env.token, "--json"]
     argv += ["infer", "x", "--model", "slow", "--max-tokens", "2000"]
     process = await trio.lowlevel.open_process(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     try:
@@ -141,10 +173,10 @@ async def test_interrupt_cancels_on_the_server_and_exits_130(env: Env) -> None:
             process.kill()
         await process.wait()
     assert code == 130
-    async with JobClient(env.queen) as client:
+    async with JobClient(env.queen, token=env.token) as client:
         assert (await client.get(job_id))["state"] == "cancelled"
     with trio.fail_after(10):
-        await wait_idle(env.queen, env.hive, env.slow_url)
+        await wait_idle(env.queen, env.hive, env.slow_url, token=env.token)
 
 
 async def test_unreachable_queen(env: Env) -> None:
@@ -173,20 +205,37 @@ async def test_jobs_and_cancel_of_a_finished_job(env: Env) -> None:
     assert code == 0
     jobs: list[dict[str, Any]] = [json.loads(line) for line in out.splitlines()]
     assert jobs and all(j["state"] == "completed" for j in jobs)
-    code, out, _ = await keeper(env, "cancel", jobs[0]["job_id"])
+    results: dict[str, tuple[int, str, str]] = {}
+
+    async def cancel(job_id: str) -> None:
+        results[job_id] = await keeper(env, "cancel", job_id)
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(cancel, jobs[0]["job_id"])
+        nursery.start_soon(cancel, "job-unknown")
+    code, out, _ = results[jobs[0]["job_id"]]
     assert code == 1
     assert "already finished" in out
-    code, out, _ = await keeper(env, "cancel", "job-unknown")
+    code, out, _ = results["job-unknown"]
     assert code == 1
+    assert "unknown job job-unknown" in out
 
 
 async def test_ssh_operations_answer_and_never_hang(env: Env) -> None:
-    code, out, _ = await keeper(env, "hive-install", "ghost")
+    results: dict[str, tuple[int, str, str]] = {}
+
+    async def run(command: str) -> None:
+        results[command] = await keeper(env, command, "ghost", timeout=30)
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(run, "hive-install")
+        nursery.start_soon(run, "ssh-test")
+    code, out, _ = results["hive-install"]
     assert code == 1
     assert out.splitlines()[-1].startswith("[ERROR] not supported: hive_install")
     # ssh to the ghost hive's host: whatever the machine has (no client, no server, a
     # refusal), the answer is a terminal line within the ssh timeout.
-    code, out, _ = await keeper(env, "ssh-test", "ghost", timeout=30)
+    code, out, _ = results["ssh-test"]
     last = out.splitlines()[-1]
     assert (code, last) == (0, "[DONE]") or (code == 1 and last.startswith("[ERROR] "))
 
@@ -251,38 +300,3 @@ def test_printer_json_lines() -> None:
     first, second = out.getvalue().splitlines()
     assert json.loads(first)["token"] == "Hi"
     assert second == "[CANCELLED]"
-
-
-async def test_queen_first_hive_registers_and_token_goes_through_the_chain(
-    tmp_path: Path,
-) -> None:
-    """The queen starts knowing no hive; the hive (``--queen``) announces itself. Every
-    hop carries the token: keeper -> queen, queen -> hive, worker heartbeats -> queen."""
-    cluster = Cluster(tmp_path)
-    token = "s3cret-token"
-    try:
-        queen = cluster.start("queen", ["queen", "--port", "0", "--token", token])
-        cluster.start(
-            "hive",
-            [
-                *("hive", "--port", "0", "--models-dir", str(tmp_path / "m")),
-                *("--queen", queen, "--token", token, "--heartbeat-s", "0.3"),
-            ],
-        )
-        code, out, _ = await keeper(None, "--queen", queen, "model-list")
-        assert code == 1
-        assert out.startswith("[ERROR] the queen refused the job: HTTP 401")
-        auth = ("--queen", queen, "--token", token)
-        with trio.fail_after(10):
-            while True:  # the hive registers right after it starts listening
-                code, out, _ = await keeper(None, *auth, "hive-status", "localhost")
-                if code == 0:
-                    break
-        code, out, _ = await keeper(None, *auth, "worker-spawn", "--model", "tiny")
-        assert code == 0, out
-        code, out, _ = await keeper(None, *auth, "infer", "secret", "--max-tokens", "4")
-        assert code == 0, out
-        assert "".join(tiny_tokens("tiny", "secret", max_tokens=4)) in out.splitlines()
-    finally:
-        codes = cluster.close()
-    assert codes == {"queen": 0, "hive": 0}

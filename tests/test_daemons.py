@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 import trio
 
@@ -277,7 +278,7 @@ async def test_unknown_hive_names_the_known_ones(env: Env) -> None:
         async with JobClient(env.queen) as client:
             _, _, terminal = await collect(client, {"operation": "model_list", "hive_id": "mars"})
     assert terminal is not None
-    assert terminal.wire == "[ERROR] unknown hive 'mars' (known hives: ghost, localhost)"
+    assert terminal.wire.startswith("[ERROR] unknown hive 'mars' (known hives: ghost, localhost")
 
 
 async def test_invalid_operation_is_refused_with_the_field(env: Env) -> None:
@@ -296,7 +297,7 @@ async def test_status_shows_hives_and_workers(env: Env) -> None:
     assert terminal is not None and terminal.wire == "[DONE]"
     status = next(e for e in events if e.action == "status")
     hives = {h["alias"]: h["reachable"] for h in status.fields["hives"]}
-    assert hives == {"localhost": True, "ghost": False}
+    assert (hives["localhost"], hives["ghost"]) == (True, False)
     models = {w["model"] for w in status.fields["workers"]}
     assert "slow" in models
 
@@ -414,3 +415,62 @@ async def test_spawn_cut_short_leaves_no_worker_process(env: Env, ending: str) -
             _, events, _ = await collect(client, {"operation": "worker_list"})
             models = {w["model"] for w in events[-1].fields["workers"]}
             assert f"cut-{ending}" not in models
+
+
+async def test_hive_start_and_stop_a_local_hive(env: Env) -> None:
+    """hive_start runs a loopback hive as the queen's child; hive_stop stops only that one."""
+    url = f"http://127.0.0.1:{closed_port()}"
+    with trio.fail_after(30):
+        async with httpx.AsyncClient() as http:
+            answer = await http.post(f"{env.queen}/v1/hives", json={"alias": "spare", "url": url})
+            assert answer.status_code == 200
+        async with JobClient(env.queen) as client:
+            _, _, terminal = await collect(client, {"operation": "hive_start", "alias": "spare"})
+            assert terminal is not None and terminal.wire == "[DONE]"
+            _, events, terminal = await collect(
+                client, {"operation": "hive_status", "alias": "spare"}
+            )
+            assert terminal is not None and terminal.wire == "[DONE]"
+            assert events[-1].fields["hive"]["reachable"] is True
+            _, events, terminal = await collect(
+                client, {"operation": "hive_stop", "alias": "spare"}
+            )
+            assert terminal is not None and terminal.wire == "[DONE]"
+            assert events[-1].human == "hive spare stopped (exit code 0)"
+            _, _, terminal = await collect(client, {"operation": "hive_status", "alias": "spare"})
+            assert terminal is not None
+            assert terminal.wire.startswith(f"[ERROR] hive 'spare' at {url} is unreachable")
+            _, _, terminal = await collect(client, {"operation": "hive_stop", "alias": "localhost"})
+            assert terminal is not None
+            assert terminal.wire.startswith("[ERROR] not supported: hive_stop of 'localhost'")
+
+
+async def test_a_killed_queen_leaves_no_hive_job_running(
+    env: Env, nursery: trio.Nursery, tmp_path: Path
+) -> None:
+    """Forwarded jobs are cancelled by the hive when the queen's stream drops for good."""
+    server = _StallingServer()
+    await nursery.start(server.run)
+    cluster = Cluster(tmp_path)
+    try:
+        queen = cluster.start("queen2", ["queen", "--port", "0", "--hive", f"localhost={env.hive}"])
+        with trio.fail_after(20):
+            async with JobClient(queen) as client:
+                body = {"operation": "model_download", "model": "orphan.bin", "url": server.url}
+                job_id = await client.submit(body)
+                remote = None
+                async with client.stream(job_id) as stream:
+                    async for item in stream:
+                        if isinstance(item, NarrationEvent) and item.action == "forward":
+                            remote = str(item.fields["remote_job_id"])
+                        if isinstance(item, NarrationEvent) and item.action == "download_start":
+                            break
+            assert remote is not None
+            await server.requested.wait()
+            cluster.procs[0][1].kill()  # SIGKILL: no cleanup code runs in the queen
+            await wait_idle(env.hive, within_s=10)
+            async with JobClient(env.hive) as hive:
+                assert (await hive.get(remote))["state"] == "cancelled"
+        assert not list(env.models.glob("orphan.bin*"))
+    finally:
+        cluster.close()

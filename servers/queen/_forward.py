@@ -49,13 +49,16 @@ async def forward_job(
     and fields). The remote outcome decides ours: ``[DONE]`` returns the remote job id,
     ``[ERROR] msg`` raises :class:`ForwardFailed` with the same message, ``[CANCELLED]``
     cancels the current job. The current job's remaining deadline is sent as the remote
-    ``timeout_s``, so both enforce the same timeout.
+    ``timeout_s``, so both enforce the same timeout, and ``on_disconnect: cancel``, so a
+    queen that dies does not leave the remote job running.
 
     Cancellation: when the current job is cancelled (or times out) before the remote job
     ended, a ``DELETE`` of the remote job is sent in a shielded cleanup bounded by
     ``cancel_timeout_s``, then ``Cancelled`` propagates.
     """
-    options: dict[str, Any] = {}
+    # The remote job belongs to this one: if the queen goes away (its stream drops for
+    # good), the remote daemon cancels it instead of running it for nobody.
+    options: dict[str, Any] = {"on_disconnect": "cancel"}
     deadline = trio.current_effective_deadline()
     if deadline != math.inf:
         remaining = deadline - trio.current_time()
