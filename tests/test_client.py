@@ -525,6 +525,19 @@ async def test_submit_and_stream_one_call() -> None:
     assert len(seen) == 1
 
 
+async def test_an_on_line_error_propagates_and_closes_the_stream() -> None:
+    body = Body(sse_body(5))
+    client, _ = client_for(lambda r: sse_response(body, **{"x-job-id": JOB}))
+
+    def on_line(line: str) -> None:
+        raise ValueError(f"cannot handle {line[:6]}")
+
+    async with client:
+        with pytest.raises(ValueError, match="cannot handle"):
+            await client.submit_and_stream({"n": 5}, on_line)
+    assert body.closed and not body.finished
+
+
 async def test_submit_and_stream_follows_a_201_answer() -> None:
     def handler(request: httpx.Request) -> httpx.Response:
         if request.method == "POST":

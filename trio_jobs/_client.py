@@ -6,9 +6,20 @@ and then exactly one :class:`TerminalSignal`. The outcome helpers (:meth:`JobCli
 :meth:`JobClient.submit_and_stream`) return on ``[DONE]``, raise :class:`JobFailed` on
 ``[ERROR]`` (:class:`JobTimeout` for a timeout), :class:`JobCancelled` on ``[CANCELLED]``, and
 :class:`StreamEndedWithoutSignal` when a stream ends without its signal: never a silent
-success. A dropped SSE connection is resumed with ``Last-Event-ID`` (bounded attempts,
-exponential backoff on ``trio.sleep``), with no gap and no duplicate. Every httpx and
-trio-websocket error becomes a trio-jobs error in one place, :func:`_translate`.
+success. A dropped SSE connection (or a body that ends before the signal) is resumed with
+``Last-Event-ID`` (bounded attempts, exponential backoff on ``trio.sleep``), with no gap and
+no duplicate. Streams are read to the end of the body so that httpx keeps the connection.
+Every httpx and trio-websocket error becomes a trio-jobs error in one place,
+:func:`_translate`.
+
+Streams read what the network delivered as a batch: ``receive()`` costs a checkpoint per
+item, ``await wait_ready()`` + ``receive_batch()`` one per network chunk, and
+:meth:`JobClient.submit_and_stream` uses the batch path internally.
+
+Cancellation: every public coroutine is a checkpoint; a cancelled request or stream closes
+its connection (shielded, bounded), and nothing is retried. Cancelling the client side
+never cancels the job on the server, except through the job's ``on_disconnect="cancel"``
+policy or an explicit :meth:`JobClient.cancel`.
 """
 
 from __future__ import annotations
@@ -50,8 +61,8 @@ if TYPE_CHECKING:
 __all__ = [
     "JobClient",
     "JobEventStream",
-    "JobOptions",
     "JobWebSocketStream",
+    "SubmitOptions",
     "WireLineReader",
     "raise_for_signal",
 ]
@@ -67,7 +78,7 @@ _TIMEOUT_RE = re.compile(
 )
 
 
-class JobOptions(TypedDict, total=False):
+class SubmitOptions(TypedDict, total=False):
     """Job options sent at the top level of ``POST /v1/jobs`` beside the operation."""
 
     timeout_s: float
@@ -796,7 +807,7 @@ class JobClient:
     def _job_path(job_id: str) -> str:
         return f"/v1/jobs/{quote(job_id, safe='')}"
 
-    async def submit(self, op: Operation, **options: Unpack[JobOptions]) -> str:
+    async def submit(self, op: Operation, **options: Unpack[SubmitOptions]) -> str:
         """Create a job (``POST /v1/jobs``) and return its id.
 
         Args:
@@ -901,7 +912,7 @@ class JobClient:
             await self._consume(events, None)
 
     async def submit_and_stream(
-        self, op: Operation, on_line: LineCallback, **options: Unpack[JobOptions]
+        self, op: Operation, on_line: LineCallback, **options: Unpack[SubmitOptions]
     ) -> str:
         """Create a job and follow it to its end, passing every wire line to ``on_line``.
 
