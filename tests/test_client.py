@@ -710,6 +710,16 @@ async def test_drop_after_the_signal_is_not_an_error() -> None:
     assert len(seen) == 1
 
 
+async def test_messages_without_their_own_id_are_not_taken_for_replays() -> None:
+    """SSE ids persist across blocks: a block with no ``id:`` is new, not a duplicate."""
+    chunks = [frame(1, event(1)), frame(None, event(2)), frame(2, event(3)), frame(3, "[DONE]")]
+    client, _ = client_for(lambda r: sse_response(Body(chunks)))
+    lines: list[str] = []
+    async with client, client.stream(JOB) as events:
+        lines = [line async for line in events.lines()]
+    assert lines == [event(1), event(2), event(3), "[DONE]"]
+
+
 async def test_resume_from_a_given_event_id() -> None:
     def handler(request: httpx.Request) -> httpx.Response:
         assert request.headers["last-event-id"] == "5"

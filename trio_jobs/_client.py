@@ -346,6 +346,7 @@ class JobEventStream(_ItemChannel):
         self.job_id = job_id
         self.last_event_id: str | None = None if last_event_id is None else str(last_event_id)
         self._last_num = _sse_int(self.last_event_id)
+        self._resumed_after: int | None = None
         self.terminal: TerminalSignal | None = None
         self.reconnects = 0
         self.retry_ms: int | None = None
@@ -394,7 +395,12 @@ class JobEventStream(_ItemChannel):
                 body = await response.aread()
                 if self.job_id is None and response.status_code == 201:
                     # The server ignored ``Accept``: it created the job; follow its stream.
-                    self.job_id = str(json.loads(body)["job_id"])
+                    try:
+                        self.job_id = str(json.loads(body)["job_id"])
+                    except (ValueError, KeyError, TypeError):
+                        raise TransportError(
+                            f"{request.url.path}: 201 answer without a job id"
+                        ) from None
                     await response.aclose()
                     await self._open()
                     return
@@ -410,6 +416,9 @@ class JobEventStream(_ItemChannel):
         self._response = response
         self._chunks = response.aiter_bytes()
         self._decoder = SSEDecoder()
+        # Only ids of this connection count (a fresh decoder: no id is inherited from the
+        # previous one), and only those up to the id we resumed after are replays.
+        self._resumed_after = self._last_num
 
     async def _reconnect(self) -> None:
         """Wait the backoff and reopen the stream; give up after ``max_reconnects`` tries."""
@@ -445,8 +454,8 @@ class JobEventStream(_ItemChannel):
 
     def _accept(self, message: SSEMessage) -> None:
         num = _sse_int(message.id)
-        if num is not None and self._last_num is not None and num <= self._last_num:
-            return  # already delivered before a reconnect
+        if num is not None and self._resumed_after is not None and num <= self._resumed_after:
+            return  # the server replayed what was delivered before the reconnect
         if self.terminal is not None:
             raise TransportError(f"stream of job {self.job_id}: data after the terminal signal")
         data = message.data
