@@ -157,7 +157,7 @@ async def main():
             "plain": registry.create_job({}),
             "retry": registry.create_job({}, retry=RetryPolicy(max_attempts=2, backoff_base=0)),
         }
-        while registry.running < 2 or registry._persister.pending:
+        while registry.running < int(sys.argv[3]) or registry._persister.pending:
             await trio.sleep(0.01)
         await trio.sleep(0.05)
         print(json.dumps(ids), flush=True)
@@ -168,46 +168,61 @@ trio.run(main)
 
 
 async def test_a_killed_nodes_jobs_are_taken_over(dsn_schema: tuple[str, str]) -> None:
+    """The child node claims the front's job and two of its own, and is SIGKILLed; the
+    front (following one of them) then starts claiming and takes all three over."""
     dsn, schema = dsn_schema
+    ran: list[str] = []
+
+    async def finish(job_id: str, payload: Any) -> None:
+        ran.append(job_id)
+        narrate("done", "survivor finished it")
+
     with trio.fail_after(CAP):
-        async with trio.open_nursery() as nursery:
-            proc: trio.Process = await nursery.start(
-                partial(
-                    trio.run_process,
-                    [sys.executable, "-c", CHILD, dsn, schema],
-                    stdout=subprocess.PIPE,
-                    check=False,
+        async with node(dsn_schema, "front", finish, claim=False, lease=0.5) as (front, shared):
+            mirrored = front.create_job({"from": "front"})
+            async with trio.open_nursery() as nursery:
+                proc: trio.Process = await nursery.start(
+                    partial(
+                        trio.run_process,
+                        [sys.executable, "-c", CHILD, dsn, schema, "3"],
+                        stdout=subprocess.PIPE,
+                        check=False,
+                    )
                 )
-            )
-            assert proc.stdout is not None
-            buf = b""
-            while not buf.endswith(b"\n"):
-                chunk = await proc.stdout.receive_some()
-                assert chunk, "the child exited early"
-                buf += chunk
-            proc.send_signal(signal.SIGKILL)
-        ids: dict[str, str] = json.loads(buf)
+                assert proc.stdout is not None
+                buf = b""
+                while not buf.endswith(b"\n"):
+                    chunk = await proc.stdout.receive_some()
+                    assert chunk, "the child exited early"
+                    buf += chunk
+                while len(front.events(mirrored)) < 1:  # followed: running in the child
+                    await trio.sleep(0.01)
+                assert front.get(mirrored).state is JobState.RUNNING
+                proc.send_signal(signal.SIGKILL)
+            ids: dict[str, str] = json.loads(buf)
 
-        ran: list[str] = []
-
-        async def finish(job_id: str, payload: Any) -> None:
-            ran.append(job_id)
-            narrate("done", "survivor finished it")
-
-        async with node(dsn_schema, "survivor", finish, lease=0.5) as (survivor, _):
-            while ids["plain"] not in survivor or ids["retry"] not in survivor:
+            shared.claim = True  # the front becomes a worker: it takes over what died
+            mirror = await front.wait(mirrored)
+            while ids["plain"] not in front or ids["retry"] not in front:
                 await trio.sleep(0.02)
-            plain = await survivor.wait(ids["plain"])
-            retried = await survivor.wait(ids["retry"])
-            plain_lines = await collect(survivor, ids["plain"])
-            retry_lines = await collect(survivor, ids["retry"])
-        assert plain.state is JobState.FAILED and plain.error == INTERRUPTED
-        assert [json.loads(line)["human"] for line in plain_lines[:-1]] == ["child took it"]
-        assert plain_lines[-1] == "[ERROR] interrupted"
-        assert retried.state is JobState.COMPLETED and retried.attempts == 2
-        assert [json.loads(line)["id"] for line in retry_lines[:-1]] == [1, 2]
-        assert ran == [ids["retry"]]
-        async with PostgresStore(dsn, schema=schema) as store:
-            stored = await store.load_job(ids["plain"])
-        assert stored is not None and stored.record.state is JobState.FAILED
-        assert stored.owner == "survivor"
+            plain = await front.wait(ids["plain"])
+            retried = await front.wait(ids["retry"])
+            mirror_lines = await collect(front, mirrored)
+            plain_lines = await collect(front, ids["plain"])
+            retry_lines = await collect(front, ids["retry"])
+    assert mirror.state is JobState.FAILED and mirror.error == INTERRUPTED
+    assert [json.loads(line)["human"] for line in mirror_lines[:-1]] == ["child took it"]
+    assert mirror_lines[-1] == "[ERROR] interrupted"
+    assert front.running == 0
+    assert plain.state is JobState.FAILED and plain.error == INTERRUPTED
+    assert [json.loads(line)["human"] for line in plain_lines[:-1]] == ["child took it"]
+    assert plain_lines[-1] == "[ERROR] interrupted"
+    assert retried.state is JobState.COMPLETED and retried.attempts == 2
+    assert [json.loads(line)["id"] for line in retry_lines[:-1]] == [1, 2]
+    assert ran == [ids["retry"]]
+    async with PostgresStore(dsn, schema=schema) as store:
+        stored = await store.load_job(ids["plain"])
+        stored_mirror = await store.load_job(mirrored)
+    assert stored is not None and stored.record.state is JobState.FAILED
+    assert stored.owner == "front"
+    assert stored_mirror is not None and stored_mirror.record.state is JobState.FAILED

@@ -630,15 +630,12 @@ class SharedRunner:
 
     async def _take_over(self, stored: StoredJob) -> None:
         registry = self.registry
-        mirror = registry._jobs.get(stored.record.id)
-        counted = (
-            mirror is not None
-            and not mirror.state.is_terminal
-            and mirror.state is not JobState.QUEUED
-        )
         job = await self._load(stored)
         if job.state.is_terminal:
             return
+        # a mirror synced to RUNNING/RETRYING is counted in registry.running; a job just
+        # restored from the row (QUEUED in memory) is not
+        counted = job.state in (JobState.RUNNING, JobState.RETRYING)
         if not counted:
             job.state = stored.record.state
         _interrupted(registry, job, counted=counted)
@@ -734,10 +731,15 @@ async def run_shared_jobs(
         with persistence:
             await run_persistence(registry, task_status=task_status)
 
+    from ._runner import _sweep
+
     async with trio.open_nursery() as outer:
         persister = registry._persister
         if persister is None:
             persister = await outer.start(persist)
+        if not registry._sweeping:
+            registry._sweeping = True
+            outer.start_soon(_sweep, registry)
         assert persister is not None
         shared = SharedRunner(
             registry,

@@ -255,9 +255,10 @@ class PostgresStore(JobStore):
         return self.node
 
     async def claim(self, limit: int, lease: float) -> list[StoredJob]:
-        """Take up to ``limit`` queued jobs nobody holds (highest priority, oldest first)
-        for this node, leased for ``lease`` seconds. ``FOR UPDATE SKIP LOCKED`` makes two
-        nodes claiming at once take different jobs, so each job runs once."""
+        """Take up to ``limit`` queued jobs nobody holds (highest priority, oldest first;
+        not past their queue deadline) for this node, leased for ``lease`` seconds.
+        ``FOR UPDATE SKIP LOCKED`` makes two nodes claiming at once take different jobs,
+        so each job runs once."""
         node = self._node()
 
         def claim(conn: psycopg.Connection[Any]) -> list[StoredJob]:
@@ -266,9 +267,10 @@ class PostgresStore(JobStore):
                 f"UPDATE jobs SET owner = %s, lease_until = %s WHERE id IN ("
                 "SELECT id FROM jobs WHERE state = 'queued' AND NOT cancel_requested "
                 "AND (owner IS NULL OR owner = %s OR lease_until < %s) "
+                "AND (expires_at IS NULL OR expires_at > %s) "
                 "ORDER BY priority DESC, created_at LIMIT %s FOR UPDATE SKIP LOCKED) "
                 f"RETURNING {JOB_COLUMNS}, owner, cancel_requested",
-                (node, now + lease, node, now, limit),
+                (node, now + lease, node, now, now, limit),
             ).fetchall()
             rows.sort(key=lambda r: (-r[5], r[10]))
             return [_stored(r) for r in rows]
