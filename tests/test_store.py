@@ -8,6 +8,7 @@ use the real clock with short waits under a ``fail_after`` cap.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import sys
@@ -510,3 +511,39 @@ async def test_event_fields_json_cannot_hold_are_stored_as_text(stores: StoreFac
         async with stores() as store:
             [event] = await store.load_events(job_id)
     assert event.fields == {"where": "/tmp/x", "n": 1}
+
+
+async def test_big_batches_round_trip(stores: StoreFactory) -> None:
+    """Big batches take another path in some stores (PostgreSQL copies them)."""
+    records = [running_record(f"job-{i:03d}") for i in range(120)]
+    history = (Transition(JobState.RUNNING, time.time(), "started"),)
+    first = WriteBatch(
+        jobs=[
+            JobWrite(
+                r, history, None, check_json("p", r.payload), check_json("m", r.metadata), True
+            )
+            for r in records
+        ],
+        events=[
+            NarrationEvent(i, r.id, 1.5, "a", "tick", f"{r.id} {i}", {"i": i})
+            for r in records
+            for i in (1, 2)
+        ],
+    )
+    done = [dataclasses.replace(r, state=JobState.COMPLETED, finished_at=2.0) for r in records]
+    second = WriteBatch(
+        jobs=[JobWrite(r, (*history, Transition(JobState.COMPLETED, 2.0))) for r in done]
+    )
+    with trio.fail_after(CAP):
+        async with stores() as store:
+            await store.write(first)
+            await store.write(first)  # a retried batch changes nothing
+            await store.write(second)
+            loaded = await store.load_jobs()
+            events = await store.load_events("job-007")
+    assert [s.record for s in loaded] == done
+    assert all(len(s.history) == 2 for s in loaded)
+    assert [(e.id, e.human, e.fields) for e in events] == [
+        (1, "job-007 1", {"i": 1}),
+        (2, "job-007 2", {"i": 2}),
+    ]
