@@ -358,6 +358,18 @@ async def test_websocket_cancel(trio_jobs_client: JobClient) -> None:
     assert (await trio_jobs_client.get(job_id))["state"] == "cancelled"
 
 
+async def test_websocket_errors_in_the_block_come_out_alone(
+    trio_jobs_client: JobClient, trio_jobs_registry: JobRegistry
+) -> None:
+    """An error raised in the block is not wrapped in a group; the socket is closed."""
+    job_id = await trio_jobs_client.submit({"n": 2, "delay": 60}, on_disconnect="cancel")
+    with pytest.raises(ValueError, match="mine"):
+        async with trio_jobs_client.stream_ws(job_id):
+            raise ValueError("mine")
+    # The server saw the WebSocket go: the job's cancel-on-disconnect policy applied.
+    assert (await trio_jobs_registry.wait(job_id)).state.value == "cancelled"
+
+
 @pytest.mark.parametrize("trio_jobs_token", ["s3cret"])
 async def test_token_auth(trio_jobs_server: str, trio_jobs_client: JobClient) -> None:
     job_id = await trio_jobs_client.submit({"n": 1})  # the fixture client has the token
