@@ -16,8 +16,11 @@ and the assertions :func:`assert_stream_done`, :func:`assert_stream_error` and
 :func:`assert_stream_cancelled`, which check that a stream holds exactly one terminal signal,
 as its last line, after well-formed events.
 
-Importing this module stays cheap (it is loaded in every pytest run of a project that has
-trio-jobs installed): the HTTP stack is imported by the fixtures that need it.
+The fixtures are async (they need pytest-trio, with ``trio_mode = true`` or the ``trio``
+marker). Where plugin autoloading is off (``PYTEST_DISABLE_PLUGIN_AUTOLOAD``), load the
+plugin with ``-p trio_jobs.testing``. Importing this module stays cheap (it is loaded in
+every pytest run of a project that has trio-jobs installed): the HTTP stack is imported by
+the fixtures that need it.
 """
 
 from __future__ import annotations
