@@ -191,3 +191,23 @@ def test_a_failing_stream_assertion_reads_well(pytester: pytest.Pytester) -> Non
     result = pytester.runpytest_inprocess("-q")
     result.assert_outcomes(failed=1)
     result.stdout.fnmatch_lines(["*AssertionError: stream has 2 signals, expected exactly one*"])
+
+
+def test_loading_the_plugin_by_name(
+    pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Without entry-point autoloading, ``-p trio_jobs.testing`` gives the same fixtures."""
+    monkeypatch.setenv("PYTEST_DISABLE_PLUGIN_AUTOLOAD", "1")
+    pytester.makeini(INI)
+    pytester.makepyfile(
+        test_named="""
+        from trio_jobs.testing import assert_stream_done
+
+        async def test_it(trio_jobs_client):
+            lines = []
+            await trio_jobs_client.submit_and_stream({"n": 2}, lines.append)
+            assert len(assert_stream_done(lines)) == 2
+        """
+    )
+    result = pytester.runpytest_subprocess("-p", "pytest_trio.plugin", "-p", "trio_jobs.testing")
+    result.assert_outcomes(passed=1)
