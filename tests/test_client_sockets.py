@@ -205,6 +205,27 @@ async def test_streams_reuse_one_connection(relay: Relay) -> None:
     assert relay.connections == 1
 
 
+async def test_many_concurrent_streams_on_one_client(
+    trio_jobs_client: JobClient, gates: dict[str, trio.Event]
+) -> None:
+    """More open streams than httpx's default pool cap (100): none waits for a slot."""
+    gate = gates.setdefault("many", trio.Event())
+    done: list[str] = []
+
+    async def follow(job_id: str) -> None:
+        await trio_jobs_client.wait(job_id)
+        done.append(job_id)
+
+    async with trio.open_nursery() as nursery:
+        for _ in range(120):
+            job_id = await trio_jobs_client.submit({"gate": "many", "before": 1, "after": 1})
+            nursery.start_soon(follow, job_id)
+        while (await trio_jobs_client.health())["open_streams"] < 120:
+            await trio.sleep(0.01)
+        gate.set()
+    assert len(done) == 120
+
+
 async def test_leaving_a_stream_early_disconnects(
     trio_jobs_client: JobClient, trio_jobs_registry: JobRegistry
 ) -> None:

@@ -59,6 +59,7 @@ if TYPE_CHECKING:
     from trio_websocket import WebSocketConnection
 
 __all__ = [
+    "DEFAULT_LIMITS",
     "JobClient",
     "JobEventStream",
     "JobWebSocketStream",
@@ -71,6 +72,9 @@ _JOB_OPTIONS = frozenset(
     {"timeout_s", "priority", "retry", "tags", "metadata", "on_disconnect", "expires_s"}
 )
 _RETRYABLE_STATUS = frozenset({502, 503, 504})
+#: Pool limits of a JobClient: no cap on open connections (one per open stream), and up
+#: to 64 idle ones kept for reuse.
+DEFAULT_LIMITS = httpx.Limits(max_connections=None, max_keepalive_connections=64)
 _MAX_BACKOFF_S = 30.0
 _MAX_DRAIN_STEPS = 10_000
 _TIMEOUT_RE = re.compile(
@@ -747,6 +751,9 @@ class JobClient:
         max_reconnects: Reconnect attempts in a row, without a new event in between, before
             a dropped stream raises :class:`StreamEndedWithoutSignal`.
         backoff_s: The wait before the first reconnect attempt; doubled for each further one.
+        limits: The connection pool's limits. The default, :data:`DEFAULT_LIMITS`, has no
+            cap on connections: each open stream holds one for as long as its job runs, so
+            httpx's default cap (100) would make the 101st stream wait and time out.
     """
 
     def __init__(
@@ -758,6 +765,7 @@ class JobClient:
         transport: httpx.AsyncBaseTransport | None = None,
         max_reconnects: int = 5,
         backoff_s: float = 0.2,
+        limits: httpx.Limits | None = None,
     ) -> None:
         if max_reconnects < 0 or backoff_s < 0 or timeout <= 0:
             raise ValueError("max_reconnects and backoff_s must be >= 0, timeout > 0")
@@ -773,6 +781,7 @@ class JobClient:
             headers=headers,
             timeout=httpx.Timeout(timeout),
             transport=transport,
+            limits=limits or DEFAULT_LIMITS,
         )
 
     async def __aenter__(self) -> Self:
