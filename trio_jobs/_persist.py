@@ -210,17 +210,25 @@ class Persister:
         self.flushes += 1
 
     async def run(self) -> None:
-        """Flush forever: after each change, at most ``interval`` later."""
+        """Flush forever: after each change, at most ``interval`` later. A failing store
+        is retried with exponential backoff (up to 5 s); nothing is dropped meanwhile."""
+        failing = 0
         while True:
             if not self._dirty and not self._live:
                 await self._idle.park()
-            with trio.move_on_after(self.interval):
-                await self._full.park()
+            if failing:
+                await trio.sleep(min(5.0, self.interval * 2**failing))
+            else:
+                with trio.move_on_after(self.interval):
+                    await self._full.park()
             try:
                 await self.flush()
             except Exception:
                 self.failures += 1
+                failing = min(failing + 1, 16)
                 logger.exception("writing jobs to %r failed; retrying", self.store)
+            else:
+                failing = 0
 
     async def drain(self, grace: float) -> None:
         """Final flushes on shutdown: shielded, until nothing is pending or running, or
