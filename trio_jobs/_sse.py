@@ -86,7 +86,8 @@ class SSEDecoder:
                 self.last_event_id = self._id
                 if data:
                     text = data[0] if len(data) == 1 else "\n".join(data)
-                    out.append(SSEMessage(text, self._id, self._event or "message"))
+                    if text:  # the spec dispatches nothing for empty data
+                        out.append(SSEMessage(text, self._id, self._event or "message"))
                     data = self._data = []
                 self._event = ""
             elif line[:4] == "id: ":
