@@ -321,6 +321,11 @@ async def test_get_list_cancel_health_history() -> None:
             TransportError,
             lambda e: "not JSON" in str(e),
         ),
+        (
+            httpx.Response(200, json={"unexpected": 1}),
+            TransportError,
+            lambda e: "no 'history'" in str(e),
+        ),
         (httpx.ConnectError("refused"), TransportError, lambda e: "ConnectError" in str(e)),
         (httpx.ReadTimeout("slow"), TransportError, lambda e: "timed out" in str(e)),
         (httpx.RemoteProtocolError("cut"), TransportError, lambda e: "cut" in str(e)),
@@ -332,7 +337,7 @@ async def test_error_mapping(
     client, _ = client_for(lambda r: response)
     async with client:
         with pytest.raises(expected) as info:
-            await client.get(JOB)
+            await client.history(JOB)
     assert check(info.value), info.value
     if isinstance(response, Exception):
         assert info.value.__cause__ is response

@@ -728,6 +728,13 @@ def _job_body(op: Operation, options: Mapping[str, Any]) -> dict[str, Any]:
     return body
 
 
+def _member(data: Any, key: str, what: str) -> Any:
+    """``data[key]`` of a JSON answer, or a :class:`TransportError` naming the request."""
+    if isinstance(data, dict) and key in data:
+        return data[key]
+    raise TransportError(f"{what}: the answer has no {key!r}: {str(data)[:200]}")
+
+
 def _check_line_callback(on_line: LineCallback) -> None:
     if not callable(on_line):
         raise TypeError("on_line must be a callable taking one line (str)")
@@ -838,10 +845,13 @@ class JobClient:
         Raises:
             HTTPStatusError: the server refused the job (400, 401, 413, 422, ...).
             TransportError: the server could not be reached.
+
+        A cancel after the request went out may leave a job on the server whose id the
+        caller never learns; use ``tags`` to find such jobs if that matters.
         """
         body = _job_body(op, options)
         data = await self._json("POST", "/v1/jobs", json=body)
-        return str(data["job_id"])
+        return str(_member(data, "job_id", "POST /v1/jobs"))
 
     async def get(self, job_id: str) -> dict[str, Any]:
         """The job's record (``GET /v1/jobs/{id}``); :class:`JobNotFound` if unknown."""
@@ -851,7 +861,7 @@ class JobClient:
     async def history(self, job_id: str) -> list[dict[str, Any]]:
         """The job's state transitions, oldest first (``GET /v1/jobs/{id}/history``)."""
         data = await self._json("GET", self._job_path(job_id) + "/history", job_id=job_id)
-        history: list[dict[str, Any]] = data["history"]
+        history: list[dict[str, Any]] = _member(data, "history", "GET history")
         return history
 
     async def list_jobs(
@@ -864,7 +874,7 @@ class JobClient:
         if tag is not None:
             params["tag"] = tag
         data = await self._json("GET", "/v1/jobs", params=params)
-        jobs: list[dict[str, Any]] = data["jobs"]
+        jobs: list[dict[str, Any]] = _member(data, "jobs", "GET /v1/jobs")
         return jobs
 
     async def cancel(self, job_id: str) -> dict[str, Any]:
