@@ -507,6 +507,18 @@ async def test_stream_of_unknown_job() -> None:
                 pytest.fail("entered the stream of an unknown job")
 
 
+async def test_leaving_after_the_signal_reads_the_body_to_its_end() -> None:
+    """The rest of the body is read on exit, so the connection could be reused."""
+    body = Body([*sse_body(2), b": trailing comment\n\n"])
+    client, _ = client_for(lambda r: sse_response(body))
+    async with client:
+        async with client.stream(JOB) as events:
+            while not isinstance(await events.receive(), TerminalSignal):
+                pass
+            assert not body.finished
+        assert body.finished and body.closed
+
+
 async def test_leaving_stream_early_closes_the_response() -> None:
     body = Body(sse_body(50))
     client, _ = client_for(lambda r: sse_response(body))
