@@ -93,6 +93,7 @@ class Persister:
         self._dirty: dict[str, Job] = {}
         self._live: dict[str, Job] = {}
         self._cursors: dict[str, _Cursor] = {}
+        self._lock = trio.Lock()
         self.foreign: set[str] = set()
         """Ids of jobs another node owns: followed here, never written from here."""
         self._idle = trio.lowlevel.ParkingLot()
@@ -195,7 +196,12 @@ class Persister:
         )
 
     async def flush(self) -> None:
-        """Write what changed since the last flush; on failure keep it for the next."""
+        """Write what changed since the last flush; on failure keep it for the next.
+        Flushes run one at a time, in the order they are called."""
+        async with self._lock:
+            await self._flush()
+
+    async def _flush(self) -> None:
         batch, done = self._collect()
         if not batch:
             self._commit(done)
@@ -518,6 +524,7 @@ class SharedRunner:
         self.running_here = 0
         self._cancel_sent: set[str] = set()
         self._cancel_queue: list[str] = []
+        self._next_beat = 0.0
         self._wake = trio.Event()
         registry.add_observer(self._observe)
 
@@ -658,46 +665,62 @@ class SharedRunner:
                 self.registry._queue = kept
 
     async def run(self, nursery: trio.Nursery) -> None:
-        store = self.store
-        next_beat = 0.0
+        """Poll forever; database errors are logged and retried with backoff (up to
+        the lease time), so a database outage pauses the node instead of ending it."""
+        failing = 0
         while True:
             self._wake = trio.Event()
-            free = 64 if self.max_concurrent is None else self.max_concurrent - self.running_here
-            if free > 0 and self.claim:
-                for stored in await store.claim(free, self.lease):
-                    await self._start(nursery, stored)
-            if self.claim:
-                for stored in await store.take_over(16, self.lease):
-                    await self._take_over(stored)
-            for job_id in await store.cancel_requests():
-                if job_id in self.here:
-                    self.registry.cancel_job(job_id, "cancelled through another node")
-            followed = self._followed()
-            if followed:
-                for stored, events in await store.poll(followed):
-                    job = self.registry._jobs[stored.record.id]
-                    if job.id not in self.persister.foreign:
-                        self.persister.disown(job.id)
-                    await self._sync(job, stored, events)
-            asked = [
-                job_id
-                for job_id in self.persister.foreign
-                if job_id not in self._cancel_sent
-                and (mirror := self.registry._jobs.get(job_id)) is not None
-                and mirror.cancel_requested
-            ]
-            asked += self._cancel_queue
-            self._cancel_queue = []
-            if asked:
-                await store.request_cancel(asked)
-                self._cancel_sent.update(asked)
-            now = trio.current_time()
-            if now >= next_beat:
-                await store.heartbeat(self.lease)
-                next_beat = now + self.lease / 3
-            self._prune_queue()
+            try:
+                await self._round(nursery)
+            except Exception:
+                failing = min(failing + 1, 16)
+                logger.exception("shared job round on %r failed; retrying", self.store)
+                await trio.sleep(min(self.lease / 3, self.poll_interval * 2**failing))
+                continue
+            failing = 0
             with trio.move_on_after(self.poll_interval):
                 await self._wake.wait()
+
+    async def _round(self, nursery: trio.Nursery) -> None:
+        store = self.store
+        free = 64 if self.max_concurrent is None else self.max_concurrent - self.running_here
+        if free > 0 and self.claim:
+            if self.persister._dirty:
+                await self.persister.flush()  # new jobs are claimable once written
+            for stored in await store.claim(free, self.lease):
+                await self._start(nursery, stored)
+        if self.claim:
+            for stored in await store.take_over(16, self.lease):
+                await self._take_over(stored)
+        for job_id in await store.cancel_requests():
+            if job_id in self.here:
+                self.registry.cancel_job(job_id, "cancelled through another node")
+        followed = self._followed()
+        if followed:
+            for stored, events in await store.poll(followed):
+                job = self.registry._jobs.get(stored.record.id)
+                if job is None:
+                    continue
+                if job.id not in self.persister.foreign:
+                    self.persister.disown(job.id)
+                await self._sync(job, stored, events)
+        asked = [
+            job_id
+            for job_id in self.persister.foreign
+            if job_id not in self._cancel_sent
+            and (mirror := self.registry._jobs.get(job_id)) is not None
+            and mirror.cancel_requested
+        ]
+        asked += self._cancel_queue
+        if asked:
+            await store.request_cancel(asked)
+            self._cancel_sent.update(asked)
+            self._cancel_queue = []
+        now = trio.current_time()
+        if now >= self._next_beat:
+            await store.heartbeat(self.lease)
+            self._next_beat = now + self.lease / 3
+        self._prune_queue()
 
 
 async def run_shared_jobs(
