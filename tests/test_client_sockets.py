@@ -350,6 +350,15 @@ async def test_websocket_batches_and_late_cancel(trio_jobs_client: JobClient) ->
     assert_stream_done(items)
 
 
+async def test_websocket_resumes_from_an_event_id(trio_jobs_client: JobClient) -> None:
+    job_id = await trio_jobs_client.submit({"n": 5})
+    await trio_jobs_client.wait(job_id)
+    async with trio_jobs_client.stream_ws(job_id, last_event_id=3) as ws:
+        items = [item async for item in ws]
+    assert [i.id for i in items[:-1]] == [4, 5]
+    assert_stream_done(items)
+
+
 async def test_keepalive_comments_are_skipped() -> None:
     """A quiet job: the server sends ``: keep-alive`` comments; the client sees only items."""
     app = create_app(JobRegistry(), narrating_executor, keepalive_s=0.02)

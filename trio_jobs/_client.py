@@ -984,11 +984,14 @@ class JobClient:
         return urlunsplit((scheme, parts.netloc, path, "", ""))
 
     @asynccontextmanager
-    async def stream_ws(self, job_id: str) -> AsyncIterator[JobWebSocketStream]:
+    async def stream_ws(
+        self, job_id: str, *, last_event_id: str | int | None = None
+    ) -> AsyncIterator[JobWebSocketStream]:
         """Follow a job over its WebSocket: the same items as :meth:`stream`.
 
         The handle's :meth:`JobWebSocketStream.send_cancel` cancels the job. Leaving the
-        block closes the WebSocket with code 1000.
+        block closes the WebSocket with code 1000. ``last_event_id`` starts after that
+        event (sent as ``Last-Event-ID``); a WebSocket is not resumed after a drop.
 
         Raises:
             JobNotFound: no such job (the server refused the handshake with 404).
@@ -996,6 +999,8 @@ class JobClient:
             TransportError: the server could not be reached.
         """
         headers = [(b"authorization", f"Bearer {self._token}".encode())] if self._token else []
+        if last_event_id is not None:
+            headers.append((b"last-event-id", str(last_event_id).encode()))
         async with AsyncExitStack() as stack:
             with _translating(f"websocket of job {job_id}", job_id=job_id):
                 ws = await stack.enter_async_context(
