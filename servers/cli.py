@@ -640,13 +640,34 @@ DAEMONS: dict[str, Callable[[argparse.Namespace], int]] = {
 }
 
 
+def _leaf(exc: BaseException, kind: type[BaseException]) -> BaseException | None:
+    """The first ``kind`` exception in ``exc`` (looking inside exception groups)."""
+    if isinstance(exc, kind):
+        return exc
+    if isinstance(exc, BaseExceptionGroup):
+        for inner in exc.exceptions:
+            found = _leaf(inner, kind)
+            if found is not None:
+                return found
+    return None
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """The ``trio-jobs`` console script; returns the exit code."""
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command in DAEMONS:
         setup_logging(args.verbose)
-        return DAEMONS[args.command](args)
+        try:
+            return DAEMONS[args.command](args)
+        except BaseException as exc:
+            if _leaf(exc, KeyboardInterrupt) is not None:  # before the handlers were set
+                return EXIT_INTERRUPTED
+            error = _leaf(exc, OSError)  # the address is in use, not ours, ...
+            if error is None:
+                raise
+            sys.stderr.write(f"trio-jobs {args.command}: cannot serve: {error}\n")
+            return EXIT_FAILED
     handler = getattr(args, "handler", None)
     if handler is not None:
         code: int = trio.run(handler, args)

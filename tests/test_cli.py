@@ -300,3 +300,22 @@ def test_printer_json_lines() -> None:
     first, second = out.getvalue().splitlines()
     assert json.loads(first)["token"] == "Hi"
     assert second == "[CANCELLED]"
+
+
+async def test_daemon_on_a_busy_port_fails_clearly() -> None:
+    listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
+    port = listeners[0].socket.getsockname()[1]
+    try:
+        with trio.fail_after(20):
+            result = await trio.run_process(
+                [sys.executable, "-m", "servers", "queen", "--port", str(port)],
+                capture_stdout=True,
+                capture_stderr=True,
+                check=False,
+            )
+    finally:
+        for listener in listeners:
+            await listener.aclose()
+    assert result.returncode == 1
+    assert result.stdout == b""
+    assert b"trio-jobs queen: cannot serve: [Errno 98]" in result.stderr
