@@ -22,6 +22,7 @@ import pytest
 import trio
 
 from servers.cli import Printer
+from servers.queen import hives_from_config, load_config_file, parse_hive_flag
 from servers.worker import tiny_tokens
 from tests.daemons import Cluster, closed_port, spawn_worker, wait_idle
 from trio_jobs import NarrationEvent, Signal, TerminalSignal
@@ -318,4 +319,37 @@ async def test_daemon_on_a_busy_port_fails_clearly() -> None:
             await listener.aclose()
     assert result.returncode == 1
     assert result.stdout == b""
-    assert b"trio-jobs queen: cannot serve: [Errno 98]" in result.stderr
+    assert b"trio-jobs queen: cannot serve: " in result.stderr
+
+
+def test_queen_config_files(tmp_path: Path) -> None:
+    toml = tmp_path / "queen.toml"
+    toml.write_text(
+        'port = 0\ntoken = "t"\n[hives]\nlocalhost = "http://127.0.0.1:7834"\n'
+        '[hives.gpu]\nurl = "http://10.0.0.2:7834/"\nssh_host = "gpu-box"\n'
+    )
+    data = load_config_file(toml)
+    assert (data["port"], data["token"]) == (0, "t")
+    hives = hives_from_config(data)
+    assert hives["localhost"].url == "http://127.0.0.1:7834"
+    assert (hives["gpu"].url, hives["gpu"].ssh_host) == ("http://10.0.0.2:7834", "gpu-box")
+    as_json = tmp_path / "queen.json"
+    as_json.write_text(json.dumps({"hives": {"a": "http://h:1"}}))
+    assert hives_from_config(load_config_file(as_json))["a"].url == "http://h:1"
+    with pytest.raises(ValueError, match="alias=http"):
+        hives_from_config({"hives": {"bad": "ftp://x"}})
+    assert parse_hive_flag("http://h:2").alias == "localhost"
+
+
+async def test_queen_reads_hives_from_its_config_file(tmp_path: Path) -> None:
+    config = tmp_path / "queen.toml"
+    config.write_text('[hives]\nfarm = "http://127.0.0.1:9"\n')
+    cluster = Cluster(tmp_path)
+    try:
+        queen = cluster.start("queen", ["queen", "--port", "0", "--config", str(config)])
+        code, out, _ = await keeper(None, "--queen", queen, "hive-list")
+        assert code == 0
+        assert "farm http://127.0.0.1:9" in out
+    finally:
+        codes = cluster.close()
+    assert codes == {"queen": 0}
