@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import signal
 import sys
@@ -157,60 +158,85 @@ async def _cancel_on_server(client: JobClient, job_id: str, printer: Printer) ->
             printer.note(f"could not cancel job {job_id}: {exc}")
 
 
+class _Run:
+    """What the keeper learned while following a job (read after an interruption)."""
+
+    job_id: str | None = None
+    interrupted = False
+
+
+async def _submit_and_follow(
+    client: JobClient,
+    args: argparse.Namespace,
+    body: dict[str, Any],
+    printer: Printer,
+    run: _Run,
+) -> int:
+    try:
+        job_id = await client.submit(body, **_options(args))
+    except HTTPStatusError as exc:
+        printer.error(f"the queen refused the job: {exc}")
+        return EXIT_FAILED
+    except TransportError as exc:
+        printer.error(f"cannot reach the queen at {args.queen}: {exc}")
+        return EXIT_FAILED
+    run.job_id = job_id
+    printer.note(f"job {job_id}")
+    terminal: TerminalSignal | None = None
+    lost: str | None = None
+    # The server enforces --timeout; this guard only covers a queen that stops answering.
+    guard = math.inf if args.timeout is None else args.timeout + 30.0
+    with trio.move_on_after(guard):
+        try:
+            async with client.stream(job_id) as events:
+                async for item in events:
+                    printer.item(item)
+                    if isinstance(item, TerminalSignal):
+                        terminal = item
+        except (StreamEndedWithoutSignal, TransportError) as exc:
+            lost = str(exc)
+    if terminal is None:
+        if lost is None:
+            await _cancel_on_server(client, job_id, printer)
+            lost = f"no terminal signal within {guard:g}s"
+        printer.error(f"lost job {job_id}: {lost}")
+        return EXIT_FAILED
+    return EXIT_OK if terminal.signal is Signal.DONE else EXIT_FAILED
+
+
 async def run_operation(args: argparse.Namespace, body: dict[str, Any]) -> int:
-    """Submit ``body`` to the queen and follow it to its terminal signal."""
+    """Submit ``body`` to the queen and follow it to its terminal signal.
+
+    SIGINT/SIGTERM (Ctrl-C) stop following, cancel the job on the server (bounded) and
+    give exit code 130.
+    """
     printer = Printer(json_lines=args.json)
     try:
         parse_operation(body)
     except ValidationError as exc:
         printer.error(f"invalid operation: {_validation_text(exc)}")
         return EXIT_USAGE
+    run = _Run()
+    code = EXIT_INTERRUPTED
     async with JobClient(args.queen, token=args.token) as client:
-        try:
-            job_id = await client.submit(body, **_options(args))
-        except HTTPStatusError as exc:
-            printer.error(f"the queen refused the job: {exc}")
-            return EXIT_FAILED
-        except TransportError as exc:
-            printer.error(f"cannot reach the queen at {args.queen}: {exc}")
-            return EXIT_FAILED
-        printer.note(f"job {job_id}")
-        terminal: TerminalSignal | None = None
-        interrupted = False
-        lost: str | None = None
         with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
             async with trio.open_nursery() as nursery:
 
                 async def on_signal() -> None:
-                    nonlocal interrupted
                     async for _ in signals:
-                        interrupted = True
+                        run.interrupted = True
                         nursery.cancel_scope.cancel()
                         return
 
                 nursery.start_soon(on_signal)
-                guard = None if args.timeout is None else args.timeout + 30.0
-                with trio.move_on_after(guard if guard is not None else float("inf")):
-                    try:
-                        async with client.stream(job_id) as events:
-                            async for item in events:
-                                printer.item(item)
-                                if isinstance(item, TerminalSignal):
-                                    terminal = item
-                    except (StreamEndedWithoutSignal, TransportError) as exc:
-                        lost = str(exc)
+                code = await _submit_and_follow(client, args, body, printer, run)
                 nursery.cancel_scope.cancel()
-        if interrupted:
+        if run.interrupted:
             printer.note("interrupted")
-            await _cancel_on_server(client, job_id, printer)
+            if run.job_id is not None:
+                await _cancel_on_server(client, run.job_id, printer)
             return EXIT_INTERRUPTED
-        if terminal is None:
-            if lost is None:
-                await _cancel_on_server(client, job_id, printer)
-                lost = f"no terminal signal within {guard:g}s" if guard else "no terminal signal"
-            printer.error(f"lost job {job_id}: {lost}")
-            return EXIT_FAILED
-        return EXIT_OK if terminal.signal is Signal.DONE else EXIT_FAILED
+    return code
 
 
 def _validation_text(exc: ValidationError) -> str:

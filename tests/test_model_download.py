@@ -237,3 +237,28 @@ async def test_download_without_url_or_source(tmp_path: Path) -> None:
     assert (
         signal == "[ERROR] model_download of 'm.bin' needs a url (this hive has no --model-source)"
     )
+
+
+async def test_a_second_download_of_the_same_model_is_refused(tmp_path: Path) -> None:
+    started = trio.Event()
+
+    class Stalling(FileServer):
+        async def handle(self, stream: trio.SocketStream) -> None:
+            await stream.receive_some(4096)
+            await stream.send_all(b"HTTP/1.1 200 OK\r\nContent-Length: 1000\r\n\r\nxx")
+            started.set()
+            await trio.sleep_forever()
+
+    store = ModelStore(tmp_path)
+    async with trio.open_nursery() as nursery:
+        srv = Stalling({})
+        await nursery.start(srv.run)
+        op = ModelDownload(model="m.bin", url=f"{srv.url}/m.bin")
+
+        nursery.start_soon(store.download, op)
+        with trio.fail_after(10):
+            await started.wait()
+            _, signal = await _download(store, op)
+        assert signal == "[ERROR] m.bin is already being downloaded by another job"
+        nursery.cancel_scope.cancel()
+    assert list(tmp_path.iterdir()) == []

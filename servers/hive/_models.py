@@ -81,6 +81,7 @@ class ModelStore:
         self.directory = Path(directory)
         self.source = source
         self.progress_interval_s = progress_interval_s
+        self._downloading: set[str] = set()
 
     def path(self, model_id: str) -> Path:
         return self.directory / model_id
@@ -129,6 +130,15 @@ class ModelStore:
                 left behind (neither the ``.part`` nor the final name).
         """
         url = self._url(op)
+        if op.model in self._downloading:
+            raise DownloadError(f"{op.model} is already being downloaded by another job")
+        self._downloading.add(op.model)
+        try:
+            return await self._download(op, url)
+        finally:
+            self._downloading.discard(op.model)
+
+    async def _download(self, op: ModelDownload, url: str) -> dict[str, Any]:
         final = self.path(op.model)
         part = self.path(op.model + PART_SUFFIX)
         expected = op.sha256.lower() if op.sha256 else None
