@@ -105,16 +105,15 @@ class WorkerTable:
             NoWorker: none appeared in time.
         """
         with trio.move_on_after(wait_s):
-            while True:
-                candidates = self.live(model, hive_id)
-                if candidates:
-                    best = min(
-                        candidates,
-                        key=lambda e: (e.running + self.assigned.get(e.worker_id, 0), e.worker_id),
-                    )
-                    await trio.lowlevel.checkpoint()
-                    return best
+            while not self.live(model, hive_id):
                 await self._changed.wait()
+        candidates = self.live(model, hive_id)
+        if candidates:
+            await trio.lowlevel.checkpoint()
+            return min(
+                candidates,
+                key=lambda e: (e.running + self.assigned.get(e.worker_id, 0), e.worker_id),
+            )
         where = f" on hive {hive_id!r}" if hive_id else ""
         others = sorted({f"{e.worker_id} ({e.model})" for e in self.live()})
         raise NoWorker(

@@ -1,0 +1,77 @@
+"""The queen's worker table: heartbeats, liveness by TTL, picking a worker (virtual time)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+import trio
+import trio.testing
+
+from servers.queen import NoWorker, WorkerTable
+
+
+def beat(table: WorkerTable, worker_id: str, model: str = "tiny", **extra: Any) -> None:
+    table.beat(
+        {"worker_id": worker_id, "url": f"http://127.0.0.1/{worker_id}", "model": model, **extra}
+    )
+
+
+async def test_pick_prefers_the_least_busy_live_worker(autojump_clock: trio.abc.Clock) -> None:
+    table = WorkerTable(ttl_s=5)
+    beat(table, "w1", running=2)
+    beat(table, "w2", running=0)
+    beat(table, "w3", model="other")
+    assert (await table.pick("tiny", None, wait_s=0)).worker_id == "w2"
+    table.assigned["w2"] = 3
+    assert (await table.pick("tiny", None, wait_s=0)).worker_id == "w1"
+    beat(table, "w4", hive_id="gpu")
+    assert (await table.pick("tiny", "gpu", wait_s=0)).worker_id == "w4"
+
+
+async def test_workers_expire_after_the_ttl(autojump_clock: trio.abc.Clock) -> None:
+    table = WorkerTable(ttl_s=5)
+    beat(table, "w1")
+    await trio.sleep(4.9)
+    assert [w.worker_id for w in table.live()] == ["w1"]
+    await trio.sleep(0.2)
+    assert table.live() == []
+    with pytest.raises(NoWorker, match="no live worker serves model 'tiny'"):
+        await table.pick("tiny", None, wait_s=1)
+
+
+async def test_stopping_removes_a_worker_at_once(autojump_clock: trio.abc.Clock) -> None:
+    table = WorkerTable(ttl_s=5)
+    beat(table, "w1")
+    beat(table, "w1", state="stopping")
+    assert table.live() == []
+
+
+async def test_pick_waits_for_a_worker_to_appear(autojump_clock: trio.abc.Clock) -> None:
+    table = WorkerTable(ttl_s=5)
+    async with trio.open_nursery() as nursery:
+
+        async def later() -> None:
+            await trio.sleep(2)
+            beat(table, "late", model="other")
+            await trio.sleep(1)
+            beat(table, "late2")
+
+        nursery.start_soon(later)
+        start = trio.current_time()
+        picked = await table.pick("tiny", None, wait_s=10)
+        assert picked.worker_id == "late2"
+        assert trio.current_time() - start == pytest.approx(3)
+
+
+async def test_no_worker_names_the_live_ones(autojump_clock: trio.abc.Clock) -> None:
+    table = WorkerTable(ttl_s=5)
+    beat(table, "w9", model="llama")
+    start = trio.current_time()
+    with pytest.raises(NoWorker) as info:
+        await table.pick("tiny", "gpu", wait_s=2)
+    assert trio.current_time() - start == pytest.approx(2)
+    assert str(info.value) == (
+        "no live worker serves model 'tiny' on hive 'gpu' (live workers: w9 (llama); "
+        "spawn one with worker_spawn)"
+    )
