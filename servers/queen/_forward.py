@@ -30,7 +30,15 @@ logger = logging.getLogger("servers.queen")
 
 
 class ForwardFailed(Exception):
-    """The forwarded job failed, or its daemon could not be reached; ``str`` says which."""
+    """The forwarded job failed, or its daemon could not be reached; ``str`` says which.
+
+    ``lost_contact`` is true when the daemon could not be reached or went away mid-job
+    (as opposed to answering ``[ERROR]``).
+    """
+
+    def __init__(self, message: str, *, lost_contact: bool = False) -> None:
+        super().__init__(message)
+        self.lost_contact = lost_contact
 
 
 async def forward_job(
@@ -71,7 +79,9 @@ async def forward_job(
         try:
             remote_id = await client.submit(body, **options)
         except TransportError as exc:
-            raise ForwardFailed(f"{what} at {base_url} is unreachable: {exc}") from None
+            raise ForwardFailed(
+                f"{what} at {base_url} is unreachable: {exc}", lost_contact=True
+            ) from None
         narrate(
             "forward",
             f"Forwarded {body.get('operation')} to {what} as {remote_id}",
@@ -87,9 +97,11 @@ async def forward_job(
                     else:
                         terminal = item
         except StreamEndedWithoutSignal as exc:
-            raise ForwardFailed(f"lost {what} at {base_url} before the job ended: {exc}") from None
+            raise ForwardFailed(
+                f"lost {what} at {base_url} before the job ended: {exc}", lost_contact=True
+            ) from None
         except TransportError as exc:
-            raise ForwardFailed(f"lost {what} at {base_url}: {exc}") from None
+            raise ForwardFailed(f"lost {what} at {base_url}: {exc}", lost_contact=True) from None
         finally:
             if terminal is None:
                 await _cancel_remote(client, remote_id, what, cancel_timeout_s)

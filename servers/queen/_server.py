@@ -214,7 +214,7 @@ class Queen:
                 cancel_timeout_s=self.config.cancel_timeout_s,
             )
         except ForwardFailed as exc:
-            if "unreachable" in str(exc) or "lost" in str(exc):
+            if exc.lost_contact:  # do not schedule on it again until it heartbeats
                 self.workers.forget(worker.worker_id)
             raise
         finally:
