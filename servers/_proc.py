@@ -29,8 +29,9 @@ async def read_first_line(stream: trio.abc.ReceiveStream, limit: int = 4096) -> 
 
 async def drain(stream: trio.abc.ReceiveStream) -> None:
     """Keep reading a child's stdout so it can never block on a full pipe."""
-    while await stream.receive_some(65536):
-        pass
+    while True:
+        if not await stream.receive_some(65536):
+            return
 
 
 async def wait_healthy(url: str, *, interval_s: float = 0.05) -> dict[str, Any]:
@@ -42,8 +43,8 @@ async def wait_healthy(url: str, *, interval_s: float = 0.05) -> dict[str, Any]:
                 if response.status_code == 200:
                     data: dict[str, Any] = response.json()
                     return data
-            except httpx.HTTPError:
-                pass
+            except httpx.HTTPError as exc:
+                logger.debug("%s/health not answering yet: %s", url, exc)
             await trio.sleep(interval_s)
 
 

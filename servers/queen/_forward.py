@@ -132,7 +132,7 @@ async def _cancel_remote(client: JobClient, remote_id: str, what: str, timeout_s
             logger.info("cancelled %s job %s", what, remote_id)
             narrate("forward_cancel", f"Cancelled job {remote_id} on {what}")
         except (InvalidJobState, JobNotFound):
-            pass
+            logger.debug("%s job %s had already finished", what, remote_id)
         except TransportError as exc:
             logger.warning("could not cancel %s job %s: %s", what, remote_id, exc)
     if scope.cancelled_caught:

@@ -16,7 +16,7 @@ from trio_jobs import JobRegistry, narrate
 from trio_jobs.http import create_app
 
 from .._daemon import is_loopback, run_daemon
-from .._proc import read_first_line, terminate, wait_healthy
+from .._proc import drain, read_first_line, terminate, wait_healthy
 from ..operations import (
     HiveGet,
     HiveImportSsh,
@@ -387,8 +387,7 @@ class Queen:
             if line is None:
                 raise ForwardFailed(f"hive {alias} exited before listening")
             task_status.started(process)
-            while await process.stdout.receive_some(65536):
-                pass
+            await drain(process.stdout)
             await process.wait()
         finally:
             await terminate(process, 5.0)
