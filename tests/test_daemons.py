@@ -474,3 +474,29 @@ async def test_a_killed_queen_leaves_no_hive_job_running(
         assert not list(env.models.glob("orphan.bin*"))
     finally:
         cluster.close()
+
+
+async def test_worker_with_an_openai_upstream_through_the_chain(env: Env) -> None:
+    """worker_spawn --backend openai: the hive starts a worker that streams its tokens from
+    an OpenAI-compatible server (here the slow tiny worker's /v1/chat/completions)."""
+    upstream = env.slow_worker["url"]
+    with trio.fail_after(20):
+        async with JobClient(env.queen) as client:
+            body = {
+                "operation": "worker_spawn",
+                "model": "proxied",
+                "backend": "openai",
+                "upstream_url": upstream,
+            }
+            _, events, terminal = await collect(client, body)
+            assert terminal is not None and terminal.wire == "[DONE]", terminal
+            worker = events[-1].fields["worker"]
+            assert worker["backend"] == "openai"
+            infer = {"operation": "infer", "model": "proxied", "prompt": "up", "max_tokens": 4}
+            _, events, terminal = await collect(client, infer)
+            assert terminal is not None and terminal.wire == "[DONE]"
+            assert _tokens(events) == list(tiny_tokens("proxied", "up", max_tokens=4))
+            start = next(e for e in events if e.action == "infer_start")
+            assert start.fields["backend"] == "openai"
+            await collect(client, {"operation": "worker_delete", "id": worker["id"]})
+        await wait_pid_gone(worker["pid"])
