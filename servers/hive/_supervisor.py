@@ -138,7 +138,7 @@ class WorkerSupervisor:
             "--backend",
             op.backend,
             "--hive-id",
-            self.hive_id,
+            op.hive_id,  # the alias the queen knows this hive by
             "--parent-pid",
             str(os.getpid()),
             "--heartbeat-s",
