@@ -120,7 +120,8 @@ async def test_infer_prints_tokens_and_exits_zero(env: Env) -> None:
 
 
 async def test_json_lines(env: Env) -> None:
-    code, out, _ = await keeper(env, "--json", "infer", "--prompt", "p", "--max-tokens", "3")
+    args = ("--json", "infer", "--prompt", "p", "--max-tokens", "3", "--hive", "localhost")
+    code, out, _ = await keeper(env, *args)
     assert code == 0
     lines = out.splitlines()
     assert lines[-1] == "[DONE]"
