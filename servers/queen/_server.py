@@ -260,7 +260,8 @@ class Queen:
         narrate(
             "status",
             f"{len(hives)} hive(s), {len(workers)} live worker(s), "
-            f"{self.registry.running} running job(s)" + "".join(f"\n  {x}" for x in lines),
+            f"{max(self.registry.running - 1, 0)} other running job(s)"
+            + "".join(f"\n  {x}" for x in lines),
             hives=hives,
             workers=workers,
             jobs=counts,
