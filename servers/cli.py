@@ -556,14 +556,21 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _config(args: argparse.Namespace) -> dict[str, Any]:
+    """The daemon's settings from ``--config`` (flags given on the command line win)."""
     from .queen import load_config_file
 
     if not args.config:
         return {}
     try:
-        return load_config_file(args.config)
+        data = load_config_file(args.config)
     except (OSError, ValueError) as exc:
         raise SystemExit(f"trio-jobs {args.command}: cannot read {args.config}: {exc}") from None
+    # One file can serve every daemon: a [queen], [hive] or [worker] table overrides the
+    # top-level keys for that daemon.
+    section = data.get(args.command)
+    if isinstance(section, dict):
+        data = {**data, **section}
+    return data
 
 
 def _pick(flag: Any, config: dict[str, Any], key: str, default: Any) -> Any:
