@@ -344,7 +344,7 @@ def test_queen_config_files(tmp_path: Path) -> None:
 
 async def test_queen_reads_hives_from_its_config_file(tmp_path: Path) -> None:
     config = tmp_path / "queen.toml"
-    config.write_text('port = 9\n[hives]\nfarm = "http://127.0.0.1:9"\n[queen]\nport = 0\n')
+    config.write_text('port = -1\n[hives]\nfarm = "http://127.0.0.1:9"\n[queen]\nport = 0\n')
     cluster = Cluster(tmp_path)
     try:
         queen = cluster.start("queen", ["queen", "--port", "0", "--config", str(config)])
