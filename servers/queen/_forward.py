@@ -91,11 +91,25 @@ async def forward_job(
         terminal: TerminalSignal | None = None
         try:
             async with client.stream(remote_id) as events:
-                async for item in events:
-                    if isinstance(item, NarrationEvent):
-                        narrate(item.action, item.human, actor=item.actor, **dict(item.fields))
-                    else:
-                        terminal = item
+                while terminal is None:
+                    try:
+                        item = await events.receive()
+                    except trio.EndOfChannel:
+                        break
+                    # Re-narrate everything that already arrived without a trip through
+                    # the scheduler per event (the batching lever in PITFALLS).
+                    while True:
+                        if isinstance(item, NarrationEvent):
+                            narrate(item.action, item.human, actor=item.actor, **item.fields)
+                        else:
+                            terminal = item
+                        try:
+                            item = events.receive_nowait()
+                        except (trio.WouldBlock, trio.EndOfChannel):
+                            break
+                if terminal is not None:  # read to the end of the body (keeps the pool)
+                    async for _ in events:
+                        logger.warning("%s sent an item after its terminal signal", what)
         except StreamEndedWithoutSignal as exc:
             raise ForwardFailed(
                 f"lost {what} at {base_url} before the job ended: {exc}", lost_contact=True
