@@ -94,7 +94,6 @@ class WorkerSupervisor:
         hive_id: str,
         queen_url: str | None = None,
         worker_host: str = "127.0.0.1",
-        models_dir: str | None = None,
         startup_timeout_s: float = 30.0,
         grace_s: float = 5.0,
         heartbeat_s: float = 1.0,
@@ -104,7 +103,6 @@ class WorkerSupervisor:
         self.hive_id = hive_id
         self.queen_url = queen_url
         self.worker_host = worker_host
-        self.models_dir = models_dir
         self.startup_timeout_s = startup_timeout_s
         self.grace_s = grace_s
         self.heartbeat_s = heartbeat_s
