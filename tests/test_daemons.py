@@ -445,10 +445,12 @@ async def test_hive_start_and_stop_a_local_hive(env: Env) -> None:
             assert terminal.wire.startswith("[ERROR] not supported: hive_stop of 'localhost'")
 
 
-async def test_a_killed_queen_leaves_no_hive_job_running(
-    env: Env, nursery: trio.Nursery, tmp_path: Path
+@pytest.mark.parametrize("how", ["SIGKILL", "SIGTERM"])
+async def test_a_stopped_queen_leaves_no_hive_job_running(
+    env: Env, nursery: trio.Nursery, tmp_path: Path, how: str
 ) -> None:
-    """Forwarded jobs are cancelled by the hive when the queen's stream drops for good."""
+    """A queen stopped with SIGTERM cancels its forwarded jobs (DELETE); one killed with
+    SIGKILL runs no cleanup, and the hive cancels the job when the stream drops."""
     server = _StallingServer()
     await nursery.start(server.run)
     cluster = Cluster(tmp_path)
@@ -456,7 +458,7 @@ async def test_a_killed_queen_leaves_no_hive_job_running(
         queen = cluster.start("queen2", ["queen", "--port", "0", "--hive", f"localhost={env.hive}"])
         with trio.fail_after(20):
             async with JobClient(queen) as client:
-                body = {"operation": "model_download", "model": "orphan.bin", "url": server.url}
+                body = {"operation": "model_download", "model": f"o-{how}", "url": server.url}
                 job_id = await client.submit(body)
                 remote = None
                 async with client.stream(job_id) as stream:
@@ -467,13 +469,14 @@ async def test_a_killed_queen_leaves_no_hive_job_running(
                             break
             assert remote is not None
             await server.requested.wait()
-            cluster.procs[0][1].kill()  # SIGKILL: no cleanup code runs in the queen
+            cluster.procs[0][1].send_signal(getattr(signal, how))
             await wait_idle(env.hive, within_s=10)
             async with JobClient(env.hive) as hive:
                 assert (await hive.get(remote))["state"] == "cancelled"
-        assert not list(env.models.glob("orphan.bin*"))
+        assert not list(env.models.glob(f"o-{how}*"))
     finally:
-        cluster.close()
+        codes = cluster.close()
+    assert codes["queen2"] == (0 if how == "SIGTERM" else -signal.SIGKILL)
 
 
 async def test_worker_with_an_openai_upstream_through_the_chain(env: Env) -> None:
