@@ -37,6 +37,7 @@ from trio_jobs import (
 from trio_jobs._client import JobClient
 
 from ._daemon import is_loopback, setup_logging
+from ._units import human_bytes
 from .operations import parse_operation
 
 __all__ = ["main", "build_parser", "Printer", "DEFAULT_QUEEN_URL"]
@@ -46,14 +47,6 @@ EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
 
 
 # ---- output ---------------------------------------------------------------------------------
-
-
-def _human_bytes(count: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if count < 1024 or unit == "GiB":
-            return f"{int(count)} {unit}" if unit == "B" else f"{count:.1f} {unit}"
-        count /= 1024
-    return f"{count:.1f} GiB"
 
 
 class Printer:
@@ -107,16 +100,16 @@ class Printer:
             filled = int(width * fraction)
             bar = "#" * filled + "-" * (width - filled)
             amount = (
-                f"{_human_bytes(done)}/{_human_bytes(total)}"
+                f"{human_bytes(done)}/{human_bytes(total)}"
                 if unit == "bytes"
                 else f"{done}/{total}"
             )
             line = f"[{bar}] {fraction * 100:5.1f}% {amount}"
         else:
-            line = f"[{'?' * width}] {_human_bytes(done) if unit == 'bytes' else done}"
+            line = f"[{'?' * width}] {human_bytes(done) if unit == 'bytes' else done}"
         rate = item.fields.get("rate_bytes_s")
         if isinstance(rate, int | float) and unit == "bytes":
-            line += f" {_human_bytes(rate)}/s"
+            line += f" {human_bytes(rate)}/s"
         self.out.write("\r" + line + "\x1b[K")
         self._bar = True
 

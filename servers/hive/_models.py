@@ -17,6 +17,7 @@ import trio
 
 from trio_jobs import narrate
 
+from .._units import human_bytes
 from ..operations import ModelDownload
 
 __all__ = ["DownloadError", "ModelStore", "UnknownModel", "PART_SUFFIX"]
@@ -52,14 +53,6 @@ def _size_or_zero(path: Path) -> int:
         return path.stat().st_size
     except FileNotFoundError:
         return 0
-
-
-def _human_bytes(count: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if count < 1024 or unit == "GiB":
-            return f"{count:.1f} {unit}" if unit != "B" else f"{int(count)} B"
-        count /= 1024
-    return f"{count:.1f} GiB"
 
 
 class ModelStore:
@@ -185,7 +178,7 @@ class ModelStore:
                     raise DownloadError(f"server sent a range that does not start at {offset}")
                 if match.group(3) != "*":
                     total = int(match.group(3))
-                narrate("download_resume", f"Resuming {model} at {_human_bytes(offset)}")
+                narrate("download_resume", f"Resuming {model} at {human_bytes(offset)}")
                 mode = "ab"
             elif status == 200:
                 if offset:
@@ -220,8 +213,7 @@ class ModelStore:
             raise DownloadError(f"sha256 mismatch for {model}: expected {expected}, got {actual}")
         narrate(
             "download_complete",
-            f"Downloaded {model}: {_human_bytes(done)}"
-            + (" (sha256 verified)" if expected else ""),
+            f"Downloaded {model}: {human_bytes(done)}" + (" (sha256 verified)" if expected else ""),
             size=done,
             sha256=actual,
         )
@@ -234,12 +226,12 @@ class ModelStore:
         if total:
             percent = 100.0 * done / total
             human = (
-                f"{model}: {_human_bytes(done)} / {_human_bytes(total)} ({percent:.1f}%) "
-                f"at {_human_bytes(rate)}/s"
+                f"{model}: {human_bytes(done)} / {human_bytes(total)} ({percent:.1f}%) "
+                f"at {human_bytes(rate)}/s"
             )
         else:
             percent = None
-            human = f"{model}: {_human_bytes(done)} at {_human_bytes(rate)}/s"
+            human = f"{model}: {human_bytes(done)} at {human_bytes(rate)}/s"
         narrate(
             "download_progress",
             human,
