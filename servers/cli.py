@@ -8,6 +8,8 @@ Keeper: ``trio-jobs [--queen URL] [--json] [--timeout S] <command> ...`` submits
 operation to the queen and shows its narration live until the terminal signal. Exit codes:
 0 on ``[DONE]``, 1 on ``[ERROR]``/``[CANCELLED]``/timeout/unreachable queen, 2 on bad usage,
 130 when interrupted (Ctrl-C or SIGTERM; the job is cancelled on the server first).
+``--detach`` prints the job id and exits; ``trio-jobs follow JOB_ID`` shows a job's stream
+from its start (Ctrl-C there stops watching and leaves the job running).
 """
 
 from __future__ import annotations
@@ -161,20 +163,26 @@ class _Run:
 async def _submit_and_follow(
     client: JobClient,
     args: argparse.Namespace,
-    body: dict[str, Any],
+    body: dict[str, Any] | None,
     printer: Printer,
     run: _Run,
 ) -> int:
-    try:
-        job_id = await client.submit(body, **_options(args))
-    except HTTPStatusError as exc:
-        printer.error(f"the queen refused the job: {exc}")
-        return EXIT_FAILED
-    except TransportError as exc:
-        printer.error(f"cannot reach the queen at {args.queen}: {exc}")
-        return EXIT_FAILED
-    run.job_id = job_id
-    printer.note(f"job {job_id}")
+    """Submit ``body`` (or, when None, take ``run.job_id``) and follow the job's stream."""
+    if body is not None:
+        try:
+            run.job_id = await client.submit(body, **_options(args))
+        except HTTPStatusError as exc:
+            printer.error(f"the queen refused the job: {exc}")
+            return EXIT_FAILED
+        except TransportError as exc:
+            printer.error(f"cannot reach the queen at {args.queen}: {exc}")
+            return EXIT_FAILED
+        if args.detach:
+            print(json.dumps({"job_id": run.job_id}) if args.json else run.job_id)
+            return EXIT_OK
+        printer.note(f"job {run.job_id}")
+    job_id = run.job_id
+    assert job_id is not None
     terminal: TerminalSignal | None = None
     lost: str | None = None
     # The server enforces --timeout; this guard only covers a queen that stops answering.
@@ -186,6 +194,9 @@ async def _submit_and_follow(
                     printer.item(item)
                     if isinstance(item, TerminalSignal):
                         terminal = item
+        except JobNotFound:
+            printer.error(f"unknown job {job_id}")
+            return EXIT_FAILED
         except (StreamEndedWithoutSignal, TransportError) as exc:
             lost = str(exc)
     if terminal is None:
@@ -197,19 +208,23 @@ async def _submit_and_follow(
     return EXIT_OK if terminal.signal is Signal.DONE else EXIT_FAILED
 
 
-async def run_operation(args: argparse.Namespace, body: dict[str, Any]) -> int:
-    """Submit ``body`` to the queen and follow it to its terminal signal.
+async def run_operation(
+    args: argparse.Namespace, body: dict[str, Any] | None, job_id: str | None = None
+) -> int:
+    """Submit ``body`` to the queen (or follow the existing job ``job_id``) to its end.
 
-    SIGINT/SIGTERM (Ctrl-C) stop following, cancel the job on the server (bounded) and
-    give exit code 130.
+    SIGINT/SIGTERM (Ctrl-C) stop following and give exit code 130; a job this call
+    submitted is cancelled on the server first (bounded), a job it only follows is not.
     """
     printer = Printer(json_lines=args.json)
-    try:
-        parse_operation(body)
-    except ValidationError as exc:
-        printer.error(f"invalid operation: {_validation_text(exc)}")
-        return EXIT_USAGE
+    if body is not None:
+        try:
+            parse_operation(body)
+        except ValidationError as exc:
+            printer.error(f"invalid operation: {_validation_text(exc)}")
+            return EXIT_USAGE
     run = _Run()
+    run.job_id = job_id
     code = EXIT_INTERRUPTED
     async with JobClient(args.queen, token=args.token) as client:
         with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
@@ -226,10 +241,15 @@ async def run_operation(args: argparse.Namespace, body: dict[str, Any]) -> int:
                 nursery.cancel_scope.cancel()
         if run.interrupted:
             printer.note("interrupted")
-            if run.job_id is not None:
+            if body is not None and run.job_id is not None:
                 await _cancel_on_server(client, run.job_id, printer)
             return EXIT_INTERRUPTED
     return code
+
+
+async def run_follow(args: argparse.Namespace) -> int:
+    """``trio-jobs follow JOB_ID``: show an existing job's stream from its start."""
+    return await run_operation(args, None, args.job_id)
 
 
 def _validation_text(exc: ValidationError) -> str:
@@ -379,6 +399,12 @@ def _add_keeper_options(parser: argparse.ArgumentParser, *, top: bool) -> None:
         default=default,
         help="job priority",
     )
+    parser.add_argument(
+        "--detach",
+        action="store_true",
+        default=False if top else default,
+        help="print the job id and exit without following (see: trio-jobs follow)",
+    )
 
 
 def _keeper(sub: Any, name: str, help_text: str) -> argparse.ArgumentParser:
@@ -475,6 +501,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = _keeper(sub, "cancel", "cancel a job")
     p.add_argument("job_id")
     p.set_defaults(handler=run_cancel)
+
+    p = _keeper(sub, "follow", "show a job's narration to its end (Ctrl-C stops watching)")
+    p.add_argument("job_id")
+    p.set_defaults(handler=run_follow)
 
     p = _keeper(sub, "get", "a job's record")
     p.add_argument("job_id")

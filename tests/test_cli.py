@@ -354,3 +354,16 @@ async def test_queen_reads_hives_from_its_config_file(tmp_path: Path) -> None:
     finally:
         codes = cluster.close()
     assert codes == {"queen": 0}
+
+
+async def test_detach_then_follow(env: Env) -> None:
+    code, out, _ = await keeper(env, "--detach", "infer", "later", "--max-tokens", "5")
+    assert code == 0
+    job_id = out.strip()
+    assert job_id.startswith("job-")
+    code, out, _ = await keeper(env, "follow", job_id)
+    assert code == 0
+    assert out.splitlines()[-1] == "[DONE]"
+    assert "".join(tiny_tokens("tiny", "later", max_tokens=5)) in out.splitlines()
+    code, out, _ = await keeper(env, "follow", "job-nope")
+    assert (code, out) == (1, "[ERROR] unknown job job-nope\n")
