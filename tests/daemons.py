@@ -45,8 +45,7 @@ class Cluster:
         )
         self.procs.append((name, proc, log))
         assert proc.stdout is not None
-        ready, _, _ = select.select([proc.stdout], [], [], timeout_s)
-        line = proc.stdout.readline().decode() if ready else ""
+        line = _first_line(proc.stdout.fileno(), timeout_s)
         if not line.startswith(LISTENING):
             raise RuntimeError(f"{name} did not start: {line!r}\n{self.log(name)}")
         return line[len(LISTENING) :].strip()
@@ -72,6 +71,21 @@ class Cluster:
                     proc.stdout.close()
         self.procs.clear()
         return codes
+
+
+def _first_line(fd: int, timeout_s: float) -> str:
+    """The first line written to ``fd`` ('' on EOF or when ``timeout_s`` passes first)."""
+    deadline = time.monotonic() + timeout_s
+    data = b""
+    while b"\n" not in data:
+        left = deadline - time.monotonic()
+        if left <= 0 or not select.select([fd], [], [], left)[0]:
+            return ""
+        chunk = os.read(fd, 4096)
+        if not chunk:
+            return ""
+        data += chunk
+    return data.split(b"\n", 1)[0].decode(errors="replace")
 
 
 def closed_port() -> int:
