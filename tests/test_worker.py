@@ -105,3 +105,17 @@ async def test_chat_completions_validates_its_body(nursery: trio.Nursery) -> Non
             response = await http.post(f"{url}/v1/chat/completions", json={"model": "tiny"})
     assert response.status_code == 422
     assert "messages" in response.json()["detail"]
+
+
+async def test_chat_completions_without_streaming_and_models(nursery: trio.Nursery) -> None:
+    url, _ = await _serve(nursery, WorkerConfig(worker_id="w", model="tiny"))
+    body = {"model": "tiny", "messages": [{"role": "user", "content": "hey"}], "max_tokens": 4}
+    with trio.fail_after(10):
+        async with httpx.AsyncClient() as http:
+            answer = (await http.post(f"{url}/v1/chat/completions", json=body)).json()
+            models = (await http.get(f"{url}/v1/models")).json()
+    assert answer["choices"][0]["message"]["content"] == "".join(
+        tiny_tokens("tiny", "hey", max_tokens=4)
+    )
+    assert answer["usage"]["completion_tokens"] == 4
+    assert models["data"] == [{"id": "tiny", "object": "model", "owned_by": "trio-jobs"}]

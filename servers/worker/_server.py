@@ -200,7 +200,8 @@ class Worker:
 
 
 def _openai_route(app: Any, worker: Worker) -> None:
-    """Serve ``POST /v1/chat/completions`` with ``stream: true`` from the tiny generator.
+    """Serve ``POST /v1/chat/completions`` (streamed with ``stream: true``, else one JSON
+    answer) and ``GET /v1/models`` from the tiny generator.
 
     Lets OpenAI clients (and another worker's ``openai`` backend) use a tiny worker.
     """
@@ -229,6 +230,37 @@ def _openai_route(app: Any, worker: Worker) -> None:
             return jsonify({"error": "invalid", "detail": json.loads(exc.json())}), 422
         delay = worker.backend.token_delay_s
         created = int(time.time())
+        tokens = tiny_tokens(
+            infer.model,
+            infer.prompt,
+            max_tokens=infer.max_tokens,
+            temperature=infer.temperature,
+            top_p=infer.top_p,
+            top_k=infer.top_k,
+            seed=infer.seed,
+        )
+        if not body.get("stream"):
+            text = "".join(tokens)
+            return jsonify(
+                {
+                    "id": f"chatcmpl-{created}",
+                    "object": "chat.completion",
+                    "created": created,
+                    "model": infer.model,
+                    "choices": [
+                        {
+                            "index": 0,
+                            "message": {"role": "assistant", "content": text},
+                            "finish_reason": "length",
+                        }
+                    ],
+                    "usage": {
+                        "prompt_tokens": len(infer.prompt.split()),
+                        "completion_tokens": infer.max_tokens,
+                        "total_tokens": len(infer.prompt.split()) + infer.max_tokens,
+                    },
+                }
+            )
 
         def chunk(delta: dict[str, str], finish: str | None) -> bytes:
             data = {
@@ -244,15 +276,7 @@ def _openai_route(app: Any, worker: Worker) -> None:
             worker.open_completions += 1
             try:
                 yield chunk({"role": "assistant"}, None)
-                for token in tiny_tokens(
-                    infer.model,
-                    infer.prompt,
-                    max_tokens=infer.max_tokens,
-                    temperature=infer.temperature,
-                    top_p=infer.top_p,
-                    top_k=infer.top_k,
-                    seed=infer.seed,
-                ):
+                for token in tokens:
                     if delay:
                         await trio.sleep(delay)
                     yield chunk({"content": token}, None)
@@ -266,7 +290,12 @@ def _openai_route(app: Any, worker: Worker) -> None:
         response.timeout = None
         return response
 
+    async def models() -> Any:
+        model = {"id": worker.config.model, "object": "model", "owned_by": "trio-jobs"}
+        return jsonify({"object": "list", "data": [model]})
+
     app.add_url_rule("/v1/chat/completions", "chat_completions", chat_completions, methods=["POST"])
+    app.add_url_rule("/v1/models", "models", models, methods=["GET"])
 
 
 def build_app(config: WorkerConfig, registry: JobRegistry | None = None) -> tuple[Any, Worker]:
