@@ -30,8 +30,14 @@ def _ensure_postgres(session: nox.Session) -> None:
         env = {"DEBIAN_FRONTEND": "noninteractive"}
         session.run("apt-get", "update", "-qq", external=True, env=env)
         session.run(
-            "apt-get", "install", "-y", "-qq", "--no-install-recommends", "postgresql",
-            external=True, env=env,
+            "apt-get",
+            "install",
+            "-y",
+            "-qq",
+            "--no-install-recommends",
+            "postgresql",
+            external=True,
+            env=env,
         )
     if not _have_postgres_server() and os.environ.get("CI"):
         session.error("CI needs a PostgreSQL server for the PostgreSQL tests")
@@ -53,14 +59,20 @@ def tests_store(session: nox.Session, store: str) -> None:
     if store == "postgres":
         _ensure_postgres(session)
     session.install("-e", ".[test,postgres]")
-    session.run("pytest", "tests/test_lifecycle.py", *session.posargs,
-                env={"TRIO_JOBS_TEST_STORE": store})
+    session.run(
+        "pytest",
+        "tests/test_lifecycle.py",
+        "tests/test_property.py",
+        "tests/test_store.py",
+        *session.posargs,
+        env={"TRIO_JOBS_TEST_STORE": store},
+    )
 
 
 @nox.session(python=PYTHON)
 def lint(session: nox.Session) -> None:
     """ruff check and ruff format --check."""
-    session.install("ruff>=0.6")
+    session.install("ruff==0.17.6")
     session.run("ruff", "check", ".")
     session.run("ruff", "format", "--check", ".")
 

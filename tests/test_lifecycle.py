@@ -360,6 +360,7 @@ async def test_leaving_the_runner_cancels_running_jobs_and_keeps_queued(
         queued = reg.create_job({"n": 1})
         await trio.testing.wait_all_tasks_blocked()
     assert reg.get(running).state is JobState.CANCELLED
+    assert reg.history(running)[-1].reason == "runner stopped"
     assert reg.get(queued).state is JobState.QUEUED
     async with open_job_runner(reg, ticking):
         assert (await reg.wait(queued)).state is JobState.COMPLETED

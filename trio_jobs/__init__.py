@@ -8,6 +8,10 @@ the job's narration channel closes.
 
 from ._channel import JobStream as JobStream
 from ._channel import StreamItem as StreamItem
+from ._client import JobClient as JobClient
+from ._client import JobEventStream as JobEventStream
+from ._client import JobWebSocketStream as JobWebSocketStream
+from ._client import raise_for_signal as raise_for_signal
 from ._exceptions import HTTPStatusError as HTTPStatusError
 from ._exceptions import InvalidJobState as InvalidJobState
 from ._exceptions import JobCancelled as JobCancelled
@@ -26,6 +30,11 @@ from ._models import Transition as Transition
 from ._narration import current_job_id as current_job_id
 from ._narration import job_nursery as job_nursery
 from ._narration import narrate as narrate
+from ._persist import SharedRunner as SharedRunner
+from ._persist import open_registry as open_registry
+from ._persist import run_persistence as run_persistence
+from ._persist import run_shared_jobs as run_shared_jobs
+from ._pg_store import PostgresStore as PostgresStore
 from ._registry import JobRegistry as JobRegistry
 from ._runner import Executor as Executor
 from ._runner import open_job_runner as open_job_runner
@@ -34,6 +43,10 @@ from ._runner import run_jobs as run_jobs
 from ._signals import Signal as Signal
 from ._signals import TerminalSignal as TerminalSignal
 from ._signals import timeout_message as timeout_message
+from ._sqlite_store import SQLiteStore as SQLiteStore
+from ._store import JobStore as JobStore
+from ._store import MemoryStore as MemoryStore
+from ._store import StoredJob as StoredJob
 from ._stream import WireLines as WireLines
 from ._stream import execute_and_stream as execute_and_stream
 
@@ -51,17 +64,26 @@ __all__ = [
     "HTTPStatusError",
     "InvalidJobState",
     "JobCancelled",
+    "JobClient",
+    "JobEventStream",
     "JobFailed",
     "JobNotFound",
     "JobRecord",
     "JobRegistry",
     "JobState",
+    "JobStore",
     "JobStream",
     "JobTimeout",
+    "JobWebSocketStream",
+    "MemoryStore",
     "NarrationEvent",
+    "PostgresStore",
     "Priority",
     "RetryPolicy",
+    "SQLiteStore",
+    "SharedRunner",
     "Signal",
+    "StoredJob",
     "StreamEndedWithoutSignal",
     "StreamItem",
     "TerminalSignal",
@@ -74,8 +96,12 @@ __all__ = [
     "job_nursery",
     "narrate",
     "open_job_runner",
+    "open_registry",
+    "raise_for_signal",
     "run_job",
     "run_jobs",
+    "run_persistence",
+    "run_shared_jobs",
     "timeout_message",
 ]
 

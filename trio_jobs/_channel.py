@@ -27,14 +27,14 @@ class JobLog:
 
     __slots__ = ("_buf", "_cap", "_lot", "_senders", "actor", "job_id", "next_id", "terminal")
 
-    def __init__(self, job_id: str, actor: str, capacity: int, *, first_id: int = 1) -> None:
+    def __init__(self, job_id: str, actor: str, capacity: int) -> None:
         if capacity < 1:
             raise ValueError("event log capacity must be >= 1")
         self.job_id = job_id
         self.actor = actor
         self._buf: list[NarrationEvent] = []
         self._cap = capacity
-        self.next_id = first_id
+        self.next_id = 1
         self.terminal: TerminalSignal | None = None
         self._lot: trio.lowlevel.ParkingLot | None = None
         self._senders = 0

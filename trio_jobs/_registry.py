@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import heapq
 import itertools
 import math
@@ -249,6 +250,8 @@ class JobRegistry:
         return job_id
 
     def _job(self, job_id: str) -> Job:
+        if self._expiry:
+            self._purge_if_in_trio()
         job = self._jobs.get(job_id)
         if job is None:
             raise JobNotFound(job_id)
@@ -289,6 +292,8 @@ class JobRegistry:
         tag: str | tuple[str, str] | Mapping[str, str] | None = None,
     ) -> list[JobRecord]:
         """Records of known jobs, oldest first, filtered by state and ``key:value`` tags."""
+        if self._expiry:
+            self._purge_if_in_trio()
         want_state = JobState(state) if isinstance(state, str) else state
         want_tags = _parse_tag(tag)
         out = []
@@ -446,6 +451,12 @@ class JobRegistry:
         self.finish(
             job, TerminalSignal(Signal.ERROR, "Job expired in the queue before it ran"), "expired"
         )
+
+    def _purge_if_in_trio(self) -> None:
+        """Drop expired jobs now, so lookups honour retention exactly (the sweeper only
+        wakes every tenth of the retention)."""
+        with contextlib.suppress(RuntimeError):  # outside trio.run: no clock to compare
+            self._purge()
 
     def _purge(self) -> None:
         expiry = self._expiry

@@ -147,8 +147,7 @@ async def _execute(registry: JobRegistry, job: Job, executor: Executor) -> None:
 
 def _interrupt_reason(exc: BaseException) -> str:
     if isinstance(exc, trio.Cancelled) or (
-        isinstance(exc, BaseExceptionGroup)
-        and exc.subgroup(lambda e: not isinstance(e, trio.Cancelled)) is None
+        isinstance(exc, BaseExceptionGroup) and exc.split(trio.Cancelled)[1] is None
     ):
         return "runner stopped"
     return f"interrupted by {type(_first_leaf(exc)).__name__}"
