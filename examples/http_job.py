@@ -13,7 +13,7 @@ from typing import Any
 import trio
 
 import trio_jobs
-from trio_jobs._client import JobClient
+from trio_jobs import JobClient
 from trio_jobs.http import create_app, serve
 
 

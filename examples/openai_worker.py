@@ -16,8 +16,7 @@ import sys
 import trio
 
 from servers.worker import WorkerConfig, build_app
-from trio_jobs import NarrationEvent
-from trio_jobs._client import JobClient
+from trio_jobs import JobClient, NarrationEvent
 from trio_jobs.http import serve
 
 

@@ -29,6 +29,7 @@ from pydantic import ValidationError
 from trio_jobs import (
     HTTPStatusError,
     InvalidJobState,
+    JobClient,
     JobNotFound,
     NarrationEvent,
     Signal,
@@ -36,7 +37,6 @@ from trio_jobs import (
     TerminalSignal,
     TransportError,
 )
-from trio_jobs._client import JobClient
 
 from ._daemon import is_loopback, setup_logging
 from ._units import human_bytes

@@ -18,8 +18,7 @@ from typing import Any
 
 import trio
 
-from trio_jobs import JobFailed, NarrationEvent, TerminalSignal, TrioJobsError
-from trio_jobs._client import JobClient
+from trio_jobs import JobClient, JobFailed, NarrationEvent, TerminalSignal, TrioJobsError
 
 from ._launch import Daemon, running_daemon
 from .cli import Printer

@@ -11,6 +11,7 @@ import trio
 from trio_jobs import (
     InvalidJobState,
     JobCancelled,
+    JobClient,
     JobFailed,
     JobNotFound,
     JobRegistry,
@@ -21,8 +22,8 @@ from trio_jobs import (
     TransportError,
     current_job_id,
     narrate,
+    raise_for_signal,
 )
-from trio_jobs._client import JobClient, raise_for_signal
 
 __all__ = ["ForwardFailed", "forward_job"]
 
