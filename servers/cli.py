@@ -427,6 +427,21 @@ def _daemon_common(parser: argparse.ArgumentParser, port: int) -> None:
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
 
 
+def _store_options(parser: argparse.ArgumentParser, schema: str) -> None:
+    from ._store import STORE_HELP
+
+    parser.add_argument("--store", default=None, metavar="SPEC", help=STORE_HELP)
+    parser.add_argument(
+        "--state-dir",
+        default=None,
+        help="directory of the default SQLite store (default $XDG_STATE_HOME/trio-jobs "
+        "or ~/.local/state/trio-jobs)",
+    )
+    parser.add_argument(
+        "--pg-schema", default=None, help=f"PostgreSQL schema of the jobs (default {schema})"
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The whole ``trio-jobs`` command line."""
     parser = argparse.ArgumentParser(
@@ -449,6 +464,19 @@ def build_parser() -> argparse.ArgumentParser:
     queen.add_argument(
         "--schedule-wait", type=float, default=None, help="seconds infer waits for a worker"
     )
+    _store_options(queen, "trio_jobs")
+    queen.add_argument(
+        "--node",
+        default=None,
+        help="this queen's name among queens sharing a PostgreSQL store (default "
+        "HOSTNAME-PID; a stable, unique name lets a restarted queen recover its jobs at once)",
+    )
+    queen.add_argument(
+        "--lease",
+        type=float,
+        default=None,
+        help="shared mode: seconds after which a silent queen's jobs are taken over (default 10)",
+    )
 
     hive = sub.add_parser("hive", help="run a hive daemon (default port 7834)")
     _daemon_common(hive, 7834)
@@ -459,6 +487,7 @@ def build_parser() -> argparse.ArgumentParser:
     hive.add_argument("--worker-host", default=None, help="address workers bind")
     hive.add_argument("--worker-grace", type=float, default=None, help="SIGTERM->SIGKILL s")
     hive.add_argument("--heartbeat-s", type=float, default=None, help="worker heartbeat period")
+    _store_options(hive, "trio_jobs_hive")
 
     worker = sub.add_parser("worker", help="run a worker daemon (normally spawned by a hive)")
     _daemon_common(worker, 0)
@@ -610,6 +639,24 @@ def _check_bind(args: argparse.Namespace, host: str, token: str | None) -> None:
         )
 
 
+def _store(args: argparse.Namespace, data: dict[str, Any], daemon: str) -> Any:
+    """The daemon's store spec (``--store``/``--state-dir`` or the config file), with its
+    SQLite file locked for this process; exits with a message when that fails."""
+    from ._store import StoreInUse, lock_store, resolve_store
+
+    try:
+        spec = resolve_store(args.store, args.state_dir, data, daemon=daemon)
+        lock = lock_store(spec)
+    except (ValueError, OSError, StoreInUse) as exc:
+        raise SystemExit(f"trio-jobs {args.command}: {exc}") from None
+    _HELD_LOCKS.append(lock)
+    return spec
+
+
+_HELD_LOCKS: list[Any] = []
+"""Open lock files of the stores in use (released when the process exits)."""
+
+
 def run_queen(args: argparse.Namespace) -> int:
     from .queen import QueenConfig, hives_from_config, parse_hive_flag, serve_queen
 
@@ -633,6 +680,10 @@ def run_queen(args: argparse.Namespace) -> int:
         advertise_url=_pick(args.advertise_url, data, "advertise_url", None),
         heartbeat_ttl_s=float(_pick(args.heartbeat_ttl, data, "heartbeat_ttl_s", 5.0)),
         schedule_wait_s=float(_pick(args.schedule_wait, data, "schedule_wait_s", 10.0)),
+        store=_store(args, data, "queen"),
+        pg_schema=_pick(args.pg_schema, data, "pg_schema", "trio_jobs"),
+        node=_pick(args.node, data, "node", None),
+        lease_s=float(_pick(args.lease, data, "lease_s", 10.0)),
     )
     trio.run(lambda: serve_queen(config, host=host, port=int(port)))
     return EXIT_OK
@@ -656,6 +707,9 @@ def run_hive(args: argparse.Namespace) -> int:
         heartbeat_s=float(_pick(args.heartbeat_s, data, "heartbeat_s", 1.0)),
         token=token,
     )
+    hive_id = config.hive_id
+    config.store = _store(args, data, "hive" if hive_id == "localhost" else f"hive-{hive_id}")
+    config.pg_schema = _pick(args.pg_schema, data, "pg_schema", "trio_jobs_hive")
     trio.run(lambda: serve_hive(config, host=host, port=int(port)))
     return EXIT_OK
 

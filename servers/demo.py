@@ -4,7 +4,8 @@ Starts a hive and a queen as real processes on free ports, asks the queen to spa
 worker on the hive (``worker_spawn``), then runs an ``infer`` through the queen and streams
 the tokens to the terminal until ``[DONE]``. Finally it stops the daemons with SIGTERM (the
 hive stops its worker) and exits 0 only if every job ended ``[DONE]`` and every daemon
-exited cleanly. Daemon logs go to a temporary directory and are shown if anything failed.
+exited cleanly. Daemon logs and job stores (SQLite files, the daemons' default) go to a
+temporary directory; the logs are shown if anything failed.
 """
 
 from __future__ import annotations
@@ -55,11 +56,14 @@ async def run_demo(prompt: str, max_tokens: int, logs: Path) -> int:
             str(logs / "models"),
             "--heartbeat-s",
             "0.5",
+            "--state-dir",
+            str(logs / "state"),
         ]
         async with running_daemon(hive_argv, stderr=hive_log) as hive:
             daemons.append(hive)
             print(f"hive  listening on {hive.url} (pid {hive.pid})")
             queen_argv = ["queen", "--port", "0", "--hive", f"localhost={hive.url}"]
+            queen_argv += ["--state-dir", str(logs / "state")]
             async with running_daemon(queen_argv, stderr=queen_log) as queen:
                 daemons.append(queen)
                 print(f"queen listening on {queen.url} (pid {queen.pid})")

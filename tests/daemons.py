@@ -3,7 +3,9 @@
 :class:`Cluster` starts ``python -m servers <daemon> --port 0 ...`` children synchronously
 (so one set can serve a whole test module) and always stops them: SIGTERM, then SIGKILL
 after a grace period, in ``close()`` which the fixtures call in a ``finally``. A hive's
-workers stop with it (and stop by themselves if their hive is killed).
+workers stop with it (and stop by themselves if their hive is killed). Each daemon gets its
+own ``XDG_STATE_HOME`` under the cluster's directory, so a daemon left on its default
+store (a SQLite file in its state directory) never writes into the user's home.
 """
 
 from __future__ import annotations
@@ -34,14 +36,30 @@ class Cluster:
         self.logs = logs
         self.procs: list[tuple[str, subprocess.Popen[bytes], IO[bytes]]] = []
 
+    def proc(self, name: str) -> subprocess.Popen[bytes]:
+        """The process of the daemon started as ``name``."""
+        for started, proc, _ in self.procs:
+            if started == name:
+                return proc
+        raise KeyError(name)
+
+    def kill(self, name: str) -> int:
+        """SIGKILL the daemon ``name`` (a crash) and wait for it; returns its exit code."""
+        proc = self.proc(name)
+        if proc.poll() is None:
+            proc.kill()
+        return proc.wait(10)
+
     def start(self, name: str, argv: list[str], timeout_s: float = 30.0) -> str:
         """Start ``python -m servers <argv>`` and return the URL of its first stdout line."""
         log = (self.logs / f"{name}.log").open("wb")
+        env = {**os.environ, "XDG_STATE_HOME": str(self.logs / "state" / name)}
         proc = subprocess.Popen(
             [sys.executable, "-m", "servers", *argv],
             stdin=subprocess.DEVNULL,
             stdout=subprocess.PIPE,
             stderr=log,
+            env=env,
         )
         self.procs.append((name, proc, log))
         assert proc.stdout is not None

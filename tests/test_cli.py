@@ -310,7 +310,15 @@ async def test_daemon_on_a_busy_port_fails_clearly() -> None:
     try:
         with trio.fail_after(20):
             result = await trio.run_process(
-                [sys.executable, "-m", "servers", "queen", "--port", str(port)],
+                [
+                    sys.executable,
+                    "-m",
+                    "servers",
+                    "queen",
+                    *("--port", str(port)),
+                    "--store",
+                    "memory",
+                ],
                 capture_stdout=True,
                 capture_stderr=True,
                 check=False,

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import partial
 from typing import Any
 
@@ -11,10 +11,11 @@ import httpx
 import trio
 from pydantic import ValidationError
 
-from trio_jobs import JobRegistry, narrate
+from trio_jobs import JobRegistry, JobStore, narrate, run_persistence
 from trio_jobs.http import create_app
 
 from .._daemon import run_daemon
+from .._store import StoreSpec, make_store
 from ..operations import (
     ModelDelete,
     ModelDownload,
@@ -37,7 +38,11 @@ logger = logging.getLogger("servers.hive")
 
 @dataclass
 class HiveConfig:
-    """How the hive runs; filled from flags and the config file."""
+    """How the hive runs; filled from flags and the config file.
+
+    ``store``: where the hive's jobs are kept (memory here; the CLI defaults to a SQLite
+    file); ``pg_schema``: the schema for a PostgreSQL store (one per hive).
+    """
 
     hive_id: str = "localhost"
     models_dir: str = "models"
@@ -49,11 +54,13 @@ class HiveConfig:
     heartbeat_s: float = 1.0
     token: str | None = None
     max_concurrent: int | None = None
+    store: StoreSpec = field(default_factory=lambda: StoreSpec("memory"))
+    pg_schema: str = "trio_jobs_hive"
 
 
-def make_registry() -> JobRegistry:
-    """The hive's job registry (one place, so a job store can be passed in later)."""
-    return JobRegistry(actor="hive", retention=600.0)
+def make_registry(store: JobStore | None = None) -> JobRegistry:
+    """The hive's job registry, persisted to ``store`` when one is given."""
+    return JobRegistry(actor="hive", retention=600.0, store=store)
 
 
 def parse_hive_payload(body: Any) -> dict[str, Any]:
@@ -180,8 +187,28 @@ async def serve_hive(
     registry: JobRegistry | None = None,
     task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED,
 ) -> None:
-    """Run a hive until SIGTERM/SIGINT; its workers are stopped before it exits."""
-    registry = registry or make_registry()
+    """Run a hive until SIGTERM/SIGINT; its workers are stopped before it exits.
+
+    With a store, its jobs are recovered before it listens and persisted while it runs.
+    """
+    owned = registry is None
+    if registry is None:
+        registry = make_registry(make_store(config.store, schema=config.pg_schema))
+    async with trio.open_nursery() as persistence:
+        if owned and registry.store is not None:
+            await persistence.start(run_persistence, registry)
+            logger.info("hive: %d job(s) recovered from %s", len(registry), config.store)
+        await _serve(config, registry, host, port, task_status)
+        persistence.cancel_scope.cancel()
+
+
+async def _serve(
+    config: HiveConfig,
+    registry: JobRegistry,
+    host: str,
+    port: int,
+    task_status: trio.TaskStatus[str],
+) -> None:
     async with trio.open_nursery() as workers_nursery:
         supervisor = WorkerSupervisor(
             workers_nursery,

@@ -8,6 +8,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .._store import StoreSpec
+
 __all__ = ["HiveEntry", "QueenConfig", "load_config_file", "parse_hive_flag"]
 
 
@@ -32,6 +34,10 @@ class QueenConfig:
     ``schedule_wait_s``: how long an ``infer`` waits for a live worker of its model.
     ``cancel_timeout_s``: bound on the DELETE sent to a hive or worker when a forwarded
     job is cancelled or times out.
+    ``store``: where jobs are kept (memory here; the CLI defaults to a SQLite file); with
+    PostgreSQL the queen shares the ``pg_schema`` tables with other queens as ``node``
+    (default ``<hostname>-<pid>``), and takes over the jobs of a queen that renewed no
+    lease for ``lease_s`` seconds.
     """
 
     hives: dict[str, HiveEntry] = field(default_factory=dict)
@@ -42,6 +48,10 @@ class QueenConfig:
     cancel_timeout_s: float = 3.0
     ssh_timeout_s: float = 15.0
     max_concurrent: int | None = None
+    store: StoreSpec = field(default_factory=lambda: StoreSpec("memory"))
+    pg_schema: str = "trio_jobs"
+    node: str | None = None
+    lease_s: float = 10.0
 
 
 def parse_hive_flag(value: str) -> HiveEntry:

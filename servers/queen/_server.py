@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import logging
+import os
+import socket
 import subprocess
 import sys
+from functools import partial
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -12,11 +15,12 @@ import httpx
 import trio
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from trio_jobs import JobRegistry, narrate
-from trio_jobs.http import create_app
+from trio_jobs import JobRegistry, JobStore, SharedRunner, narrate, run_persistence, run_shared_jobs
+from trio_jobs.http import ApiError, create_app
 
 from .._daemon import is_loopback, run_daemon
 from .._proc import drain, read_first_line, terminate, wait_healthy
+from .._store import make_store
 from ..operations import (
     HiveGet,
     HiveImportSsh,
@@ -39,7 +43,14 @@ from ._config import HiveEntry, QueenConfig
 from ._forward import ForwardFailed, forward_job
 from ._scheduler import WorkerTable
 
-__all__ = ["Queen", "make_registry", "parse_queen_payload", "serve_queen", "parse_ssh_config"]
+__all__ = [
+    "Queen",
+    "follow_unknown_jobs",
+    "make_registry",
+    "parse_queen_payload",
+    "serve_queen",
+    "parse_ssh_config",
+]
 
 logger = logging.getLogger("servers.queen")
 
@@ -75,9 +86,36 @@ class Heartbeat(BaseModel):
     backend: str | None = None
 
 
-def make_registry() -> JobRegistry:
-    """The queen's job registry (one place, so a job store can be passed in later)."""
-    return JobRegistry(actor="queen", retention=600.0)
+def make_registry(store: JobStore | None = None) -> JobRegistry:
+    """The queen's job registry, persisted to ``store`` when one is given."""
+    return JobRegistry(actor="queen", retention=600.0, store=store)
+
+
+def follow_unknown_jobs(app: Any, registry: JobRegistry, shared: SharedRunner) -> None:
+    """Before any ``/v1/jobs/<job_id>...`` route (HTTP or WebSocket) of a queen sharing its
+    store, load a job this queen does not know from the store (``SharedRunner.follow``),
+    so a job submitted to another queen can be read, streamed and cancelled here too.
+    Runs after the job API's auth check; a store that cannot be read answers 503."""
+    from quart import request, websocket
+
+    async def follow(view_args: dict[str, Any] | None) -> None:
+        job_id = (view_args or {}).get("job_id")
+        if not isinstance(job_id, str) or job_id in registry:
+            return
+        try:
+            await shared.follow(job_id)
+        except Exception as exc:
+            logger.exception("looking up job %s in the shared store failed", job_id)
+            raise ApiError(503, "store unavailable", str(exc) or type(exc).__name__) from None
+
+    async def before_request() -> None:
+        await follow(request.view_args)
+
+    async def before_websocket() -> None:
+        await follow(websocket.view_args)
+
+    app.before_request(before_request)
+    app.before_websocket(before_websocket)
 
 
 def parse_queen_payload(body: Any) -> dict[str, Any]:
@@ -470,13 +508,27 @@ async def serve_queen(
     registry: JobRegistry | None = None,
     task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED,
 ) -> None:
-    """Run a queen until SIGTERM/SIGINT."""
-    registry = registry or make_registry()
+    """Run a queen until SIGTERM/SIGINT.
+
+    With a store, the jobs it holds are recovered before the queen listens (jobs that were
+    running when a previous queen died end ``FAILED("interrupted")`` or are re-queued)
+    and every change is written back until it stops. With PostgreSQL the queen runs in
+    shared mode: queued jobs are claimed through the database, so each runs once across
+    the queens on that schema, and any queen answers for any job.
+    """
+    owned = registry is None
+    shared_mode = owned and config.store.kind == "postgres"
+    if registry is None:
+        node = config.node or f"{socket.gethostname()}-{os.getpid()}"
+        store = make_store(
+            config.store, schema=config.pg_schema, node=node if shared_mode else None
+        )
+        registry = make_registry(store)
     async with trio.open_nursery() as nursery:
         queen = Queen(config, registry, nursery)
         app = create_app(
             registry,
-            queen.execute,
+            None if shared_mode else queen.execute,
             name="queen",
             parse_payload=parse_queen_payload,
             token=config.token,
@@ -489,13 +541,32 @@ async def serve_queen(
             if queen.url is None:
                 queen.url = url
 
-        await run_daemon(
-            app,
-            host=host,
-            port=port,
-            name="queen",
-            started=started,
-            on_stop=queen.stop_hives,
-            task_status=task_status,
-        )
+        # Persistence (and in shared mode the runner) outlives the server: it is stopped
+        # only once the server and its jobs have ended, so their final states are written.
+        async with trio.open_nursery() as jobs:
+            if shared_mode:
+                shared: SharedRunner = await jobs.start(
+                    partial(
+                        run_shared_jobs,
+                        registry,
+                        queen.execute,
+                        max_concurrent=config.max_concurrent,
+                        lease=config.lease_s,
+                    )
+                )
+                follow_unknown_jobs(app, registry, shared)
+            elif owned and registry.store is not None:
+                await jobs.start(run_persistence, registry)
+            if owned and registry.store is not None:
+                logger.info("queen: %d job(s) recovered from %s", len(registry), config.store)
+            await run_daemon(
+                app,
+                host=host,
+                port=port,
+                name="queen",
+                started=started,
+                on_stop=queen.stop_hives,
+                task_status=task_status,
+            )
+            jobs.cancel_scope.cancel()
         nursery.cancel_scope.cancel()
