@@ -1,4 +1,7 @@
-"""Every program in ``examples/`` runs to completion as a subprocess (exit 0, expected lines)."""
+"""Every program in ``examples/`` runs to completion as a subprocess (exit 0, expected lines).
+
+Examples that need a PostgreSQL server get one from tests/pg.py (skipped without one).
+"""
 
 from __future__ import annotations
 
@@ -9,6 +12,7 @@ import pytest
 import trio
 
 from servers.worker import tiny_tokens
+from tests import pg
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 
@@ -19,7 +23,16 @@ EXPECTED: dict[str, list[str]] = {
         "".join(tiny_tokens("tiny", "Tell me about trio", max_tokens=16)),
         "[DONE]",
     ],
+    "shared_queens.py": [
+        "b | [CANCELLED]",
+        "a says: cancelled",
+        "the hive ran 10 jobs: each ran exactly once",
+        "[ERROR] interrupted",
+        "taken over by the surviving queen",
+    ],
 }
+NEEDS_POSTGRES = {"shared_queens.py"}
+"""Examples run with a PostgreSQL DSN as their argument."""
 
 
 def test_every_example_is_covered() -> None:
@@ -28,9 +41,12 @@ def test_every_example_is_covered() -> None:
 
 @pytest.mark.parametrize("name", sorted(EXPECTED))
 async def test_example_runs(name: str) -> None:
+    argv = [sys.executable, str(EXAMPLES / name)]
+    if name in NEEDS_POSTGRES:
+        argv.append(pg.dsn_or_skip())
     with trio.fail_after(30):
         result = await trio.run_process(
-            [sys.executable, str(EXAMPLES / name)],
+            argv,
             capture_stdout=True,
             capture_stderr=True,
             check=False,
