@@ -440,6 +440,15 @@ def _store_options(parser: argparse.ArgumentParser, schema: str) -> None:
     parser.add_argument(
         "--pg-schema", default=None, help=f"PostgreSQL schema of the jobs (default {schema})"
     )
+    parser.add_argument(
+        "--retention",
+        type=float,
+        default=None,
+        help="seconds finished jobs stay in memory (default 600; a store keeps them)",
+    )
+    parser.add_argument(
+        "--max-concurrent", type=int, default=None, help="jobs run at once (default: no limit)"
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -653,6 +662,15 @@ def _store(args: argparse.Namespace, data: dict[str, Any], daemon: str) -> Any:
     return spec
 
 
+def _max_concurrent(args: argparse.Namespace, data: dict[str, Any]) -> int | None:
+    value = _pick(args.max_concurrent, data, "max_concurrent", None)
+    if value is None:
+        return None
+    if int(value) < 1:
+        raise SystemExit(f"trio-jobs {args.command}: --max-concurrent must be >= 1")
+    return int(value)
+
+
 _HELD_LOCKS: list[Any] = []
 """Open lock files of the stores in use (released when the process exits)."""
 
@@ -684,6 +702,8 @@ def run_queen(args: argparse.Namespace) -> int:
         pg_schema=_pick(args.pg_schema, data, "pg_schema", "trio_jobs"),
         node=_pick(args.node, data, "node", None),
         lease_s=float(_pick(args.lease, data, "lease_s", 10.0)),
+        retention_s=float(_pick(args.retention, data, "retention_s", 600.0)),
+        max_concurrent=_max_concurrent(args, data),
     )
     trio.run(lambda: serve_queen(config, host=host, port=int(port)))
     return EXIT_OK
@@ -710,6 +730,8 @@ def run_hive(args: argparse.Namespace) -> int:
     hive_id = config.hive_id
     config.store = _store(args, data, "hive" if hive_id == "localhost" else f"hive-{hive_id}")
     config.pg_schema = _pick(args.pg_schema, data, "pg_schema", "trio_jobs_hive")
+    config.retention_s = float(_pick(args.retention, data, "retention_s", 600.0))
+    config.max_concurrent = _max_concurrent(args, data)
     trio.run(lambda: serve_hive(config, host=host, port=int(port)))
     return EXIT_OK
 

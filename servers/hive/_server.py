@@ -41,7 +41,8 @@ class HiveConfig:
     """How the hive runs; filled from flags and the config file.
 
     ``store``: where the hive's jobs are kept (memory here; the CLI defaults to a SQLite
-    file); ``pg_schema``: the schema for a PostgreSQL store (one per hive).
+    file); ``pg_schema``: the schema for a PostgreSQL store (one per hive);
+    ``retention_s``: how long finished jobs stay in memory (a store keeps them longer).
     """
 
     hive_id: str = "localhost"
@@ -56,11 +57,12 @@ class HiveConfig:
     max_concurrent: int | None = None
     store: StoreSpec = field(default_factory=lambda: StoreSpec("memory"))
     pg_schema: str = "trio_jobs_hive"
+    retention_s: float = 600.0
 
 
-def make_registry(store: JobStore | None = None) -> JobRegistry:
+def make_registry(store: JobStore | None = None, retention_s: float = 600.0) -> JobRegistry:
     """The hive's job registry, persisted to ``store`` when one is given."""
-    return JobRegistry(actor="hive", retention=600.0, store=store)
+    return JobRegistry(actor="hive", retention=retention_s, store=store)
 
 
 def parse_hive_payload(body: Any) -> dict[str, Any]:
@@ -193,7 +195,8 @@ async def serve_hive(
     """
     owned = registry is None
     if registry is None:
-        registry = make_registry(make_store(config.store, schema=config.pg_schema))
+        store = make_store(config.store, schema=config.pg_schema)
+        registry = make_registry(store, config.retention_s)
     async with trio.open_nursery() as persistence:
         if owned and registry.store is not None:
             await persistence.start(run_persistence, registry)

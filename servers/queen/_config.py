@@ -37,7 +37,8 @@ class QueenConfig:
     ``store``: where jobs are kept (memory here; the CLI defaults to a SQLite file); with
     PostgreSQL the queen shares the ``pg_schema`` tables with other queens as ``node``
     (default ``<hostname>-<pid>``), and takes over the jobs of a queen that renewed no
-    lease for ``lease_s`` seconds.
+    lease for ``lease_s`` seconds. ``retention_s``: how long finished jobs stay in memory
+    (a store keeps them longer).
     """
 
     hives: dict[str, HiveEntry] = field(default_factory=dict)
@@ -52,6 +53,7 @@ class QueenConfig:
     pg_schema: str = "trio_jobs"
     node: str | None = None
     lease_s: float = 10.0
+    retention_s: float = 600.0
 
 
 def parse_hive_flag(value: str) -> HiveEntry:

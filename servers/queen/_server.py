@@ -86,9 +86,9 @@ class Heartbeat(BaseModel):
     backend: str | None = None
 
 
-def make_registry(store: JobStore | None = None) -> JobRegistry:
+def make_registry(store: JobStore | None = None, retention_s: float = 600.0) -> JobRegistry:
     """The queen's job registry, persisted to ``store`` when one is given."""
-    return JobRegistry(actor="queen", retention=600.0, store=store)
+    return JobRegistry(actor="queen", retention=retention_s, store=store)
 
 
 def follow_unknown_jobs(app: Any, registry: JobRegistry, shared: SharedRunner) -> None:
@@ -523,7 +523,7 @@ async def serve_queen(
         store = make_store(
             config.store, schema=config.pg_schema, node=node if shared_mode else None
         )
-        registry = make_registry(store)
+        registry = make_registry(store, config.retention_s)
     async with trio.open_nursery() as nursery:
         queen = Queen(config, registry, nursery)
         app = create_app(
