@@ -130,6 +130,30 @@ async def _read(
     return job_id, events, terminal
 
 
+async def test_a_hive_keeps_its_jobs_in_the_state_dir_of_its_config(tmp_path: Path) -> None:
+    """The default store named after the hive's id, in the ``state_dir`` of a config
+    file's ``[hive]`` table; the restarted hive lists the jobs of the first one."""
+    config = tmp_path / "trio-jobs.toml"
+    state = tmp_path / "state"
+    config.write_text(f'[hive]\nstate_dir = "{state}"\nhive_id = "gpu"\n')
+    argv = ["hive", "--port", "0", "--config", str(config), "--models-dir", str(tmp_path)]
+    cluster = Cluster(tmp_path)
+    try:
+        with trio.fail_after(CAP):
+            hive = cluster.start("hive", argv)
+            async with JobClient(hive) as client:
+                job_id, _, terminal = await collect(client, {"operation": "model_list"})
+                assert terminal is not None and terminal.wire == "[DONE]"
+            assert cluster.close() == {"hive": 0}  # SIGTERM: pending writes are flushed
+            assert (state / "hive-gpu.db").exists()
+            again = cluster.start("again", argv)
+            async with JobClient(again) as client:
+                jobs = await client.list_jobs()
+                assert [(j["job_id"], j["state"]) for j in jobs] == [(job_id, "completed")]
+    finally:
+        cluster.close()
+
+
 async def test_a_second_daemon_on_a_store_in_use_fails_clearly(tmp_path: Path) -> None:
     state = tmp_path / "s"
     cluster = Cluster(tmp_path)
