@@ -15,15 +15,20 @@ from __future__ import annotations
 import fcntl
 import os
 import re
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any, Literal
+
+import trio
 
 from trio_jobs import JobStore, PostgresStore, SQLiteStore
 
 __all__ = [
     "StoreSpec",
     "StoreInUse",
+    "StoreUnavailable",
+    "start_store",
     "default_state_dir",
     "lock_store",
     "make_store",
@@ -141,3 +146,29 @@ def make_store(
     if spec.kind == "sqlite":
         return SQLiteStore(spec.target)
     return PostgresStore(spec.target, schema=schema, node=node)
+
+
+class StoreUnavailable(Exception):
+    """The daemon's store could not be opened (or recovered from) at start-up."""
+
+
+async def start_store(
+    nursery: trio.Nursery,
+    spec: StoreSpec,
+    task: Callable[..., Awaitable[Any]],
+    *args: Any,
+    **kwargs: Any,
+) -> Any:
+    """``nursery.start(task, *args, **kwargs)`` for the task that opens and recovers the
+    store (``run_persistence`` or ``run_shared_jobs``); a failure before it started is
+    raised as :class:`StoreUnavailable` naming the store (never the DSN)."""
+    try:
+        return await nursery.start(
+            lambda task_status: task(*args, task_status=task_status, **kwargs)
+        )
+    except Exception as exc:
+        leaf: BaseException = exc
+        while isinstance(leaf, BaseExceptionGroup) and len(leaf.exceptions) == 1:
+            leaf = leaf.exceptions[0]
+        reason = str(leaf).strip() or type(leaf).__name__
+        raise StoreUnavailable(f"cannot open the job store {spec}: {reason}") from exc

@@ -795,7 +795,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         except BaseException as exc:
             if _leaf(exc, KeyboardInterrupt) is not None:  # before the handlers were set
                 return EXIT_INTERRUPTED
-            error = _leaf(exc, OSError)  # the address is in use, not ours, ...
+            from ._store import StoreUnavailable
+
+            # the address is in use, not ours, ...; the job store cannot be opened
+            error = _leaf(exc, OSError) or _leaf(exc, StoreUnavailable)
             if error is None:
                 raise
             sys.stderr.write(f"trio-jobs {args.command}: cannot serve: {error}\n")

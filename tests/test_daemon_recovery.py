@@ -175,6 +175,22 @@ async def test_a_second_daemon_on_a_store_in_use_fails_clearly(tmp_path: Path) -
     assert (tmp_path / "s" / "hive.db").exists()
 
 
+async def test_a_store_that_cannot_be_opened_fails_clearly() -> None:
+    """Before listening, naming the store (but not its DSN, which may hold a password)."""
+    dsn = f"postgres:host=127.0.0.1 port={closed_port()} user=u password=hush"
+    with trio.fail_after(20):
+        result = await trio.run_process(
+            [sys.executable, "-m", "servers", "queen", "--port", "0", "--store", dsn],
+            capture_stdout=True,
+            capture_stderr=True,
+            check=False,
+            stdin=subprocess.DEVNULL,
+        )
+    assert result.returncode == 1 and result.stdout == b""
+    assert b"cannot serve: cannot open the job store postgres:<dsn>: " in result.stderr
+    assert b"hush" not in result.stderr
+
+
 @pytest.mark.parametrize(
     ("value", "expected"),
     [

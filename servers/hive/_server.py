@@ -15,7 +15,7 @@ from trio_jobs import JobRegistry, JobStore, narrate, run_persistence
 from trio_jobs.http import create_app
 
 from .._daemon import run_daemon
-from .._store import StoreSpec, make_store
+from .._store import StoreSpec, make_store, start_store
 from ..operations import (
     ModelDelete,
     ModelDownload,
@@ -199,7 +199,7 @@ async def serve_hive(
         registry = make_registry(store, config.retention_s)
     async with trio.open_nursery() as persistence:
         if owned and registry.store is not None:
-            await persistence.start(run_persistence, registry)
+            await start_store(persistence, config.store, run_persistence, registry)
             logger.info("hive: %d job(s) recovered from %s", len(registry), config.store)
         await _serve(config, registry, host, port, task_status)
         persistence.cancel_scope.cancel()

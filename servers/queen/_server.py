@@ -7,7 +7,6 @@ import os
 import socket
 import subprocess
 import sys
-from functools import partial
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -20,7 +19,7 @@ from trio_jobs.http import ApiError, create_app
 
 from .._daemon import is_loopback, run_daemon
 from .._proc import drain, read_first_line, terminate, wait_healthy
-from .._store import make_store
+from .._store import make_store, start_store
 from ..operations import (
     HiveGet,
     HiveImportSsh,
@@ -545,18 +544,18 @@ async def serve_queen(
         # only once the server and its jobs have ended, so their final states are written.
         async with trio.open_nursery() as jobs:
             if shared_mode:
-                shared: SharedRunner = await jobs.start(
-                    partial(
-                        run_shared_jobs,
-                        registry,
-                        queen.execute,
-                        max_concurrent=config.max_concurrent,
-                        lease=config.lease_s,
-                    )
+                shared: SharedRunner = await start_store(
+                    jobs,
+                    config.store,
+                    run_shared_jobs,
+                    registry,
+                    queen.execute,
+                    max_concurrent=config.max_concurrent,
+                    lease=config.lease_s,
                 )
                 follow_unknown_jobs(app, registry, shared)
             elif owned and registry.store is not None:
-                await jobs.start(run_persistence, registry)
+                await start_store(jobs, config.store, run_persistence, registry)
             if owned and registry.store is not None:
                 logger.info("queen: %d job(s) recovered from %s", len(registry), config.store)
             await run_daemon(
