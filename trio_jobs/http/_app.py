@@ -120,7 +120,7 @@ def jobs_blueprint(
     require_token_off_loopback: bool = True,
     payload_schema: Mapping[str, Any] | None = None,
 ) -> JobsBlueprint:
-    """The job API (SPEC §3) as a blueprint; mount it once per app.
+    """The job API (SPEC §3) as a blueprint, for one app (a second mount raises).
 
     Args:
         registry: the jobs this API serves.
