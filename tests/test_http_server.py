@@ -948,3 +948,31 @@ def test_keepalive_and_limits_are_validated() -> None:
     with pytest.raises(ValueError, match="max_body_bytes"):
         create_app(registry, None, max_body_bytes=0)
     assert math.isinf(JobService(JobRegistry(), None).drain_deadline)
+
+
+async def test_delete_answers_with_the_settled_record_and_reason() -> None:
+    """DELETE returns once the job has ended: the record says cancelled, the history why."""
+    registry = JobRegistry()
+
+    async def hang(job_id: str, payload: Any) -> None:
+        narrate("start", "waiting")
+        await trio.sleep_forever()
+
+    app = create_app(registry, hang)
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            base = await nursery.start(serve, app)
+            async with httpx.AsyncClient(base_url=base) as client:
+                job_id = (await client.post("/v1/jobs", json={})).json()["job_id"]
+                while registry.get(job_id).state is not JobState.RUNNING:
+                    await trio.sleep(0.001)
+                answer = await client.delete(f"/v1/jobs/{job_id}")
+                assert answer.status_code == 200
+                assert answer.json()["state"] == "cancelled"
+                history = (await client.get(f"/v1/jobs/{job_id}/history")).json()["history"]
+                assert history[-1] == {
+                    "state": "cancelled",
+                    "at": history[-1]["at"],
+                    "reason": "cancelled over HTTP",
+                }
+            nursery.cancel_scope.cancel()

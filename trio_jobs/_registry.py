@@ -35,6 +35,7 @@ class Job:
     __slots__ = (
         "__weakref__",
         "attempts",
+        "cancel_reason",
         "cancel_requested",
         "created_at",
         "error",
@@ -89,6 +90,7 @@ class Job:
         self.sender: LogSender | None = log.sender()
         self.scope: trio.CancelScope | None = None
         self.cancel_requested = False
+        self.cancel_reason: str | None = None
         self.history: list[Transition] = [Transition(JobState.QUEUED, self.created_at)]
 
     def __lt__(self, other: Job) -> bool:
@@ -328,6 +330,7 @@ class JobRegistry:
         if job is None or job.state.is_terminal or job.cancel_requested:
             return False
         job.cancel_requested = True
+        job.cancel_reason = reason
         if job.state is JobState.QUEUED:
             self.finish(job, TerminalSignal(Signal.CANCELLED), reason or "cancelled while queued")
         elif job.scope is not None:

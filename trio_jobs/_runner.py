@@ -138,7 +138,7 @@ async def _execute(registry: JobRegistry, job: Job, executor: Executor) -> None:
         registry.finish(job, TerminalSignal(Signal.CANCELLED), _interrupt_reason(exc))
         raise
     if job.cancel_requested or outcome is None:
-        registry.finish(job, TerminalSignal(Signal.CANCELLED), "cancelled")
+        registry.finish(job, TerminalSignal(Signal.CANCELLED), job.cancel_reason or "cancelled")
     elif outcome.signal is Signal.DONE:
         registry.finish(job, outcome, "completed")
     else:

@@ -325,6 +325,10 @@ def jobs_blueprint(
     async def cancel_job(job_id: str) -> Response:
         record = _record(job_id)
         if registry.cancel_job(job_id, "cancelled over HTTP"):
+            # Answer with the settled record when the job ends promptly (it normally does
+            # within a scheduler tick); a job shielding itself is reported as it stands.
+            with trio.move_on_after(service.cancel_settle_s):
+                return _json((await registry.wait(job_id)).to_dict())
             return _json(registry.get(job_id).to_dict())
         state = JobState(record["state"])
         if state.is_terminal:

@@ -83,6 +83,8 @@ class JobService:
         self.batch_limit = batch_limit
         self.metrics = ServerMetrics(registry)
         self.draining = False
+        self.cancel_settle_s = 1.0
+        """How long DELETE waits for a cancelled job to settle before answering."""
         self.drain_deadline = math.inf
         self._cancel_on_disconnect: set[str] = set()
         self._watchers: dict[str, int] = {}
