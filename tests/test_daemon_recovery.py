@@ -18,7 +18,7 @@ import trio
 
 from servers._store import StoreSpec, default_state_dir, parse_store, resolve_store
 from tests.daemons import Cluster, closed_port, collect, wait_idle
-from trio_jobs import JobClient, JobNotFound, NarrationEvent, SQLiteStore, TerminalSignal
+from trio_jobs import JobClient, NarrationEvent, SQLiteStore, TerminalSignal
 
 CAP = 35.0
 
@@ -257,43 +257,27 @@ async def _dropped_job(cluster: Cluster, tmp_path: Path) -> tuple[str, str, list
     return queen, job_id, events
 
 
-NEEDS_HTTP_FETCH = (
-    "GET /v1/jobs/{id} answers 404 for a job not in memory until trio_jobs/http get_job "
-    "falls back to registry.fetch"
-)
-NEEDS_CORE_LOAD = (
-    "streams and history of a job not in memory need a core way to load a stored job back "
-    "into the registry, used by trio_jobs/http"
-)
-
-
 async def test_a_job_dropped_by_retention_is_still_read_from_the_store(tmp_path: Path) -> None:
-    """Expected to fail (xfail) until the HTTP layer falls back to the store."""
+    """GET answers for a job retention dropped from memory, from the store."""
     cluster = Cluster(tmp_path)
     try:
         with trio.fail_after(CAP):
             queen, job_id, _ = await _dropped_job(cluster, tmp_path)
             async with JobClient(queen) as client:
-                try:
-                    record = await client.get(job_id)
-                except JobNotFound:
-                    pytest.xfail(NEEDS_HTTP_FETCH)
+                record = await client.get(job_id)
                 assert (record["job_id"], record["state"]) == (job_id, "completed")
     finally:
         cluster.close()
 
 
 async def test_a_job_dropped_by_retention_still_streams_from_the_store(tmp_path: Path) -> None:
-    """Expected to fail (xfail) until a stored job can be loaded back for streaming."""
+    """History and stream of a job retention dropped are loaded back from the store."""
     cluster = Cluster(tmp_path)
     try:
         with trio.fail_after(CAP):
             queen, job_id, events = await _dropped_job(cluster, tmp_path)
             async with JobClient(queen) as client:
-                try:
-                    history = await client.history(job_id)
-                except JobNotFound:
-                    pytest.xfail(NEEDS_CORE_LOAD)
+                history = await client.history(job_id)
                 states = [entry["state"] for entry in history]
                 assert states == ["queued", "running", "completed"]
                 _, replay, end = await _read(client, job_id)

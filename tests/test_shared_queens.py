@@ -201,18 +201,9 @@ async def test_a_queued_job_cancelled_through_the_other_queen(
                 assert (await _visible(cb, queued))["state"] == "queued"
                 await cb.cancel(queued)
                 assert (await cb.get(queued))["state"] == "cancelled"
-                try:
-                    await _state(ca, queued, "cancelled", within_s=2)
-                except trio.TooSlowError:
-                    pytest.xfail(NEEDS_QUEUED_CANCEL)
+                await _state(ca, queued, "cancelled", within_s=2)
                 for job_id in busy:
                     await ca.cancel(job_id)
                     await _state(ca, job_id, "cancelled")
     finally:
         cluster.close()
-
-
-NEEDS_QUEUED_CANCEL = (
-    "SharedRunner: a cancel asked for through another node of a job still queued and "
-    "unclaimed only sets cancel_requested; no node ends the row"
-)

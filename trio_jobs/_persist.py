@@ -17,6 +17,7 @@ process died either re-queued (their retry policy allows another attempt) or
 
 from __future__ import annotations
 
+import bisect
 import heapq
 import logging
 import time
@@ -331,8 +332,11 @@ def _interrupted(registry: JobRegistry, job: Job, *, counted: bool) -> None:
     registry._notify(job, entry)
 
 
-def _close_finished(registry: JobRegistry, job: Job, rec: JobRecord) -> None:
-    """Give a restored job its stored terminal state and signal."""
+def _close_finished(
+    registry: JobRegistry, job: Job, rec: JobRecord, *, fresh_retention: bool = False
+) -> None:
+    """Give a restored job its stored terminal state and signal; it stays in memory for
+    what is left of its retention, or a whole retention when it was asked for again."""
     job.state = rec.state
     sender, job.sender = job.sender, None
     assert sender is not None
@@ -341,8 +345,10 @@ def _close_finished(registry: JobRegistry, job: Job, rec: JobRecord) -> None:
     sender.close()
     if registry.retention is not None:
         now = time.time()
-        left = registry.retention - (now - (rec.finished_at or now))
-        registry._expiry.append((trio.current_time() + max(0.0, left), rec.id))
+        left = registry.retention
+        if not fresh_retention:
+            left -= now - (rec.finished_at or now)
+        bisect.insort(registry._expiry, (trio.current_time() + max(0.0, left), rec.id))
 
 
 def _held_elsewhere(stored: StoredJob, node: str) -> bool:
@@ -405,6 +411,28 @@ async def recover(
         registry._expiry_lot.unpark_all()
     await trio.lowlevel.checkpoint()
     return restored
+
+
+async def load_stored(registry: JobRegistry, job_id: str) -> bool:
+    """:meth:`JobRegistry.load`: restore a finished job from the store (or follow it
+    through the shared runner)."""
+    if registry._follow is not None:
+        return await registry._follow(job_id)
+    store, persister = registry.store, registry._persister
+    if store is None or persister is None:
+        await trio.lowlevel.checkpoint()
+        return False
+    stored = await store.load_job(job_id)
+    if stored is None or not stored.record.state.is_terminal:
+        return job_id in registry._jobs
+    events = await store.load_events(job_id, limit=registry.event_log_size)
+    if job_id in registry._jobs:  # loaded meanwhile
+        return True
+    job = _restore_job(registry, stored, events)
+    registry._jobs[job_id] = job
+    _close_finished(registry, job, stored.record, fresh_retention=True)
+    registry._expiry_lot.unpark_all()
+    return True
 
 
 # ---- running it -------------------------------------------------------------------------
@@ -716,6 +744,14 @@ class SharedRunner:
             await store.request_cancel(asked)
             self._cancel_sent.update(asked)
             self._cancel_queue = []
+            # Jobs cancelled here while still queued and claimed by nobody: this node
+            # takes them, so its CANCELLED state is written and the other nodes follow.
+            for stored in await store.take_cancelled(asked, self.lease):
+                job = self.registry._jobs.get(stored.record.id)
+                if job is None or not job.state.is_terminal:
+                    continue
+                self.persister.adopt(job, stored, 0)
+                self.persister.observe(job, job.history[-1])
         now = trio.current_time()
         if now >= self._next_beat:
             await store.heartbeat(self.lease)
@@ -782,10 +818,12 @@ async def run_shared_jobs(
             lease=lease,
             claim=claim,
         )
+        registry._follow = shared.follow
         try:
             async with trio.open_nursery() as jobs:
                 task_status.started(shared)
                 await shared.run(jobs)
         finally:
+            registry._follow = None
             registry.remove_observer(shared._observe)
             persistence.cancel()

@@ -369,6 +369,23 @@ class PostgresStore(JobStore):
 
         await self._run(ask)
 
+    async def take_cancelled(self, job_ids: list[str], lease: float) -> list[StoredJob]:
+        """Take the queued jobs among ``job_ids`` that nobody claimed (their cancel was
+        asked), for this node to write their end."""
+        node = self._node()
+
+        def take(conn: psycopg.Connection[Any]) -> list[StoredJob]:
+            rows = conn.execute(
+                "UPDATE jobs SET owner = %s, lease_until = %s WHERE id IN ("
+                "SELECT id FROM jobs WHERE id = ANY(%s) AND state = 'queued' "
+                "AND owner IS NULL FOR UPDATE SKIP LOCKED) "
+                f"RETURNING {JOB_COLUMNS}, owner, cancel_requested",
+                (node, time.time() + lease, job_ids),
+            ).fetchall()
+            return [_stored(r) for r in rows]
+
+        return await self._run(take)
+
     async def poll(self, after: dict[str, int]) -> list[tuple[StoredJob, list[NarrationEvent]]]:
         """Rows held by other nodes among ``after``'s job ids, each with its events after
         the given id: how a node follows jobs that run elsewhere."""

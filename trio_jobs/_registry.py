@@ -9,7 +9,7 @@ import math
 import time
 import uuid
 from collections import deque
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from contextlib import asynccontextmanager
 from typing import TYPE_CHECKING, Any
 
@@ -180,6 +180,7 @@ class JobRegistry:
         self._sweeping = False
         self.store = store
         self._persister: Persister | None = None
+        self._follow: Callable[[str], Awaitable[bool]] | None = None
 
     # ---- creating and reading -------------------------------------------------------
 
@@ -279,6 +280,19 @@ class JobRegistry:
                 return stored.record
         await trio.lowlevel.checkpoint()
         return self._job(job_id).record()
+
+    async def load(self, job_id: str) -> bool:
+        """Make a job that is not in memory known again from the store; True when the
+        job is in the registry afterwards (get, open_stream, history, cancel_job then
+        work on it). Finished jobs that retention dropped are restored with their
+        stored events and signal; in shared mode (:func:`run_shared_jobs`) a job of
+        another node is followed. False without a store being persisted."""
+        if job_id in self._jobs:
+            await trio.lowlevel.checkpoint()
+            return True
+        from ._persist import load_stored
+
+        return await load_stored(self, job_id)
 
     def history(self, job_id: str) -> list[Transition]:
         """Every state the job entered, with its time and reason."""

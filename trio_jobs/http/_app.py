@@ -282,6 +282,12 @@ def jobs_blueprint(
             {"Location": location},
         )
 
+    async def _known(job_id: str) -> None:
+        """A job not in memory (dropped by retention, or another queen's) is loaded
+        from the registry's store, so every per-job route can answer for it."""
+        if job_id not in registry:
+            await registry.load(job_id)
+
     def _open_stream(job_id: str, after: int | None) -> JobStream:
         try:
             return registry.open_stream(job_id, after)
@@ -291,6 +297,7 @@ def jobs_blueprint(
     @bp.get("/v1/jobs/<job_id>/stream")
     async def stream_job(job_id: str) -> Response:
         after = _resume_point(request.headers, request.args)
+        await _known(job_id)
         stream = _open_stream(job_id, after)
         if request.method == "HEAD":
             stream.close()
@@ -304,6 +311,7 @@ def jobs_blueprint(
     async def stream_job_ws(job_id: str) -> Response | None:
         try:
             after = _resume_point(websocket.headers, websocket.args)
+            await _known(job_id)
             stream = _open_stream(job_id, after)
         except ApiError as exc:
             return exc.response()
@@ -311,7 +319,8 @@ def jobs_blueprint(
         await ws_follow(service, websocket, stream)
         return None
 
-    def _record(job_id: str) -> dict[str, Any]:
+    async def _record(job_id: str) -> dict[str, Any]:
+        await _known(job_id)
         try:
             return registry.get(job_id).to_dict()
         except JobNotFound:
@@ -319,11 +328,11 @@ def jobs_blueprint(
 
     @bp.get("/v1/jobs/<job_id>")
     async def get_job(job_id: str) -> Response:
-        return _json(_record(job_id))
+        return _json(await _record(job_id))
 
     @bp.delete("/v1/jobs/<job_id>")
     async def cancel_job(job_id: str) -> Response:
-        record = _record(job_id)
+        record = await _record(job_id)
         if registry.cancel_job(job_id, "cancelled over HTTP"):
             # Answer with the settled record when the job ends promptly (it normally does
             # within a scheduler tick); a job shielding itself is reported as it stands.
@@ -337,6 +346,7 @@ def jobs_blueprint(
 
     @bp.get("/v1/jobs/<job_id>/history")
     async def job_history(job_id: str) -> Response:
+        await _known(job_id)
         try:
             history = registry.history(job_id)
         except JobNotFound:
