@@ -101,6 +101,11 @@ class JobLog:
             lot.unpark_all()
         return self.terminal
 
+    def wake(self) -> None:
+        """Wake every task blocked on this log (a subscriber closed its stream)."""
+        if self._lot is not None and self._lot:
+            self._lot.unpark_all()
+
     async def wait_changed(self) -> None:
         """Block until an event or the terminal signal is appended."""
         if self._lot is None:
@@ -251,7 +256,7 @@ class JobStream(trio.abc.ReceiveChannel[StreamItem]):
 
     def _ready(self) -> bool:
         log = self._log
-        return self._done or self._cursor < log.next_id or log.terminal is not None
+        return self._closed or self._done or self._cursor < log.next_id or log.terminal is not None
 
     async def wait_ready(self) -> None:
         """Block until ``receive_nowait`` has something (an item or end of channel)."""
@@ -264,8 +269,11 @@ class JobStream(trio.abc.ReceiveChannel[StreamItem]):
             await self._log.wait_changed()
 
     async def aclose(self) -> None:
-        self._closed = True
+        self.close()
         await trio.lowlevel.checkpoint()
 
     def close(self) -> None:
-        self._closed = True
+        """Close this subscriber's end; a task blocked in it gets ClosedResourceError."""
+        if not self._closed:
+            self._closed = True
+            self._log.wake()

@@ -6,9 +6,10 @@ import enum
 import json
 import random
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any
+from types import MappingProxyType
+from typing import Any, NamedTuple
 
 __all__ = [
     "JobRecord",
@@ -187,9 +188,15 @@ class JobRecord:
 _dumps = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False, default=str).encode
 
 
-@dataclass(frozen=True, slots=True)
-class NarrationEvent:
-    """One thing a job said: ``id`` is its per-job sequence number (also the SSE id)."""
+_NO_FIELDS: Mapping[str, Any] = MappingProxyType({})
+
+
+class NarrationEvent(NamedTuple):
+    """One thing a job said: ``id`` is its per-job sequence number (also the SSE id).
+
+    Immutable; a named tuple because an event is built on every ``narrate()`` and a
+    tuple is about four times cheaper to make than a frozen dataclass.
+    """
 
     id: int
     job_id: str
@@ -197,7 +204,7 @@ class NarrationEvent:
     actor: str
     action: str
     human: str
-    fields: Mapping[str, Any] = field(default_factory=dict)
+    fields: Mapping[str, Any] = _NO_FIELDS
 
     def to_dict(self) -> dict[str, Any]:
         data: dict[str, Any] = {

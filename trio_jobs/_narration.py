@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from contextvars import ContextVar
 from dataclasses import dataclass
@@ -24,6 +25,8 @@ class JobContext:
     job_id: str
     sender: LogSender
     nursery: trio.Nursery
+    token: trio.lowlevel.TrioToken
+    thread: int
 
 
 _CURRENT: ContextVar[JobContext | None] = ContextVar("trio_jobs_current_job", default=None)
@@ -41,12 +44,31 @@ def narrate(action: str, human: str, **fields: Any) -> None:
     ctx = _CURRENT.get()
     actor = fields.pop("actor", None)
     if ctx is not None:
-        try:
-            ctx.sender.send_nowait(action, human, fields, time.time(), actor)
-            return
-        except trio.ClosedResourceError:
-            pass
+        if threading.get_ident() != ctx.thread:
+            # From a worker thread (trio.to_thread copies the context): hand the event to
+            # the job's own trio thread, which alone may touch the channel.
+            ts = time.time()
+            try:
+                ctx.token.run_sync_soon(_send_or_log, ctx, action, human, fields, ts, actor)
+                return
+            except trio.RunFinishedError:
+                pass
+        else:
+            try:
+                ctx.sender.send_nowait(action, human, fields, time.time(), actor)
+                return
+            except trio.ClosedResourceError:
+                pass
     logger.info("%s: %s", action, human, extra={"narration": fields, "job_id": ctx and ctx.job_id})
+
+
+def _send_or_log(
+    ctx: JobContext, action: str, human: str, fields: dict[str, Any], ts: float, actor: Any
+) -> None:
+    try:
+        ctx.sender.send_nowait(action, human, fields, ts, actor)
+    except trio.ClosedResourceError:
+        logger.info("%s: %s", action, human, extra={"narration": fields, "job_id": ctx.job_id})
 
 
 def current_job_id() -> str | None:

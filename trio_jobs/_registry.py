@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import heapq
 import itertools
+import logging
 import math
 import time
 import uuid
@@ -25,6 +26,8 @@ if TYPE_CHECKING:
     from ._store import JobStore
 
 __all__ = ["JobRegistry", "Job", "TransitionObserver"]
+
+logger = logging.getLogger("trio_jobs.registry")
 
 TransitionObserver = Callable[["Job", Transition], None]
 
@@ -394,7 +397,11 @@ class JobRegistry:
 
     def _notify(self, job: Job, transition: Transition) -> None:
         for observer in self._observers:
-            observer(job, transition)
+            try:
+                observer(job, transition)
+            except Exception:
+                # An observer (metrics, persistence) must not break a job's lifecycle.
+                logger.exception("job observer %r failed on %s", observer, job.id)
 
     def transition(self, job: Job, state: JobState, reason: str | None = None) -> None:
         """Move a live job to a non-terminal state and record it."""
@@ -429,10 +436,12 @@ class JobRegistry:
         job.history.append(entry)
         job.scope = None
         sender, job.sender = job.sender, None
-        self._notify(job, entry)
-        if sender is not None:
-            sender.set_outcome(signal)
-            sender.close()
+        try:
+            self._notify(job, entry)
+        finally:
+            if sender is not None:
+                sender.set_outcome(signal)
+                sender.close()
         if self.retention is not None:
             expiry = trio.current_time() + self.retention
             self._expiry.append((expiry, job.id))

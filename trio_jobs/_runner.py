@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
@@ -45,9 +46,14 @@ async def _attempt(job: Job, executor: Executor) -> tuple[BaseException | None, 
     if job.timeout is None:
         return await _attempt_in_nursery(job, executor), False
     error: BaseException | None = None
-    with trio.move_on_after(job.timeout) as timeout_scope:
-        error = await _attempt_in_nursery(job, executor)
-    return error, timeout_scope.cancelled_caught
+    try:
+        with trio.move_on_after(job.timeout) as timeout_scope:
+            error = await _attempt_in_nursery(job, executor)
+    except Exception as exc:  # raised while the timeout unwound the attempt
+        error = exc
+    # The deadline decides, not how the executor reacted to it: an attempt that swallowed
+    # its Cancelled or raised something else while unwinding still timed out.
+    return error, timeout_scope.cancel_called
 
 
 async def _attempt_in_nursery(job: Job, executor: Executor) -> BaseException | None:
@@ -55,7 +61,15 @@ async def _attempt_in_nursery(job: Job, executor: Executor) -> BaseException | N
     assert job.sender is not None
     try:
         async with trio.open_nursery() as nursery:
-            token = _CURRENT.set(JobContext(job.id, job.sender, nursery))
+            token = _CURRENT.set(
+                JobContext(
+                    job.id,
+                    job.sender,
+                    nursery,
+                    trio.lowlevel.current_trio_token(),
+                    threading.get_ident(),
+                )
+            )
             try:
                 await executor(job.id, job.payload)
             finally:
@@ -74,6 +88,8 @@ async def _attempts(registry: JobRegistry, job: Job, executor: Executor) -> Term
         if job.attempts > 1:
             registry.transition(job, JobState.RUNNING, f"attempt {job.attempts}")
         error, timed_out = await _attempt(job, executor)
+        if job.cancel_requested:  # whatever the attempt made of it, the cancel decides
+            return TerminalSignal(Signal.CANCELLED)
         if error is None and not timed_out:
             return TerminalSignal(Signal.DONE)
         assert job.timeout is not None or not timed_out
@@ -130,8 +146,15 @@ async def _execute(registry: JobRegistry, job: Job, executor: Executor) -> None:
             if not job.cancel_requested:
                 outcome = await _attempts(registry, job, executor)
     except BaseException as exc:
-        if _only_exceptions(exc) and not job.cancel_requested:
-            registry.finish(job, TerminalSignal(Signal.ERROR, _error_text(exc)))
+        if _only_exceptions(exc):
+            # Ordinary errors never leave the job, even when they were raised while a
+            # cancel unwound it: other jobs and the runner are not theirs to break.
+            if job.cancel_requested:
+                registry.finish(
+                    job, TerminalSignal(Signal.CANCELLED), job.cancel_reason or "cancelled"
+                )
+            else:
+                registry.finish(job, TerminalSignal(Signal.ERROR, _error_text(exc)))
             return
         # Cancelled from outside the job (its runner is stopping), KeyboardInterrupt and
         # friends: the job ends CANCELLED and the exception goes on.
