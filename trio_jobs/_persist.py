@@ -31,7 +31,7 @@ import trio
 from ._channel import JobLog
 from ._models import JobRecord, JobState, NarrationEvent, Transition
 from ._registry import Job, JobRegistry
-from ._signals import Signal, TerminalSignal
+from ._signals import SIGNAL_OF_STATE, Signal, TerminalSignal
 from ._store import JobStore, JobWrite, StoredJob, WriteBatch, check_json
 
 __all__ = [
@@ -48,12 +48,6 @@ logger = logging.getLogger("trio_jobs.persist")
 
 INTERRUPTED = "interrupted"
 """The error of a job that was running when its process died."""
-
-_SIGNALS = {
-    JobState.COMPLETED: Signal.DONE,
-    JobState.FAILED: Signal.ERROR,
-    JobState.CANCELLED: Signal.CANCELLED,
-}
 
 
 class _Cursor:
@@ -341,7 +335,7 @@ def _close_finished(
     sender, job.sender = job.sender, None
     assert sender is not None
     message = rec.error if rec.state is JobState.FAILED else None
-    sender.set_outcome(TerminalSignal(_SIGNALS[rec.state], message))
+    sender.set_outcome(TerminalSignal(SIGNAL_OF_STATE[rec.state], message))
     sender.close()
     if registry.retention is not None:
         now = time.time()
@@ -615,7 +609,7 @@ class SharedRunner:
         if rec.state.is_terminal:
             message = rec.error if rec.state is JobState.FAILED else None
             reason = stored.history[-1].reason if stored.history else None
-            registry.finish(job, TerminalSignal(_SIGNALS[rec.state], message), reason)
+            registry.finish(job, TerminalSignal(SIGNAL_OF_STATE[rec.state], message), reason)
             job.finished_at = rec.finished_at
             job.history = list(stored.history)
         elif rec.state is not job.state:

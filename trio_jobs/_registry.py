@@ -19,7 +19,7 @@ import trio
 from ._channel import JobLog, JobStream, LogSender
 from ._exceptions import InvalidJobState, JobNotFound
 from ._models import JobRecord, JobState, Priority, RetryPolicy, Transition
-from ._signals import Signal, TerminalSignal
+from ._signals import STATE_OF_SIGNAL, Signal, TerminalSignal
 
 if TYPE_CHECKING:
     from ._persist import Persister
@@ -423,11 +423,7 @@ class JobRegistry:
             return
         if job.state is not JobState.QUEUED:
             self.running -= 1
-        state = {
-            Signal.DONE: JobState.COMPLETED,
-            Signal.ERROR: JobState.FAILED,
-            Signal.CANCELLED: JobState.CANCELLED,
-        }[signal.signal]
+        state = STATE_OF_SIGNAL[signal.signal]
         job.state = state
         job.error = signal.message if signal.signal is Signal.ERROR else None
         job.finished_at = time.time()

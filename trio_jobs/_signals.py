@@ -5,7 +5,16 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass
 
-__all__ = ["Signal", "TerminalSignal", "TIMEOUT_MESSAGE", "timeout_message"]
+from ._models import JobState
+
+__all__ = [
+    "SIGNAL_OF_STATE",
+    "STATE_OF_SIGNAL",
+    "Signal",
+    "TerminalSignal",
+    "TIMEOUT_MESSAGE",
+    "timeout_message",
+]
 
 TIMEOUT_MESSAGE = "Job timed out after {seconds}s"
 
@@ -61,3 +70,14 @@ class TerminalSignal:
 
     def __str__(self) -> str:
         return self.wire
+
+
+STATE_OF_SIGNAL: dict[Signal, JobState] = {
+    Signal.DONE: JobState.COMPLETED,
+    Signal.ERROR: JobState.FAILED,
+    Signal.CANCELLED: JobState.CANCELLED,
+}
+"""The terminal state each terminal signal stands for."""
+
+SIGNAL_OF_STATE: dict[JobState, Signal] = {state: sig for sig, state in STATE_OF_SIGNAL.items()}
+"""The terminal signal of each terminal state."""
