@@ -547,3 +547,41 @@ async def test_big_batches_round_trip(stores: StoreFactory) -> None:
         (1, "job-007 1", {"i": 1}),
         (2, "job-007 2", {"i": 2}),
     ]
+
+
+async def test_idle_running_jobs_cost_no_flushes(autojump_clock: trio.testing.MockClock) -> None:
+    """Quiet running jobs wake the flusher for nothing; their next event is still written
+    (each collected log is re-armed), and so is their end."""
+    store = MemoryStore()
+    go = [trio.Event() for _ in range(3)]
+
+    async def stepwise(job_id: str, payload: Any) -> None:
+        for i, event in enumerate(go):
+            narrate("step", f"step {i}")
+            await event.wait()
+
+    async with open_registry(store, interval=0.02) as reg:
+        persister = reg._persister
+        assert persister is not None
+        async with open_job_runner(reg, stepwise):
+            ids = [reg.create_job({}) for _ in range(50)]
+            await trio.sleep(1)
+            rounds, writes = persister.rounds, store.writes
+            await trio.sleep(100)  # 5,000 flush intervals with 50 jobs running quietly
+            assert (persister.rounds, store.writes) == (rounds, writes)
+            assert not persister.pending
+            for event in go[:2]:
+                event.set()
+                await trio.sleep(1)
+                assert persister.rounds - rounds <= 2
+                rounds = persister.rounds
+            for job_id in ids:
+                assert [e.id for e in await store.load_events(job_id)] == [1, 2, 3]
+            go[2].set()
+            for job_id in ids:
+                await reg.wait(job_id)
+            await trio.sleep(1)
+    async with store:
+        for job_id in ids:
+            stored = await store.load_job(job_id)
+            assert stored is not None and stored.record.state is JobState.COMPLETED

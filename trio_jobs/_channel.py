@@ -9,7 +9,7 @@ signal, and it does so exactly once.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import trio
@@ -25,7 +25,18 @@ StreamItem = NarrationEvent | TerminalSignal
 class JobLog:
     """Per-job event log: a ring of the last ``capacity`` events plus the terminal signal."""
 
-    __slots__ = ("_buf", "_cap", "_lot", "_senders", "actor", "job_id", "next_id", "terminal")
+    __slots__ = (
+        "_buf",
+        "_cap",
+        "_floor",
+        "_lot",
+        "_senders",
+        "actor",
+        "job_id",
+        "next_id",
+        "on_dirty",
+        "terminal",
+    )
 
     def __init__(self, job_id: str, actor: str, capacity: int) -> None:
         if capacity < 1:
@@ -38,11 +49,16 @@ class JobLog:
         self.terminal: TerminalSignal | None = None
         self._lot: trio.lowlevel.ParkingLot | None = None
         self._senders = 0
+        self._floor = 1
+        """Ids below this are gone even while the ring is not full (a restored log)."""
+        self.on_dirty: Callable[[JobLog], None] | None = None
+        """One-shot hook: the next append (or the terminal signal) clears it and calls it
+        with the log; persistence sets it to learn which logs changed since a flush."""
 
     @property
     def first_id(self) -> int:
         """Id of the oldest event still retained."""
-        return self.next_id - len(self._buf)
+        return max(self._floor, self.next_id - len(self._buf))
 
     @property
     def closed(self) -> bool:
@@ -80,6 +96,10 @@ class JobLog:
         lot = self._lot
         if lot is not None and lot:
             lot.unpark_all()
+        hook = self.on_dirty
+        if hook is not None:
+            self.on_dirty = None
+            hook(self)
         return event
 
     def replay(self, event: NarrationEvent) -> None:
@@ -99,6 +119,10 @@ class JobLog:
         lot = self._lot
         if lot is not None and lot:
             lot.unpark_all()
+        hook = self.on_dirty
+        if hook is not None:
+            self.on_dirty = None
+            hook(self)
         return self.terminal
 
     def wake(self) -> None:
@@ -197,6 +221,9 @@ class JobStream(trio.abc.ReceiveChannel[StreamItem]):
         self._done = False
         self._closed = False
         self.skipped = 0
+        if self._cursor < log._floor:  # a restored log: what is below its floor is gone
+            self.skipped = log._floor - self._cursor
+            self._cursor = log._floor
 
     @property
     def job_id(self) -> str:

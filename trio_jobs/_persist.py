@@ -64,6 +64,11 @@ class _Cursor:
 class Persister:
     """Writes a registry's changes to a store in batches.
 
+    A job is marked changed by its transitions (the registry's observer) and by the first
+    event its log gains after a flush (the log's one-shot ``on_dirty`` hook, re-armed
+    when the flush collects the job), so a flush only looks at jobs that changed, and a
+    registry whose jobs are all quiet costs nothing: the flusher sleeps.
+
     Args:
         registry: the registry to observe.
         store: an open store.
@@ -87,29 +92,45 @@ class Persister:
         self.max_batch = max_batch
         self._dirty: dict[str, Job] = {}
         self._live: dict[str, Job] = {}
+        """Jobs of this node that ran and whose log may still gain events."""
         self._cursors: dict[str, _Cursor] = {}
+        self._writing: list[tuple[Job, _Cursor]] = []
         self._lock = trio.Lock()
         self.foreign: set[str] = set()
         """Ids of jobs another node owns: followed here, never written from here."""
         self._idle = trio.lowlevel.ParkingLot()
         self._full = trio.lowlevel.ParkingLot()
         self.flushes = 0
+        """Batches written."""
+        self.rounds = 0
+        """Flushes attempted, written or not (an idle registry adds none)."""
         self.failures = 0
 
-    # ---- called synchronously by the registry -------------------------------------------
+    # ---- called synchronously by the registry and the logs -------------------------------
+
+    def _mark(self, job: Job) -> None:
+        dirty = self._dirty
+        dirty[job.id] = job
+        if self._idle:
+            self._idle.unpark_all()
+        if len(dirty) >= self.max_batch and self._full:
+            self._full.unpark_all()
 
     def observe(self, job: Job, transition: Transition) -> None:
         """Registry observer: mark the job changed (and watched while it can narrate)."""
         if self.foreign and job.id in self.foreign:
             return
-        dirty = self._dirty
-        dirty[job.id] = job
         if transition.state is JobState.RUNNING:
             self._live[job.id] = job
-        if self._idle:
-            self._idle.unpark_all()
-        if len(dirty) >= self.max_batch and self._full:
-            self._full.unpark_all()
+        self._mark(job)
+
+    def _log_changed(self, log: JobLog) -> None:
+        """A log's ``on_dirty`` hook: its first event since the job was last collected."""
+        if self.foreign and log.job_id in self.foreign:
+            return
+        job = self.registry._jobs.get(log.job_id)
+        if job is not None and job.log is log:
+            self._mark(job)
 
     def disown(self, job_id: str) -> None:
         """Stop writing a job: another node owns it now."""
@@ -122,20 +143,32 @@ class Persister:
         """Record that a recovered job's row, history and events are already stored."""
         self.foreign.discard(job.id)
         self._cursors[job.id] = _Cursor(len(stored.history), last_event_id, True)
+        if job.log.terminal is None:
+            job.log.on_dirty = self._log_changed
+
+    def stored(self, job_id: str) -> bool:
+        """True when the job's row is in the store, or being written, or another node's:
+        only a job for which this is False is known to this node alone."""
+        if job_id in self.foreign:
+            return True
+        cursor = self._cursors.get(job_id)
+        if cursor is not None and cursor.inserted:
+            return True
+        return any(job.id == job_id for job, _ in self._writing)
 
     # ---- batching ---------------------------------------------------------------------------
 
     def _collect(self) -> tuple[WriteBatch, list[tuple[Job, _Cursor]]]:
-        """Snapshot everything changed since the last flush (synchronously)."""
+        """Snapshot everything changed since the last flush (synchronously), and re-arm
+        the changed jobs' logs so their next event marks them again."""
         dirty, self._dirty = self._dirty, {}
-        for job_id, job in self._live.items():
-            dirty.setdefault(job_id, job)
         batch = WriteBatch()
         done: list[tuple[Job, _Cursor]] = []
         cap = self.registry.event_log_size
         now_trio = trio.current_time()
         now = time.time()
         cursors = self._cursors
+        hook = self._log_changed
         for job_id, job in dirty.items():
             old = cursors.get(job_id)
             new = _Cursor(old.transitions, old.events, old.inserted) if old else _Cursor()
@@ -155,6 +188,8 @@ class Persister:
                 new.inserted = True
                 new.transitions = len(history)
             log = job.log
+            if log.terminal is None:
+                log.on_dirty = hook
             last = log.next_id - 1
             if last > new.events:
                 events = batch.events
@@ -185,10 +220,7 @@ class Persister:
     @property
     def pending(self) -> bool:
         """True while something changed that is not stored yet."""
-        return bool(self._dirty) or any(
-            job.log.next_id - 1 > (c.events if (c := self._cursors.get(job.id)) else 0)
-            for job in self._live.values()
-        )
+        return bool(self._dirty or self._writing)
 
     async def flush(self) -> None:
         """Write what changed since the last flush; on failure keep it for the next.
@@ -197,25 +229,30 @@ class Persister:
             await self._flush()
 
     async def _flush(self) -> None:
+        self.rounds += 1
         batch, done = self._collect()
         if not batch:
             self._commit(done)
             await trio.lowlevel.checkpoint()
             return
+        self._writing = done
         try:
             await self.store.write(batch)
         except BaseException:
             self._restore(done)
             raise
+        finally:
+            self._writing = []
         self._commit(done)
         self.flushes += 1
 
     async def run(self) -> None:
-        """Flush forever: after each change, at most ``interval`` later. A failing store
-        is retried with exponential backoff (up to 5 s); nothing is dropped meanwhile."""
+        """Flush forever: after each change, at most ``interval`` later; asleep while
+        nothing changed. A failing store is retried with exponential backoff (up to
+        5 s); nothing is dropped meanwhile."""
         failing = 0
         while True:
-            if not self._dirty and not self._live:
+            if not self._dirty:
                 await self._idle.park()
             if failing:
                 await trio.sleep(min(5.0, self.interval * 2**failing))
