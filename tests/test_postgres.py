@@ -49,9 +49,10 @@ async def node(
     """A queen: a registry on the shared store, running its share of the jobs."""
     dsn, schema = dsn_schema
     registry = JobRegistry(store=PostgresStore(dsn, schema=schema, node=name))
+    options = {"poll_interval": 0.01, **options}
     async with trio.open_nursery() as nursery:
         shared: SharedRunner = await nursery.start(
-            partial(run_shared_jobs, registry, executor, poll_interval=0.01, **options)
+            partial(run_shared_jobs, registry, executor, **options)
         )
         yield registry, shared
         nursery.cancel_scope.cancel()
@@ -133,6 +134,106 @@ async def test_job_submitted_to_one_node_is_seen_and_cancelled_through_it(
             assert front.cancel_job(second)
             assert (await worker.wait(second)).state is JobState.CANCELLED
             assert (await front.wait(second)).state is JobState.CANCELLED
+
+
+async def test_cancel_through_a_node_that_has_not_seen_the_claim(
+    dsn_schema: tuple[str, str],
+) -> None:
+    """The front still sees its two jobs queued while the worker runs them: one already
+    completed there, one hangs. Cancelling them through the front decides nothing there:
+    the request goes to the worker, and the front's view ends as the store's does."""
+    release = trio.Event()
+
+    async def work(job_id: str, payload: Any) -> None:
+        narrate("start", "taken")
+        if payload["finish"]:
+            await release.wait()
+        else:
+            await trio.sleep_forever()
+
+    with trio.fail_after(CAP):
+        async with node(dsn_schema, "front", work, claim=False, poll_interval=30) as (
+            front,
+            shared,
+        ):
+            assert front.store is not None and front._persister is not None
+            polled = 0
+            poll = front.store.poll  # type: ignore[attr-defined]
+
+            async def counting_poll(after: dict[str, int]) -> Any:
+                nonlocal polled
+                result = await poll(after)
+                polled += 1
+                return result
+
+            front.store.poll = counting_poll  # type: ignore[attr-defined]
+            done = front.create_job({"finish": True})
+            hung = front.create_job({"finish": False})
+            await front._persister.flush()
+            while not polled:  # the round the new jobs woke has followed them: unclaimed
+                await trio.sleep(0.005)
+            async with node(dsn_schema, "worker", work) as (worker, _):
+                while not all(
+                    j in worker and worker.get(j).state is JobState.RUNNING for j in (done, hung)
+                ):
+                    await trio.sleep(0.005)
+                release.set()
+                assert (await worker.wait(done)).state is JobState.COMPLETED
+                assert worker._persister is not None
+                await worker._persister.flush()
+                # the front polls every 30 s: it has not seen the worker claim them
+                assert front.get(done).state is JobState.QUEUED
+                assert front.get(hung).state is JobState.QUEUED
+                front.cancel_job(done)
+                front.cancel_job(hung)
+                shared.poll_interval = 0.01
+                assert front.get(done).state is JobState.QUEUED  # not decided here
+                assert not front.cancel_job(done)  # asked already
+                assert (await front.wait(done)).state is JobState.COMPLETED
+                assert (await front.wait(hung)).state is JobState.CANCELLED
+                assert (await worker.wait(hung)).state is JobState.CANCELLED
+                done_lines = await collect(front, done)
+                hung_lines = await collect(front, hung)
+    assert [json.loads(line)["human"] for line in done_lines[:-1]] == ["taken"]
+    assert done_lines[-1] == "[DONE]"
+    assert hung_lines[-1] == "[CANCELLED]"
+    dsn, schema = dsn_schema
+    async with PostgresStore(dsn, schema=schema) as store:
+        states = {j: (await store.load_job(j)) for j in (done, hung)}
+    assert {j: s.record.state for j, s in states.items() if s} == {
+        done: JobState.COMPLETED,
+        hung: JobState.CANCELLED,
+    }
+    assert {s.owner for s in states.values() if s} == {"worker"}
+
+
+async def test_cancel_of_an_unclaimed_job_is_decided_by_the_node_asked(
+    dsn_schema: tuple[str, str],
+) -> None:
+    """No node runs jobs: a written, unclaimed job cancelled through its front is taken by
+    the front, ends CANCELLED there and is written as such; one not written yet is simply
+    cancelled (no other node can have it)."""
+
+    async def never(job_id: str, payload: Any) -> None:
+        raise AssertionError("no node claims jobs here")
+
+    with trio.fail_after(CAP):
+        async with node(dsn_schema, "front", never, claim=False) as (front, _):
+            assert front._persister is not None
+            fresh = front.create_job({})
+            assert front.cancel_job(fresh)
+            assert front.get(fresh).state is JobState.CANCELLED
+            written = front.create_job({})
+            await front._persister.flush()
+            assert front.cancel_job(written)
+            assert (await front.wait(written)).state is JobState.CANCELLED
+            await front._persister.flush()
+            dsn, schema = dsn_schema
+            async with PostgresStore(dsn, schema=schema) as store:
+                rows = {j: await store.load_job(j) for j in (fresh, written)}
+    assert all(r is not None and r.record.state is JobState.CANCELLED for r in rows.values())
+    stored = rows[written]
+    assert stored is not None and stored.owner == "front"
 
 
 CHILD = r"""

@@ -553,7 +553,10 @@ class SharedRunner:
     - takes over jobs whose owner's lease ran out (the owner died): they are re-queued or
       end ``FAILED("interrupted")`` as in restart recovery;
     - follows jobs of this registry that another node runs (their state and events are
-      copied here, so ``get``/``subscribe`` work on any node) and forwards their cancels;
+      copied here, so ``get``/``subscribe`` work on any node) and forwards their cancels:
+      a job this node does not run is never ended here by a cancel, it is asked of the
+      store, and the job ends CANCELLED here only if it was still unclaimed (this node
+      then takes it and writes its end); else its owner decides and this node follows;
     - cancels its own jobs that another node asked to cancel;
     - renews the leases of its jobs (every third of ``lease``).
     """
@@ -581,8 +584,10 @@ class SharedRunner:
         self.here: set[str] = set()
         """Jobs this node claimed and runs (or ran)."""
         self.running_here = 0
-        self._cancel_sent: set[str] = set()
         self._cancel_queue: list[str] = []
+        """Cancels asked here of jobs that may be held elsewhere, not yet sent."""
+        self._cancelling: set[str] = set()
+        """Sent cancels whose jobs have not ended here yet."""
         self._next_beat = 0.0
         self._wake = trio.Event()
         registry.add_observer(self._observe)
@@ -590,10 +595,16 @@ class SharedRunner:
     def _observe(self, job: Job, transition: Transition) -> None:
         if transition.state is JobState.QUEUED and job.id not in self.here:
             self._wake.set()  # a new job: claim it without waiting for the next poll
-        elif transition.state is JobState.CANCELLED and job.id not in self.here:
-            # cancelled here while queued, but another node may have claimed it already
-            self._cancel_queue.append(job.id)
-            self._wake.set()
+
+    def _cancel_elsewhere(self, job: Job) -> bool:
+        """The registry's cancel hook: True (the cancel is forwarded, not decided here)
+        for a job this node does not run and another node may hold: one whose row is
+        stored. A job no other node can have seen yet is cancelled here as usual."""
+        if job.id in self.here or not self.persister.stored(job.id):
+            return False
+        self._cancel_queue.append(job.id)
+        self._wake.set()
+        return True
 
     def _followed(self) -> dict[str, int]:
         """Jobs in this registry that may run elsewhere, with their last local event id."""
@@ -689,6 +700,9 @@ class SharedRunner:
         job = await self._load(stored)
         if job.state is not JobState.QUEUED:
             return
+        if job.cancel_requested:  # cancelled here before the request went out: it is ours
+            self._cancelled_here(job)
+            return
         self.here.add(job_id)
         self.running_here += 1
         nursery.start_soon(self._run_one, job_id)
@@ -740,8 +754,39 @@ class SharedRunner:
             with trio.move_on_after(self.poll_interval):
                 await self._wake.wait()
 
+    def _cancelled_here(self, job: Job) -> None:
+        self._cancelling.discard(job.id)
+        reason = job.cancel_reason or "cancelled while queued"
+        self.registry.finish(job, TerminalSignal(Signal.CANCELLED), reason)
+
+    async def _cancels(self) -> None:
+        """Send the cancels asked here, and end those of jobs nobody claimed: this node
+        takes them (so no other node can) and writes their end."""
+        registry = self.registry
+        if self._cancel_queue:
+            asked, self._cancel_queue = self._cancel_queue, []
+            await self.persister.flush()  # the rows must be there to carry the request
+            await self.store.request_cancel(asked)
+            self._cancelling.update(asked)
+        for job_id in list(self._cancelling):
+            job = registry._jobs.get(job_id)
+            if job is None or job.state.is_terminal:
+                self._cancelling.discard(job_id)
+        if not self._cancelling:
+            return
+        for stored in await self.store.take_cancelled(list(self._cancelling), self.lease):
+            job = registry._jobs.get(stored.record.id)
+            if job is None:
+                continue
+            self.persister.adopt(job, stored, job.log.next_id - 1)
+            if job.state.is_terminal:
+                self.persister.observe(job, job.history[-1])
+            else:
+                self._cancelled_here(job)
+
     async def _round(self, nursery: trio.Nursery) -> None:
         store = self.store
+        await self._cancels()
         free = 64 if self.max_concurrent is None else self.max_concurrent - self.running_here
         if free > 0 and self.claim:
             if self.persister._dirty:
@@ -763,26 +808,6 @@ class SharedRunner:
                 if job.id not in self.persister.foreign:
                     self.persister.disown(job.id)
                 await self._sync(job, stored, events)
-        asked = [
-            job_id
-            for job_id in self.persister.foreign
-            if job_id not in self._cancel_sent
-            and (mirror := self.registry._jobs.get(job_id)) is not None
-            and mirror.cancel_requested
-        ]
-        asked += self._cancel_queue
-        if asked:
-            await store.request_cancel(asked)
-            self._cancel_sent.update(asked)
-            self._cancel_queue = []
-            # Jobs cancelled here while still queued and claimed by nobody: this node
-            # takes them, so its CANCELLED state is written and the other nodes follow.
-            for stored in await store.take_cancelled(asked, self.lease):
-                job = self.registry._jobs.get(stored.record.id)
-                if job is None or not job.state.is_terminal:
-                    continue
-                self.persister.adopt(job, stored, 0)
-                self.persister.observe(job, job.history[-1])
         now = trio.current_time()
         if now >= self._next_beat:
             await store.heartbeat(self.lease)
@@ -850,11 +875,13 @@ async def run_shared_jobs(
             claim=claim,
         )
         registry._follow = shared.follow
+        registry._cancel_elsewhere = shared._cancel_elsewhere
         try:
             async with trio.open_nursery() as jobs:
                 task_status.started(shared)
                 await shared.run(jobs)
         finally:
             registry._follow = None
+            registry._cancel_elsewhere = None
             registry.remove_observer(shared._observe)
             persistence.cancel()

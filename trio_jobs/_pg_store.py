@@ -370,17 +370,19 @@ class PostgresStore(JobStore):
         await self._run(ask)
 
     async def take_cancelled(self, job_ids: list[str], lease: float) -> list[StoredJob]:
-        """Take the queued jobs among ``job_ids`` that nobody claimed (their cancel was
-        asked), for this node to write their end."""
+        """Take the queued jobs among ``job_ids`` that no live node claimed (their cancel
+        was asked), for this node to write their end."""
         node = self._node()
 
         def take(conn: psycopg.Connection[Any]) -> list[StoredJob]:
+            now = time.time()
             rows = conn.execute(
                 "UPDATE jobs SET owner = %s, lease_until = %s WHERE id IN ("
                 "SELECT id FROM jobs WHERE id = ANY(%s) AND state = 'queued' "
-                "AND owner IS NULL FOR UPDATE SKIP LOCKED) "
+                "AND (owner IS NULL OR owner = %s OR lease_until < %s) "
+                "FOR UPDATE SKIP LOCKED) "
                 f"RETURNING {JOB_COLUMNS}, owner, cancel_requested",
-                (node, time.time() + lease, job_ids),
+                (node, now + lease, job_ids, node, now),
             ).fetchall()
             return [_stored(r) for r in rows]
 

@@ -184,6 +184,9 @@ class JobRegistry:
         self.store = store
         self._persister: Persister | None = None
         self._follow: Callable[[str], Awaitable[bool]] | None = None
+        self._cancel_elsewhere: Callable[[Job], bool] | None = None
+        """Shared mode: True when a job may be held by another node (its cancel is then
+        forwarded there, and its outcome comes from the store)."""
 
     # ---- creating and reading -------------------------------------------------------
 
@@ -348,6 +351,8 @@ class JobRegistry:
             return False
         job.cancel_requested = True
         job.cancel_reason = reason
+        if self._cancel_elsewhere is not None and self._cancel_elsewhere(job):
+            return True
         if job.state is JobState.QUEUED:
             self.finish(job, TerminalSignal(Signal.CANCELLED), reason or "cancelled while queued")
         elif job.scope is not None:
