@@ -100,8 +100,9 @@ def running_record(job_id: str, *, attempts: int = 1, retry: RetryPolicy | None 
     )
 
 
-async def write_crashed(store: JobStore, record: JobRecord, events: int) -> None:
-    """Leave ``store`` as a process that died mid-job would: RUNNING, with events."""
+async def write_crashed(store: JobStore, record: JobRecord, events: int, first: int = 1) -> None:
+    """Leave ``store`` as a process that died mid-job would: RUNNING, with ``events``
+    events from id ``first`` on (a later first id: the older ones were pruned)."""
     history = (
         Transition(JobState.QUEUED, record.created_at),
         Transition(JobState.RUNNING, record.started_at or 0, "started"),
@@ -119,7 +120,7 @@ async def write_crashed(store: JobStore, record: JobRecord, events: int) -> None
         ],
         events=[
             NarrationEvent(i, record.id, time.time(), "trio-jobs", "tick", f"tick {i}", {"i": i})
-            for i in range(1, events + 1)
+            for i in range(first, first + events)
         ],
     )
     async with store:
@@ -277,6 +278,31 @@ async def test_running_job_with_attempts_left_is_requeued(stores: StoreFactory) 
         async with open_registry(stores()) as again:
             assert again.get("job-q").state is JobState.COMPLETED
             assert await collect(again, "job-q") == lines
+
+
+async def test_requeued_job_with_a_pruned_log_keeps_its_log_size(stores: StoreFactory) -> None:
+    """Stored events 8..12 only (pruned under a smaller event_log_size): restored with
+    their ids, and the job's next attempt still has the whole event_log_size."""
+    with trio.fail_after(CAP):
+        policy = RetryPolicy(max_attempts=2, backoff_base=0)
+        record = dataclasses.replace(running_record("job-p", retry=policy), payload={"n": 12})
+        await write_crashed(stores(), record, events=5, first=8)
+        async with open_registry(stores(), event_log_size=10, interval=0.005) as reg:
+            assert reg.get("job-p").state is JobState.QUEUED
+            restored = await collect_open(reg, "job-p")
+            async with open_job_runner(reg, ticking):
+                await reg.wait("job-p")
+            assert [e.id for e in reg.events("job-p")] == list(range(15, 25))
+            lines = await collect(reg, "job-p")
+    assert [json.loads(line)["id"] for line in restored] == [8, 9, 10, 11, 12]
+    assert [json.loads(line)["id"] for line in lines[:-1]] == list(range(15, 25))
+    assert lines[-1] == "[DONE]"
+
+
+async def collect_open(reg: JobRegistry, job_id: str) -> list[str]:
+    """What a subscriber reads of a job that has not finished, up to now."""
+    async with reg.subscribe(job_id) as stream:
+        return [item.wire for item in stream.receive_batch()]
 
 
 def record_history(reg: JobRegistry, job_id: str) -> list[Transition]:

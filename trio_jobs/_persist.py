@@ -288,38 +288,42 @@ class Persister:
 # ---- recovery ---------------------------------------------------------------------------
 
 
-def _fill_log(log: JobLog, events: list[NarrationEvent]) -> None:
-    """Put stored events back into a fresh log, keeping their ids.
+def _fill_log(log: JobLog, events: list[NarrationEvent], *, closed: bool = False) -> None:
+    """Put stored events back into a fresh log, keeping their ids and its capacity.
 
-    The ring indexes event ``i`` at ``(i - 1) % capacity``; a stored log that no longer
-    starts at id 1 (it was pruned) is kept as its newest contiguous run in a ring exactly
-    that long, so ids and positions agree.
+    The ring indexes event ``i`` at ``(i - 1) % capacity``. A stored log that no longer
+    starts at id 1 (it was pruned) is kept as its newest contiguous run (at most the
+    capacity), placed at those positions in a full-size ring whose floor hides the empty
+    slots, so a job that runs again keeps ``event_log_size`` events. A log that will never
+    grow (``closed``: the job is finished) gets a ring exactly as long as the run instead.
     """
     if not events:
         return
-    if events[0].id == 1 and events[-1].id == len(events) and len(events) <= log._cap:
+    cap = log._cap
+    if events[0].id == 1 and events[-1].id == len(events) and len(events) <= cap:
         for event in events:
             log.replay(event)
         return
     run = [events[-1]]
     for event in reversed(events[:-1]):
-        if event.id != run[-1].id - 1 or len(run) >= log._cap:
+        if event.id != run[-1].id - 1 or len(run) >= cap:
             break
         run.append(event)
     run.reverse()
-    size = len(run)
+    size = len(run) if closed else cap
     buf: list[NarrationEvent] = [run[0]] * size
     for event in run:
         buf[(event.id - 1) % size] = event
     log._buf = buf
     log._cap = size
+    log._floor = run[0].id
     log.next_id = run[-1].id + 1
 
 
 def _restore_job(registry: JobRegistry, stored: StoredJob, events: list[NarrationEvent]) -> Job:
     rec = stored.record
     log = JobLog(rec.id, registry.actor, registry.event_log_size)
-    _fill_log(log, events)
+    _fill_log(log, events, closed=rec.state.is_terminal)
     job = Job(
         rec.id,
         rec.payload,
