@@ -9,17 +9,46 @@ signal, and it does so exactly once.
 
 from __future__ import annotations
 
+from abc import abstractmethod
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 import trio
 
 from ._models import NarrationEvent
 from ._signals import TerminalSignal
 
-__all__ = ["JobLog", "LogSender", "StreamItem", "JobStream"]
+__all__ = ["BatchReceiveMixin", "JobLog", "LogSender", "StreamItem", "JobStream"]
 
 StreamItem = NarrationEvent | TerminalSignal
+_T = TypeVar("_T")
+
+
+class BatchReceiveMixin(Generic[_T]):
+    """``receive_batch()`` on top of ``receive_nowait()``, for the job's stream channels.
+
+    Shared by the in-process :class:`JobStream` and the client's streams, so that the
+    batch fast path (``await wait_ready()``, then take the batch) means the same on both.
+    """
+
+    __slots__ = ()
+
+    @abstractmethod
+    def receive_nowait(self) -> _T:
+        """An item that is ready; ``trio.WouldBlock`` if none, ``trio.EndOfChannel`` at the end."""
+
+    def receive_batch(self, limit: int = 1024) -> list[_T]:
+        """Everything ready now (up to ``limit`` items), without blocking; may be empty.
+
+        An empty batch right after ``wait_ready()`` returned means the stream has ended.
+        """
+        items: list[_T] = []
+        try:
+            while len(items) < limit:
+                items.append(self.receive_nowait())
+        except (trio.WouldBlock, trio.EndOfChannel):
+            pass
+        return items
 
 
 class JobLog:
@@ -205,7 +234,7 @@ class LogSender:
         self.close()
 
 
-class JobStream(trio.abc.ReceiveChannel[StreamItem]):
+class JobStream(BatchReceiveMixin[StreamItem], trio.abc.ReceiveChannel[StreamItem]):
     """A subscriber's receive channel: retained events, live events, then one signal.
 
     ``receive()`` is a checkpoint; ``receive_nowait()`` and ``receive_batch()`` read what
@@ -254,16 +283,6 @@ class JobStream(trio.abc.ReceiveChannel[StreamItem]):
             self._cursor = cursor + 1
             return terminal
         raise trio.WouldBlock
-
-    def receive_batch(self, limit: int = 1024) -> list[StreamItem]:
-        """Everything ready now (up to ``limit`` items), without blocking; may be empty."""
-        items: list[StreamItem] = []
-        try:
-            while len(items) < limit:
-                items.append(self.receive_nowait())
-        except (trio.WouldBlock, trio.EndOfChannel):
-            pass
-        return items
 
     async def receive(self) -> StreamItem:
         await trio.lowlevel.checkpoint_if_cancelled()

@@ -39,7 +39,7 @@ from urllib.parse import quote, urlsplit, urlunsplit
 import httpx
 import trio
 
-from ._channel import StreamItem
+from ._channel import BatchReceiveMixin, StreamItem
 from ._exceptions import (
     HTTPStatusError,
     InvalidJobState,
@@ -250,7 +250,7 @@ class WireLineReader(trio.abc.ReceiveChannel[str]):
         await self._source.aclose()
 
 
-class _ItemChannel(trio.abc.ReceiveChannel[StreamItem]):
+class _ItemChannel(BatchReceiveMixin[StreamItem], trio.abc.ReceiveChannel[StreamItem]):
     """Common item parsing for the SSE and WebSocket streams."""
 
     job_id: str | None
@@ -299,20 +299,6 @@ class _ItemChannel(trio.abc.ReceiveChannel[StreamItem]):
 
         Raises what :meth:`receive` raises when the stream breaks.
         """
-
-    def receive_batch(self, limit: int = 1024) -> list[StreamItem]:
-        """Every item already received (up to ``limit``), without blocking; may be empty.
-
-        The fast path for a consumer that keeps up: ``await wait_ready()``, then take the
-        batch; an empty batch right after ``wait_ready()`` means the stream has ended.
-        """
-        items: list[StreamItem] = []
-        try:
-            while len(items) < limit:
-                items.append(self.receive_nowait())
-        except (trio.WouldBlock, trio.EndOfChannel):
-            pass
-        return items
 
     def lines(self) -> WireLineReader:
         """This stream as raw wire lines (``[START]`` included when the server sends it)."""
