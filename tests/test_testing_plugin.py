@@ -67,8 +67,12 @@ def test_outcome_assertions() -> None:
         assert_stream_error(["[ERROR] disk full"], match="quota")
     with pytest.raises(AssertionError, match="expected \\[ERROR\\]"):
         assert_stream_error(["[CANCELLED]"])
-    with pytest.raises(AssertionError, match="expected \\[CANCELLED\\]"):
+    with pytest.raises(AssertionError) as cancelled:
         assert_stream_cancelled([EVENT, "[DONE]"])
+    assert str(cancelled.value) == "expected [CANCELLED], stream ended with '[DONE]'"
+    with pytest.raises(AssertionError) as shape:  # the shape is checked before the signal
+        assert_stream_error(["[DONE]", EVENT], match="x")
+    assert "not the last" in str(shape.value)
 
 
 def test_importing_the_plugin_stays_cheap() -> None:

@@ -117,15 +117,28 @@ def split_stream(
     return events, signal
 
 
+def _assert_signal(
+    lines: Iterable[str | NarrationEvent | TerminalSignal],
+    expected: Signal,
+    match: str | None = None,
+) -> list[dict[str, Any]]:
+    """Check the stream's shape, that it ended with ``expected`` and (for ``[ERROR]``) that
+    its message matches ``match``; return its events."""
+    __tracebackhide__ = True
+    events, signal = split_stream(lines)
+    if signal.signal is not expected:
+        raise AssertionError(f"expected {expected.value}, stream ended with {signal.wire!r}")
+    if match is not None and not re.search(match, signal.message or ""):
+        raise AssertionError(f"error message {signal.message!r} does not match {match!r}")
+    return events
+
+
 def assert_stream_done(
     lines: Iterable[str | NarrationEvent | TerminalSignal],
 ) -> list[dict[str, Any]]:
     """Assert the stream ended with ``[DONE]`` (see :func:`split_stream`); return its events."""
     __tracebackhide__ = True
-    events, signal = split_stream(lines)
-    if signal.signal is not Signal.DONE:
-        raise AssertionError(f"expected [DONE], stream ended with {signal.wire!r}")
-    return events
+    return _assert_signal(lines, Signal.DONE)
 
 
 def assert_stream_error(
@@ -134,12 +147,7 @@ def assert_stream_error(
     """Assert the stream ended with ``[ERROR]``, its message matching the regex ``match``
     (``re.search``, as in ``pytest.raises``); return its events."""
     __tracebackhide__ = True
-    events, signal = split_stream(lines)
-    if signal.signal is not Signal.ERROR:
-        raise AssertionError(f"expected [ERROR], stream ended with {signal.wire!r}")
-    if match is not None and not re.search(match, signal.message or ""):
-        raise AssertionError(f"error message {signal.message!r} does not match {match!r}")
-    return events
+    return _assert_signal(lines, Signal.ERROR, match)
 
 
 def assert_stream_cancelled(
@@ -147,10 +155,7 @@ def assert_stream_cancelled(
 ) -> list[dict[str, Any]]:
     """Assert the stream ended with ``[CANCELLED]``; return its events."""
     __tracebackhide__ = True
-    events, signal = split_stream(lines)
-    if signal.signal is not Signal.CANCELLED:
-        raise AssertionError(f"expected [CANCELLED], stream ended with {signal.wire!r}")
-    return events
+    return _assert_signal(lines, Signal.CANCELLED)
 
 
 # -- fixtures ------------------------------------------------------------------------------
