@@ -1,15 +1,15 @@
 """PostgresStore: jobs in a PostgreSQL database (psycopg 3), for queens sharing one table.
 
 psycopg's async connections run on asyncio, not trio, so the store uses one synchronous
-connection from worker threads (``trio.to_thread.run_sync``) behind a one-slot
-``CapacityLimiter``. Batched writes go through ``executemany``, which psycopg pipelines.
+connection from worker threads (see ``ThreadedSQLStore``). Batched writes go through
+``executemany``, which psycopg pipelines, or ``COPY`` when they are big.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
-from typing import TYPE_CHECKING, Any, TypeVar
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
 
 import trio
 
@@ -18,8 +18,8 @@ from ._store import (
     JOB_COLUMNS,
     MUTABLE_COLUMNS,
     N_JOB_COLUMNS,
-    JobStore,
     StoredJob,
+    ThreadedSQLStore,
     WriteBatch,
     event_chunks,
     events_from_chunks,
@@ -31,8 +31,6 @@ if TYPE_CHECKING:
     import psycopg
 
 __all__ = ["PostgresStore", "PG_MIGRATIONS"]
-
-T = TypeVar("T")
 
 PG_MIGRATIONS: list[tuple[int, list[str]]] = [
     (
@@ -112,7 +110,7 @@ _PRUNE = "DELETE FROM events WHERE job_id = %s AND last_id <= %s"
 _LOCK_KEY = 0x7472696F  # "trio": the migration advisory lock
 
 
-class PostgresStore(JobStore):
+class PostgresStore(ThreadedSQLStore["psycopg.Connection[Any]"]):
     """Jobs, transitions and bounded event logs in PostgreSQL.
 
     Args:
@@ -126,6 +124,11 @@ class PostgresStore(JobStore):
             only for tests under an autojumping ``MockClock`` (see ``SQLiteStore``).
     """
 
+    param = "%s"
+    float_type = "DOUBLE PRECISION"
+    migrations = PG_MIGRATIONS
+    job_columns = f"{JOB_COLUMNS}, owner, cancel_requested"
+
     def __init__(
         self,
         dsn: str,
@@ -134,76 +137,34 @@ class PostgresStore(JobStore):
         node: str | None = None,
         threaded: bool = True,
     ) -> None:
+        super().__init__(threaded=threaded)
         self.dsn = dsn
         self.schema = schema
         self.node = node
-        self._conn: psycopg.Connection[Any] | None = None
-        self._limiter = trio.CapacityLimiter(1)
-        self.threaded = threaded
 
     def __repr__(self) -> str:
         return f"PostgresStore(schema={self.schema!r})"
 
-    async def _run(self, fn: Callable[[psycopg.Connection[Any]], T]) -> T:
-        conn = self._conn
-        if conn is None:
-            raise trio.ClosedResourceError("store is not open")
-        return await self._offload(lambda: fn(conn))
-
-    async def _offload(self, fn: Callable[[], T]) -> T:
-        if not self.threaded:
-            await trio.lowlevel.checkpoint()
-            return fn()
-        return await trio.to_thread.run_sync(fn, limiter=self._limiter)
-
     def _connect(self) -> psycopg.Connection[Any]:
         import psycopg
+
+        return psycopg.connect(self.dsn, autocommit=True)
+
+    def _prepare(self, conn: psycopg.Connection[Any]) -> None:
         from psycopg import sql
 
-        conn = psycopg.connect(self.dsn, autocommit=True)
-        try:
-            schema = sql.Identifier(self.schema)
-            with conn.transaction():
-                conn.execute("SELECT pg_advisory_xact_lock(%s)", (_LOCK_KEY,))
-                conn.execute(sql.SQL("CREATE SCHEMA IF NOT EXISTS {}").format(schema))
-                # A committed SET lasts for the session: every later query uses the schema.
-                conn.execute(sql.SQL("SET search_path TO {}").format(schema))
-                conn.execute(
-                    "CREATE TABLE IF NOT EXISTS schema_migrations "
-                    "(version INTEGER PRIMARY KEY, applied_at DOUBLE PRECISION NOT NULL)"
-                )
-                current = _version(conn)
-                for version, statements in PG_MIGRATIONS:
-                    if version <= current:
-                        continue
-                    for statement in statements:
-                        conn.execute(statement)
-                    conn.execute(
-                        "INSERT INTO schema_migrations (version, applied_at) VALUES (%s, %s)",
-                        (version, time.time()),
-                    )
-            for statement in _STAGING:
-                conn.execute(statement)
-        except BaseException:
-            conn.close()
-            raise
-        return conn
+        schema = sql.Identifier(self.schema)
+        with conn.transaction():
+            conn.execute("SELECT pg_advisory_xact_lock(%s)", (_LOCK_KEY,))
+            conn.execute(sql.SQL("CREATE SCHEMA IF NOT EXISTS {}").format(schema))
+            # A committed SET lasts for the session: every later query uses the schema.
+            conn.execute(sql.SQL("SET search_path TO {}").format(schema))
+            self._migrate(conn)
+        for statement in _STAGING:
+            conn.execute(statement)
 
-    async def open(self) -> None:
-        if self._conn is not None:
-            await trio.lowlevel.checkpoint()
-            return
-        self._conn = await self._offload(self._connect)
-
-    async def aclose(self) -> None:
-        conn, self._conn = self._conn, None
-        if conn is None:
-            await trio.lowlevel.checkpoint()
-            return
-        await self._offload(conn.close)
-
-    async def schema_version(self) -> int:
-        return await self._run(_version)
+    def _stored(self, row: Sequence[Any]) -> StoredJob:
+        return _stored(row)
 
     async def write(self, batch: WriteBatch) -> None:
         if not batch:
@@ -239,49 +200,6 @@ class PostgresStore(JobStore):
                     cur.executemany(_PRUNE, batch.prune)
 
         await self._run(write)
-
-    async def load_jobs(self, *, finished_since: float | None = None) -> list[StoredJob]:
-        def load(conn: psycopg.Connection[Any]) -> list[StoredJob]:
-            cols = f"{JOB_COLUMNS}, owner, cancel_requested"
-            if finished_since is None:
-                rows = conn.execute(f"SELECT {cols} FROM jobs ORDER BY created_at").fetchall()
-            else:
-                rows = conn.execute(
-                    f"SELECT {cols} FROM jobs WHERE finished_at IS NULL "
-                    "OR finished_at >= %s ORDER BY created_at",
-                    (finished_since,),
-                ).fetchall()
-            return [_stored(row) for row in rows]
-
-        return await self._run(load)
-
-    async def load_job(self, job_id: str) -> StoredJob | None:
-        def load(conn: psycopg.Connection[Any]) -> StoredJob | None:
-            row = conn.execute(
-                f"SELECT {JOB_COLUMNS}, owner, cancel_requested FROM jobs WHERE id = %s",
-                (job_id,),
-            ).fetchone()
-            return None if row is None else _stored(row)
-
-        return await self._run(load)
-
-    async def load_events(
-        self, job_id: str, *, after: int = 0, limit: int | None = None
-    ) -> list[NarrationEvent]:
-        def load(conn: psycopg.Connection[Any]) -> list[NarrationEvent]:
-            lower = after
-            if limit is not None:
-                top = conn.execute(
-                    "SELECT COALESCE(MAX(last_id), 0) FROM events WHERE job_id = %s", (job_id,)
-                ).fetchone()
-                lower = max(after, (top[0] if top else 0) - limit)
-            rows = conn.execute(
-                "SELECT events FROM events WHERE job_id = %s AND last_id > %s ORDER BY first_id",
-                (job_id, lower),
-            ).fetchall()
-            return events_from_chunks(job_id, [r[0] for r in rows], after, limit)
-
-        return await self._run(load)
 
     # ---- several queens on one table -----------------------------------------------------
 
@@ -421,8 +339,3 @@ class PostgresStore(JobStore):
 
 def _stored(row: Any) -> StoredJob:
     return stored_job_from_row(row[:N_JOB_COLUMNS], row[N_JOB_COLUMNS], row[N_JOB_COLUMNS + 1])
-
-
-def _version(conn: psycopg.Connection[Any]) -> int:
-    row = conn.execute("SELECT MAX(version) FROM schema_migrations").fetchone()
-    return int(row[0] or 0) if row else 0
