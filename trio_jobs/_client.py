@@ -133,7 +133,7 @@ def _translate(exc: BaseException, what: str, *, job_id: str | None = None) -> T
     """Map an httpx or trio-websocket exception to a trio-jobs one (None: not ours to map)."""
     if isinstance(exc, httpx.TimeoutException):
         return TransportError(f"{what}: timed out ({type(exc).__name__})")
-    if isinstance(exc, httpx.HTTPError):
+    if isinstance(exc, httpx.HTTPError | httpx.StreamError | httpx.InvalidURL):
         return TransportError(f"{what}: {type(exc).__name__}: {exc}")
     ws = sys.modules.get("trio_websocket")
     if ws is not None:
@@ -149,6 +149,12 @@ def _translate(exc: BaseException, what: str, *, job_id: str | None = None) -> T
     if isinstance(exc, OSError):
         return TransportError(f"{what}: {type(exc).__name__}: {exc}")
     return None
+
+
+def _reconnectable(exc: BaseException) -> bool:
+    """Whether a mapped error is a broken or timed-out connection, which a reconnect may
+    cure (a body that cannot be decoded, or a misused stream, is not)."""
+    return isinstance(exc, httpx.TransportError | trio.TooSlowError | OSError)
 
 
 @contextmanager
@@ -427,11 +433,16 @@ class JobEventStream(_ItemChannel):
             try:
                 await self._open()
                 return
-            except httpx.TransportError as exc:
-                self._cause = exc
             except HTTPStatusError as exc:
                 if exc.status_code not in _RETRYABLE_STATUS:
                     raise
+                self._cause = exc
+            except Exception as exc:
+                mapped = _translate(exc, f"GET {self._path()}", job_id=self.job_id)
+                if mapped is None:
+                    raise
+                if not _reconnectable(exc):
+                    raise mapped from exc
                 self._cause = exc
             self._failures += 1
 
@@ -484,11 +495,16 @@ class JobEventStream(_ItemChannel):
                 self._failures += 1
                 self._cause = StreamEndedWithoutSignal("the body ended without a signal")
                 continue
-            except httpx.TransportError as exc:
+            except Exception as exc:
+                mapped = _translate(exc, f"stream of job {self.job_id}", job_id=self.job_id)
+                if mapped is None:
+                    raise
                 await self._drop(reader_done=True)
                 if self.terminal is not None:
                     self._ended = True  # the signal is in: the lost tail does not matter
                     return
+                if not _reconnectable(exc):
+                    raise mapped from exc
                 self._failures += 1
                 self._cause = exc
                 continue
@@ -552,8 +568,10 @@ class JobEventStream(_ItemChannel):
                     try:
                         async for _ in self._chunks:
                             pass
-                    except httpx.TransportError:
-                        pass
+                    except Exception as exc:
+                        # The signal is in: a tail that fails to read does not matter.
+                        if _translate(exc, "drain") is None:
+                            raise
             else:
                 await trio.lowlevel.checkpoint()
         finally:
