@@ -2,6 +2,16 @@
 
 from __future__ import annotations
 
+import json
+import signal
+import subprocess
+import sys
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from functools import partial
+
+import trio
+
 from trio_jobs import JobRegistry, JobStream, NarrationEvent, TerminalSignal
 
 
@@ -20,3 +30,31 @@ def assert_one_signal_last(items: list[NarrationEvent | TerminalSignal]) -> Term
     assert len(signals) == 1, items
     assert items[-1] is signals[0]
     return signals[0]
+
+
+@asynccontextmanager
+async def child_until_killed(code: str, *args: str) -> AsyncIterator[dict[str, str]]:
+    """Run ``python -c code *args``, a child that prints one JSON line (its job ids) once
+    its jobs are stored; yield that line read back, and SIGKILL the child on exit (so
+    nothing of its shutdown path runs)."""
+    async with trio.open_nursery() as nursery:
+        proc: trio.Process = await nursery.start(
+            partial(
+                trio.run_process,
+                [sys.executable, "-c", code, *args],
+                stdout=subprocess.PIPE,
+                check=False,
+            )
+        )
+        try:
+            assert proc.stdout is not None
+            buf = b""
+            while not buf.endswith(b"\n"):
+                chunk = await proc.stdout.receive_some()
+                assert chunk, "the child exited before printing its job ids"
+                buf += chunk
+            ids: dict[str, str] = json.loads(buf)
+            yield ids
+        finally:
+            proc.send_signal(signal.SIGKILL)
+    assert proc.returncode == -signal.SIGKILL

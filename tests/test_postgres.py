@@ -8,9 +8,6 @@ server: see tests/pg.py (skips with instructions otherwise).
 from __future__ import annotations
 
 import json
-import signal
-import subprocess
-import sys
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from functools import partial
@@ -24,7 +21,7 @@ from trio_jobs._persist import INTERRUPTED, SharedRunner, run_shared_jobs
 from trio_jobs._pg_store import PostgresStore
 
 from . import pg
-from .helpers import collect
+from .helpers import child_until_killed, collect
 
 pytestmark = pytest.mark.postgres
 
@@ -281,26 +278,10 @@ async def test_a_killed_nodes_jobs_are_taken_over(dsn_schema: tuple[str, str]) -
     with trio.fail_after(CAP):
         async with node(dsn_schema, "front", finish, claim=False, lease=0.5) as (front, shared):
             mirrored = front.create_job({"from": "front"})
-            async with trio.open_nursery() as nursery:
-                proc: trio.Process = await nursery.start(
-                    partial(
-                        trio.run_process,
-                        [sys.executable, "-c", CHILD, dsn, schema, "3"],
-                        stdout=subprocess.PIPE,
-                        check=False,
-                    )
-                )
-                assert proc.stdout is not None
-                buf = b""
-                while not buf.endswith(b"\n"):
-                    chunk = await proc.stdout.receive_some()
-                    assert chunk, "the child exited early"
-                    buf += chunk
+            async with child_until_killed(CHILD, dsn, schema, "3") as ids:
                 while len(front.events(mirrored)) < 1:  # followed: running in the child
                     await trio.sleep(0.01)
                 assert front.get(mirrored).state is JobState.RUNNING
-                proc.send_signal(signal.SIGKILL)
-            ids: dict[str, str] = json.loads(buf)
 
             shared.claim = True  # the front becomes a worker: it takes over what died
             mirror = await front.wait(mirrored)

@@ -9,10 +9,6 @@ of the child's shutdown path runs.
 from __future__ import annotations
 
 import json
-import signal
-import subprocess
-import sys
-from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +18,7 @@ from trio_jobs import JobRegistry, JobState, RetryPolicy, open_job_runner
 from trio_jobs._persist import INTERRUPTED, open_registry
 from trio_jobs._sqlite_store import MIGRATIONS, SQLiteStore
 
-from .helpers import collect
+from .helpers import child_until_killed, collect
 
 CHILD = r"""
 import json, sys, trio
@@ -58,33 +54,11 @@ trio.run(main)
 """
 
 
-async def run_child_until_killed(db: Path) -> dict[str, str]:
-    """Start the child, read the ids it prints once its jobs are stored, SIGKILL it."""
-    async with trio.open_nursery() as nursery:
-        proc: trio.Process = await nursery.start(
-            partial(
-                trio.run_process,
-                [sys.executable, "-c", CHILD, str(db)],
-                stdout=subprocess.PIPE,
-                check=False,
-            )
-        )
-        assert proc.stdout is not None
-        buf = b""
-        while not buf.endswith(b"\n"):
-            chunk = await proc.stdout.receive_some()
-            assert chunk, "the child exited before printing its job ids"
-            buf += chunk
-        proc.send_signal(signal.SIGKILL)
-    assert proc.returncode == -signal.SIGKILL
-    ids: dict[str, str] = json.loads(buf)
-    return ids
-
-
 async def test_sigkilled_daemon_restarts_with_every_job(tmp_path: Path) -> None:
     db = tmp_path / "jobs.db"
     with trio.fail_after(60):
-        ids = await run_child_until_killed(db)
+        async with child_until_killed(CHILD, str(db)) as ids:
+            pass
 
         ran: list[Any] = []
 
