@@ -337,7 +337,13 @@ def jobs_blueprint(
             # Answer with the settled record when the job ends promptly (it normally does
             # within a scheduler tick); a job shielding itself is reported as it stands.
             with trio.move_on_after(service.cancel_settle_s):
-                return _json((await registry.wait(job_id)).to_dict())
+                settled = await registry.wait(job_id)
+                if settled.state is not JobState.CANCELLED:
+                    # Another node ran the job to its end before the cancel reached it.
+                    raise ApiError(
+                        409, "conflict", f"the job {settled.state.value} before the cancel"
+                    )
+                return _json(settled.to_dict())
             return _json(registry.get(job_id).to_dict())
         state = JobState(record["state"])
         if state.is_terminal:
