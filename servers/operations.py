@@ -372,3 +372,19 @@ def _names() -> tuple[str, ...]:
 
 
 _NAMES = _names()
+
+
+def wrong_operation(operation: str, expected: str) -> ValidationError:
+    """The 422 a daemon gives for a valid operation it does not serve (the field is
+    ``operation``; ``expected`` says what this daemon takes)."""
+    return ValidationError.from_exception_data(
+        "Operation",
+        [
+            {
+                "type": "literal_error",
+                "loc": ("operation",),
+                "input": operation,
+                "ctx": {"expected": expected},
+            }
+        ],
+    )

@@ -505,3 +505,18 @@ async def test_worker_with_an_openai_upstream_through_the_chain(env: Env) -> Non
             assert start.fields["backend"] == "openai"
             await collect(client, {"operation": "worker_delete", "id": worker["id"]})
         await wait_pid_gone(worker["pid"])
+
+
+async def test_queen_routes_reject_bad_bodies_with_json_errors(env: Env) -> None:
+    """The queen's own routes answer like the job endpoints: 400/422 JSON, nothing kept."""
+    with trio.fail_after(15):
+        async with httpx.AsyncClient(base_url=env.queen) as http:
+            for path in ("/v1/workers/heartbeat", "/v1/hives"):
+                bad = await http.post(path, content=b"{not json")
+                assert bad.status_code == 400
+                assert bad.json()["error"] == "malformed JSON"
+                wrong = await http.post(path, json={"nothing": "useful"})
+                assert wrong.status_code == 422
+                assert wrong.json()["detail"][0]["loc"]
+            hives = (await http.get("/v1/hives")).json()["hives"]
+            assert all(h.get("alias") != "nothing" for h in hives)

@@ -9,7 +9,6 @@ from typing import Any
 
 import httpx
 import trio
-from pydantic import ValidationError
 
 from trio_jobs import JobRegistry, JobStore, narrate, run_persistence
 from trio_jobs.http import create_app
@@ -27,6 +26,7 @@ from ..operations import (
     WorkerSpawn,
     operation_schema,
     parse_operation,
+    wrong_operation,
 )
 from ._models import ModelStore
 from ._supervisor import WorkerSupervisor
@@ -69,16 +69,8 @@ def parse_hive_payload(body: Any) -> dict[str, Any]:
     """Validate a hive job body: worker and model operations only."""
     operation = parse_operation(body)
     if not operation.should_forward_to_hive():
-        raise ValidationError.from_exception_data(
-            "Operation",
-            [
-                {
-                    "type": "literal_error",
-                    "loc": ("operation",),
-                    "input": operation.operation,
-                    "ctx": {"expected": "a worker_* or model_* operation (this is a hive)"},
-                }
-            ],
+        raise wrong_operation(
+            operation.operation, "a worker_* or model_* operation (this is a hive)"
         )
     return operation.to_body()
 

@@ -7,7 +7,7 @@ import os
 import socket
 import subprocess
 import sys
-from typing import Any
+from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
 import httpx
@@ -15,7 +15,7 @@ import trio
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from trio_jobs import JobRegistry, JobStore, SharedRunner, narrate, run_persistence, run_shared_jobs
-from trio_jobs.http import ApiError, create_app
+from trio_jobs.http import ApiError, create_app, validation_detail
 
 from .._daemon import is_loopback, run_daemon
 from .._proc import drain, read_first_line, terminate, wait_healthy
@@ -52,6 +52,19 @@ __all__ = [
 ]
 
 logger = logging.getLogger("servers.queen")
+
+_M = TypeVar("_M", bound=BaseModel)
+
+
+def _validated(model: type[_M], data: Any) -> _M:
+    """A daemon route's JSON body as ``model``: 400 when it is not a JSON object, 422 naming
+    the fields otherwise (the same error shape as the job endpoints)."""
+    if not isinstance(data, dict):
+        raise ApiError(400, "malformed JSON", "a JSON object is required")
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        raise ApiError(422, "invalid request", validation_detail(exc.errors())) from None
 
 
 class NotSupported(Exception):
@@ -454,28 +467,12 @@ class Queen:
         from quart import jsonify, request
 
         async def heartbeat() -> Any:
-            data = await request.get_json(force=True, silent=True)
-            if not isinstance(data, dict):
-                detail = "a JSON object is required"
-                return jsonify({"error": "invalid_json", "detail": detail}), 400
-            try:
-                beat = Heartbeat.model_validate(data)
-            except ValidationError as exc:
-                errors = [{"loc": list(e["loc"]), "msg": e["msg"]} for e in exc.errors()]
-                return jsonify({"error": "invalid_heartbeat", "detail": errors}), 422
+            beat = _validated(Heartbeat, await request.get_json(force=True, silent=True))
             self.workers.beat(beat.model_dump())
             return jsonify({"status": "ok", "ttl_s": self.workers.ttl_s})
 
         async def register_hive() -> Any:
-            data = await request.get_json(force=True, silent=True)
-            if not isinstance(data, dict):
-                detail = "a JSON object is required"
-                return jsonify({"error": "invalid_json", "detail": detail}), 400
-            try:
-                hive = HiveRegistration.model_validate(data)
-            except ValidationError as exc:
-                errors = [{"loc": list(e["loc"]), "msg": e["msg"]} for e in exc.errors()]
-                return jsonify({"error": "invalid_hive", "detail": errors}), 422
+            hive = _validated(HiveRegistration, await request.get_json(force=True, silent=True))
             known = self.config.hives.get(hive.alias)
             entry = HiveEntry(
                 hive.alias,

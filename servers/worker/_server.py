@@ -19,7 +19,7 @@ from trio_jobs import JobRegistry, narrate
 from trio_jobs.http import create_app
 
 from .._daemon import run_daemon
-from ..operations import Infer, parse_operation
+from ..operations import Infer, parse_operation, wrong_operation
 from ._backends import Backend, OpenAIBackend, TinyBackend
 from ._tiny import tiny_tokens
 
@@ -66,17 +66,7 @@ def parse_infer_payload(body: Any) -> dict[str, Any]:
     """Validate a worker job body: only ``infer`` is served here."""
     operation = parse_operation(body)
     if not isinstance(operation, Infer):
-        raise ValidationError.from_exception_data(
-            "Operation",
-            [
-                {
-                    "type": "literal_error",
-                    "loc": ("operation",),
-                    "input": operation.operation,
-                    "ctx": {"expected": "'infer' (a worker serves only infer)"},
-                }
-            ],
-        )
+        raise wrong_operation(operation.operation, "'infer' (a worker serves only infer)")
     return operation.to_body()
 
 

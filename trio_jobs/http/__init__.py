@@ -11,6 +11,7 @@ from ._app import job_service as job_service
 from ._app import jobs_blueprint as jobs_blueprint
 from ._errors import ApiError as ApiError
 from ._errors import error_response as error_response
+from ._errors import validation_detail as validation_detail
 from ._openapi import openapi_document as openapi_document
 from ._options import ErrorBody as ErrorBody
 from ._options import JobOptions as JobOptions
@@ -22,7 +23,6 @@ from ._sse import SSE_HEADERS as SSE_HEADERS
 from ._wire import WireEncoder as WireEncoder
 
 __all__ = [
-    "SSE_HEADERS",
     "ApiError",
     "ErrorBody",
     "JobOptions",
@@ -30,6 +30,7 @@ __all__ = [
     "JobsBlueprint",
     "PayloadParser",
     "RetryOptions",
+    "SSE_HEADERS",
     "WireEncoder",
     "create_app",
     "error_response",
@@ -37,4 +38,5 @@ __all__ = [
     "jobs_blueprint",
     "openapi_document",
     "serve",
+    "validation_detail",
 ]
