@@ -14,7 +14,7 @@ import httpx
 import trio
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from trio_jobs import JobRegistry, JobStore, SharedRunner, narrate, run_persistence, run_shared_jobs
+from trio_jobs import JobRegistry, JobStore, narrate, run_persistence, run_shared_jobs
 from trio_jobs.http import ApiError, create_app, validation_detail
 
 from .._daemon import is_loopback, run_daemon
@@ -44,7 +44,6 @@ from ._scheduler import WorkerTable
 
 __all__ = [
     "Queen",
-    "follow_unknown_jobs",
     "make_registry",
     "parse_queen_payload",
     "serve_queen",
@@ -101,33 +100,6 @@ class Heartbeat(BaseModel):
 def make_registry(store: JobStore | None = None, retention_s: float = 600.0) -> JobRegistry:
     """The queen's job registry, persisted to ``store`` when one is given."""
     return JobRegistry(actor="queen", retention=retention_s, store=store)
-
-
-def follow_unknown_jobs(app: Any, registry: JobRegistry, shared: SharedRunner) -> None:
-    """Before any ``/v1/jobs/<job_id>...`` route (HTTP or WebSocket) of a queen sharing its
-    store, load a job this queen does not know from the store (``SharedRunner.follow``),
-    so a job submitted to another queen can be read, streamed and cancelled here too.
-    Runs after the job API's auth check; a store that cannot be read answers 503."""
-    from quart import request, websocket
-
-    async def follow(view_args: dict[str, Any] | None) -> None:
-        job_id = (view_args or {}).get("job_id")
-        if not isinstance(job_id, str) or job_id in registry:
-            return
-        try:
-            await shared.follow(job_id)
-        except Exception as exc:
-            logger.exception("looking up job %s in the shared store failed", job_id)
-            raise ApiError(503, "store unavailable", str(exc) or type(exc).__name__) from None
-
-    async def before_request() -> None:
-        await follow(request.view_args)
-
-    async def before_websocket() -> None:
-        await follow(websocket.view_args)
-
-    app.before_request(before_request)
-    app.before_websocket(before_websocket)
 
 
 def parse_queen_payload(body: Any) -> dict[str, Any]:
@@ -541,7 +513,7 @@ async def serve_queen(
         # only once the server and its jobs have ended, so their final states are written.
         async with trio.open_nursery() as jobs:
             if shared_mode:
-                shared: SharedRunner = await start_store(
+                await start_store(
                     jobs,
                     config.store,
                     run_shared_jobs,
@@ -550,7 +522,6 @@ async def serve_queen(
                     max_concurrent=config.max_concurrent,
                     lease=config.lease_s,
                 )
-                follow_unknown_jobs(app, registry, shared)
             elif owned and registry.store is not None:
                 await start_store(jobs, config.store, run_persistence, registry)
             if owned and registry.store is not None:

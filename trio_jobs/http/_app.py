@@ -24,11 +24,12 @@ from .._exceptions import JobNotFound
 from .._models import JobState
 from .._registry import JobRegistry
 from .._runner import Executor
-from ._errors import ApiError, install_error_handlers, validation_detail
+from ._errors import ApiError, install_error_handlers, json_bytes, validation_detail
+from ._fastpath import CancelFastPath, only_these_hooks
 from ._metrics import CONTENT_TYPE
 from ._openapi import openapi_document
 from ._options import OPTION_KEYS, JobOptions
-from ._service import JobService, PayloadParser
+from ._service import JobService, PayloadParser, not_found
 from ._sse import SSE_HEADERS, sse_body, ws_follow
 
 __all__ = ["JobsBlueprint", "create_app", "jobs_blueprint", "job_service"]
@@ -50,8 +51,7 @@ def job_service(app: QuartTrio) -> JobService | None:
 
 
 def _json(data: Any, status: int = 200, headers: Mapping[str, str] | None = None) -> Response:
-    body = json.dumps(data, ensure_ascii=True, separators=(",", ":"), default=str)
-    response = Response(body, status=status, content_type="application/json")
+    response = Response(json_bytes(data), status=status, content_type="application/json")
     for key, value in (headers or {}).items():
         response.headers[key] = value
     return response
@@ -164,6 +164,8 @@ def jobs_blueprint(
         mounted.append(state.app)
         state.app.extensions[EXTENSION_KEY] = service
         install_error_handlers(state.app)
+        fast_path = CancelFastPath(state.app.asgi_app, service, state.url_prefix)
+        state.app.asgi_app = fast_path  # type: ignore[method-assign]  # Quart's middleware hook
 
     bp.record_once(_register)
 
@@ -172,10 +174,12 @@ def jobs_blueprint(
     @bp.before_app_serving
     async def _start_runner() -> None:
         app = mounted[0]
+        service.fast_paths = only_these_hooks(app, [_auth_request])
         await app.nursery.start(service.run_runner)
 
     @bp.after_app_serving
     async def _stop_runner() -> None:
+        service.fast_paths = False
         service.stop_runner()
 
     def _server_host(scope: Mapping[str, Any]) -> str | None:
@@ -282,22 +286,16 @@ def jobs_blueprint(
             {"Location": location},
         )
 
-    async def _known(job_id: str) -> None:
-        """A job not in memory (dropped by retention, or another queen's) is loaded
-        from the registry's store, so every per-job route can answer for it."""
-        if job_id not in registry:
-            await registry.load(job_id)
-
     def _open_stream(job_id: str, after: int | None) -> JobStream:
         try:
             return registry.open_stream(job_id, after)
         except JobNotFound:
-            raise ApiError(404, "not found", f"unknown job: {job_id}") from None
+            raise not_found(job_id) from None
 
     @bp.get("/v1/jobs/<job_id>/stream")
     async def stream_job(job_id: str) -> Response:
         after = _resume_point(request.headers, request.args)
-        await _known(job_id)
+        await service.known(job_id)
         stream = _open_stream(job_id, after)
         if request.method == "HEAD":
             stream.close()
@@ -311,7 +309,7 @@ def jobs_blueprint(
     async def stream_job_ws(job_id: str) -> Response | None:
         try:
             after = _resume_point(websocket.headers, websocket.args)
-            await _known(job_id)
+            await service.known(job_id)
             stream = _open_stream(job_id, after)
         except ApiError as exc:
             return exc.response()
@@ -319,44 +317,22 @@ def jobs_blueprint(
         await ws_follow(service, websocket, stream)
         return None
 
-    async def _record(job_id: str) -> dict[str, Any]:
-        await _known(job_id)
-        try:
-            return registry.get(job_id).to_dict()
-        except JobNotFound:
-            raise ApiError(404, "not found", f"unknown job: {job_id}") from None
-
     @bp.get("/v1/jobs/<job_id>")
     async def get_job(job_id: str) -> Response:
-        return _json(await _record(job_id))
+        return _json(await service.record(job_id))
 
+    # Normally answered by CancelFastPath (same service.cancel) before Quart sees it.
     @bp.delete("/v1/jobs/<job_id>")
     async def cancel_job(job_id: str) -> Response:
-        record = await _record(job_id)
-        if registry.cancel_job(job_id, "cancelled over HTTP"):
-            # Answer with the settled record when the job ends promptly (it normally does
-            # within a scheduler tick); a job shielding itself is reported as it stands.
-            with trio.move_on_after(service.cancel_settle_s):
-                settled = await registry.wait(job_id)
-                if settled.state is not JobState.CANCELLED:
-                    # Another node ran the job to its end before the cancel reached it.
-                    raise ApiError(
-                        409, "conflict", f"the job {settled.state.value} before the cancel"
-                    )
-                return _json(settled.to_dict())
-            return _json(registry.get(job_id).to_dict())
-        state = JobState(record["state"])
-        if state.is_terminal:
-            raise ApiError(409, "conflict", f"the job is already {state.value}")
-        raise ApiError(409, "conflict", "the job is already being cancelled")
+        return _json(await service.cancel(job_id))
 
     @bp.get("/v1/jobs/<job_id>/history")
     async def job_history(job_id: str) -> Response:
-        await _known(job_id)
+        await service.known(job_id)
         try:
             history = registry.history(job_id)
         except JobNotFound:
-            raise ApiError(404, "not found", f"unknown job: {job_id}") from None
+            raise not_found(job_id) from None
         return _json({"job_id": job_id, "history": [entry.to_dict() for entry in history]})
 
     @bp.get("/v1/jobs")

@@ -9,7 +9,14 @@ from typing import Any
 from quart import Quart, Response
 from werkzeug.exceptions import HTTPException
 
-__all__ = ["ApiError", "error_response", "install_error_handlers", "validation_detail"]
+__all__ = [
+    "ApiError",
+    "error_body",
+    "error_response",
+    "install_error_handlers",
+    "json_bytes",
+    "validation_detail",
+]
 
 logger = logging.getLogger("trio_jobs.http")
 
@@ -52,14 +59,21 @@ class ApiError(Exception):
         return error_response(self.status, self.error, self.detail, headers=self.headers)
 
 
+def json_bytes(data: Any) -> bytes:
+    """The one JSON encoding of every response body (ASCII, compact; unknown types as str)."""
+    return json.dumps(data, ensure_ascii=True, separators=(",", ":"), default=str).encode()
+
+
+def error_body(error: str, detail: Any = None) -> bytes:
+    """``{"error": error, "detail": detail}`` as JSON bytes."""
+    return json_bytes({"error": error, "detail": detail})
+
+
 def error_response(
     status: int, error: str, detail: Any = None, *, headers: dict[str, str] | None = None
 ) -> Response:
     """A JSON error response (``application/json``) with the given status."""
-    body = json.dumps(
-        {"error": error, "detail": detail}, ensure_ascii=True, separators=(",", ":"), default=str
-    )
-    response = Response(body, status=status, content_type="application/json")
+    response = Response(error_body(error, detail), status=status, content_type="application/json")
     for key, value in (headers or {}).items():
         response.headers[key] = value
     return response

@@ -20,13 +20,14 @@ from typing import Any
 
 import trio
 
-from .._models import Transition
+from .._exceptions import JobNotFound
+from .._models import JobState, Transition
 from .._registry import Job, JobRegistry
 from .._runner import Executor, run_jobs
-from ._errors import ApiError
+from ._errors import ApiError, logger
 from ._metrics import ServerMetrics
 
-__all__ = ["JobService", "PayloadParser", "is_loopback"]
+__all__ = ["JobService", "PayloadParser", "is_loopback", "not_found"]
 
 PayloadParser = Callable[[dict[str, Any]], Any]
 """``parse_payload(body_without_options) -> payload``; raises pydantic ``ValidationError``
@@ -41,6 +42,10 @@ def is_loopback(host: str | None) -> bool:
         return ipaddress.ip_address(host.strip("[]")).is_loopback
     except ValueError:
         return False
+
+
+def not_found(job_id: str) -> ApiError:
+    return ApiError(404, "not found", f"unknown job: {job_id}")
 
 
 class JobService:
@@ -85,6 +90,9 @@ class JobService:
         self.draining = False
         self.cancel_settle_s = 1.0
         """How long DELETE waits for a cancelled job to settle before answering."""
+        self.fast_paths = False
+        """True while the app serves with no request hooks but the job API's own, so
+        ``DELETE /v1/jobs/{id}`` may skip Quart's request machinery (see ``_fastpath``)."""
         self.drain_deadline = math.inf
         self._cancel_on_disconnect: set[str] = set()
         self._watchers: dict[str, int] = {}
@@ -115,6 +123,52 @@ class JobService:
                 "missing or wrong bearer token" if authorization else "a bearer token is required",
                 headers={"WWW-Authenticate": f'Bearer realm="{self.name}"'},
             )
+
+    # ---- per-job answers, shared by the routes and the ASGI fast path ------------------
+
+    async def known(self, job_id: str) -> None:
+        """Make a job that is not in memory known from the registry's store (dropped by
+        retention, or another node's in shared mode), so every per-job route can answer
+        for it. A store that cannot be read is answered 503."""
+        if job_id in self.registry:
+            return
+        try:
+            await self.registry.load(job_id)
+        except Exception as exc:
+            logger.exception("looking up job %s in the store failed", job_id)
+            raise ApiError(503, "store unavailable", str(exc) or type(exc).__name__) from None
+
+    async def record(self, job_id: str) -> dict[str, Any]:
+        """The job's record as JSON data (404 for an unknown job)."""
+        await self.known(job_id)
+        try:
+            return self.registry.get(job_id).to_dict()
+        except JobNotFound:
+            raise not_found(job_id) from None
+
+    async def cancel(self, job_id: str) -> dict[str, Any]:
+        """``DELETE /v1/jobs/{id}``: cancel the job and answer its record.
+
+        The record is the settled one when the job ends within ``cancel_settle_s`` (it
+        normally does within a scheduler tick); a job shielding itself is reported as it
+        stands. 409 when the job had already ended, was already being cancelled, or
+        (another node running it) ended otherwise before the cancel reached it.
+        """
+        record = await self.record(job_id)
+        registry = self.registry
+        if registry.cancel_job(job_id, "cancelled over HTTP"):
+            with trio.move_on_after(self.cancel_settle_s):
+                settled = await registry.wait(job_id)
+                if settled.state is not JobState.CANCELLED:
+                    raise ApiError(
+                        409, "conflict", f"the job {settled.state.value} before the cancel"
+                    )
+                return settled.to_dict()
+            return registry.get(job_id).to_dict()
+        state = JobState(record["state"])
+        if state.is_terminal:
+            raise ApiError(409, "conflict", f"the job is already {state.value}")
+        raise ApiError(409, "conflict", "the job is already being cancelled")
 
     # ---- runner ----------------------------------------------------------------------
 
