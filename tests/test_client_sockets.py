@@ -8,8 +8,10 @@ under a ``trio.fail_after`` cap; the only real waits are on sockets.
 
 from __future__ import annotations
 
+import functools
+import inspect
 import json
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import httpx
@@ -42,10 +44,16 @@ from trio_jobs.testing import (
 CAP = 10.0  # seconds: a socket test that takes longer is stuck
 
 
-@pytest.fixture(autouse=True)
-async def _cap() -> AsyncIterator[None]:
-    with trio.fail_after(CAP):
-        yield
+def _capped(test: Callable[..., Awaitable[None]]) -> Callable[..., Awaitable[None]]:
+    """The test under ``trio.fail_after(CAP)`` (a fixture's scope cannot cap a test:
+    pytest-trio runs each fixture in a task of its own). Applied to every test below."""
+
+    @functools.wraps(test)
+    async def capped(*args: Any, **kwargs: Any) -> None:
+        with trio.fail_after(CAP):
+            await test(*args, **kwargs)
+
+    return capped
 
 
 class Relay:
@@ -400,6 +408,104 @@ async def test_websocket_errors_in_the_block_come_out_alone(
     assert (await trio_jobs_registry.wait(job_id)).state.value == "cancelled"
 
 
+async def test_websocket_reconnects_after_forced_disconnect(
+    relay: Relay, gates: dict[str, trio.Event]
+) -> None:
+    """Cut mid-stream: the WebSocket resumes with Last-Event-ID, no gap and no duplicate."""
+    gate = gates.setdefault("w", trio.Event())
+    async with JobClient(relay.url, backoff_s=0.01) as client:
+        job_id = await client.submit({"gate": "w", "before": 5, "after": 5})
+        async with client.stream_ws(job_id) as ws:
+            items = [await ws.receive() for _ in range(5)]
+            relay.cut()
+            gate.set()
+            items += [item async for item in ws]
+            ws.check()
+    assert [i.id for i in items[:-1]] == list(range(1, 11))
+    assert_stream_done(items)
+    assert (ws.reconnects, ws.last_event_id, ws.close_code) == (1, "10", 1000)
+    assert relay.connections == 3  # the submit's, the WebSocket's, its reconnect
+
+
+async def test_websocket_cancel_during_a_drop_reaches_the_server(
+    relay: Relay, trio_jobs_registry: JobRegistry
+) -> None:
+    """A cancel sent while the connection is gone is sent again on the next one."""
+    async with JobClient(relay.url, backoff_s=0.01) as client:
+        job_id = await client.submit({"gate": "never", "before": 1, "after": 0})
+        async with client.stream_ws(job_id) as ws:
+            first = await ws.receive()
+            relay.cut()
+            await ws.send_cancel()
+            lines = [line async for line in ws.lines()]
+            with pytest.raises(JobCancelled):
+                ws.check()
+    assert isinstance(first, NarrationEvent) and first.id == 1
+    assert lines == ["[CANCELLED]"]
+    assert ws.reconnects == 1
+    assert (await trio_jobs_registry.wait(job_id)).state.value == "cancelled"
+
+
+async def test_websocket_gives_up_when_the_server_is_gone(
+    trio_jobs_executor: Callable[[str, Any], Any],
+) -> None:
+    """The server stops (closing the WebSocket with 1001); reconnects are refused."""
+    app = create_app(JobRegistry(), trio_jobs_executor)
+    server = trio.CancelScope()
+
+    async def run_server(*, task_status: trio.TaskStatus[str]) -> None:
+        with server:
+            await serve(app, grace_s=0.0, task_status=task_status)
+
+    async with trio.open_nursery() as nursery:
+        url = await nursery.start(run_server)
+        async with JobClient(url, max_reconnects=2, backoff_s=0.01) as client:
+            job_id = await client.submit({"gate": "never", "before": 1, "after": 0})
+            async with client.stream_ws(job_id) as ws:
+                assert isinstance(await ws.receive(), NarrationEvent)
+                server.cancel()
+                with pytest.raises(StreamEndedWithoutSignal, match="2 reconnect") as info:
+                    await ws.receive()
+                with pytest.raises(StreamEndedWithoutSignal):
+                    await ws.receive()  # the outcome stays
+    assert (ws.reconnects, ws.close_code) == (2, 1001)
+    assert isinstance(info.value.__cause__, OSError)
+
+
+async def test_websocket_resumed_on_a_server_without_the_job_is_not_found(
+    relay: Relay, nursery: trio.Nursery
+) -> None:
+    """The relay's next connection goes to another server that never had the job: the
+    reader gets the lines it had, then JobNotFound (a 404 is not retried)."""
+    other = await nursery.start(serve, create_app(JobRegistry(), narrating_executor))
+    async with JobClient(relay.url, backoff_s=0.01, max_reconnects=5) as client:
+        job_id = await client.submit({"gate": "never", "before": 1, "after": 0})
+        async with client.stream_ws(job_id) as ws:
+            assert isinstance(await ws.receive(), NarrationEvent)
+            relay.port = int(other.rsplit(":", 1)[1])
+            relay.cut()
+            with pytest.raises(JobNotFound):
+                await ws.receive()
+    assert ws.reconnects == 1
+
+
+async def test_websocket_cancelled_from_outside_closes_at_once(
+    trio_jobs_client: JobClient, trio_jobs_registry: JobRegistry
+) -> None:
+    """A scope around the block is cancelled: the socket closes without waiting for a
+    close handshake, and the server sees the client go (cancel-on-disconnect applies)."""
+    job_id = await trio_jobs_client.submit(
+        {"gate": "never", "before": 1, "after": 0}, on_disconnect="cancel"
+    )
+    with trio.fail_after(1.0):  # a close handshake with no reader would wait 10 s
+        with trio.CancelScope() as scope:
+            async with trio_jobs_client.stream_ws(job_id) as ws:
+                await ws.receive()
+                scope.cancel()
+                await trio.sleep_forever()
+        assert (await trio_jobs_registry.wait(job_id)).state.value == "cancelled"
+
+
 @pytest.mark.parametrize("trio_jobs_token", ["s3cret"])
 async def test_token_auth(trio_jobs_server: str, trio_jobs_client: JobClient) -> None:
     job_id = await trio_jobs_client.submit({"n": 1})  # the fixture client has the token
@@ -421,3 +527,8 @@ async def test_token_auth(trio_jobs_server: str, trio_jobs_client: JobClient) ->
                 async with client.stream_ws(job_id):
                     pytest.fail("websocket opened without the token")
             assert ws_info.value.status_code == 401
+
+
+for _name, _test in list(globals().items()):
+    if _name.startswith("test_") and inspect.iscoroutinefunction(_test):
+        globals()[_name] = _capped(_test)

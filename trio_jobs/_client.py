@@ -25,12 +25,13 @@ policy or an explicit :meth:`JobClient.cancel`.
 from __future__ import annotations
 
 import json
+import math
 import re
 import sys
 from abc import abstractmethod
 from collections import deque
 from collections.abc import AsyncIterator, Callable, Iterator, Mapping
-from contextlib import AsyncExitStack, asynccontextmanager, contextmanager, suppress
+from contextlib import asynccontextmanager, contextmanager, suppress
 from datetime import datetime
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Literal, NoReturn, Protocol, Self, TypedDict, Unpack
@@ -157,6 +158,24 @@ def _reconnectable(exc: BaseException) -> bool:
     return isinstance(exc, httpx.TransportError | trio.TooSlowError | OSError)
 
 
+def _backoff_s(client: JobClient, failures: int, retry_ms: int | None) -> float:
+    """The wait before reconnect attempt ``failures`` (capped by the server's ``retry:``)."""
+    cap = _MAX_BACKOFF_S if retry_ms is None else retry_ms / 1000
+    return float(min(client.backoff_s * 2 ** (failures - 1), cap))
+
+
+def _not_resumed(
+    what: str, client: JobClient, last_event_id: str | None, cause: BaseException | None
+) -> StreamEndedWithoutSignal:
+    error = StreamEndedWithoutSignal(
+        f"{what} ended before its terminal signal and was not resumed after "
+        f"{client.max_reconnects} reconnect attempt(s) (last event id {last_event_id}): "
+        f"{cause!r}"
+    )
+    error.__cause__ = cause
+    return error
+
+
 @contextmanager
 def _translating(what: str, *, job_id: str | None = None) -> Iterator[None]:
     """Run a block whose httpx/trio-websocket errors are raised as trio-jobs errors."""
@@ -225,6 +244,24 @@ def _parse_event(data: str, sse_id: int | None, job_id: str | None) -> Narration
 
 def _sse_int(value: str | None) -> int | None:
     return int(value) if value is not None and value.isascii() and value.isdigit() else None
+
+
+def _line_event_id(line: str) -> int | None:
+    """The id of an event line: read off our servers' ``{"id":N,...`` prefix, else parsed."""
+    if line.startswith('{"id":'):
+        end = line.find(",", 6)
+        num = _sse_int(line[6:end] if end > 0 else None)
+        if num is not None:
+            return num
+    try:
+        obj = json.loads(line)
+    except ValueError:
+        return None
+    value = obj.get("id") if isinstance(obj, dict) else None
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
+
+
+_CANCEL_MESSAGE = '{"cancel": true}'
 
 
 class _LineSource(Protocol):
@@ -421,14 +458,9 @@ class JobEventStream(_ItemChannel):
         client = self._client
         while True:
             if self._failures > client.max_reconnects:
-                raise StreamEndedWithoutSignal(
-                    f"stream of job {self.job_id} ended before its terminal signal and was "
-                    f"not resumed after {client.max_reconnects} reconnect attempt(s) "
-                    f"(last event id {self.last_event_id}): {self._cause!r}"
-                ) from self._cause
-            delay = client.backoff_s * 2 ** (self._failures - 1)
-            cap = _MAX_BACKOFF_S if self.retry_ms is None else self.retry_ms / 1000
-            await trio.sleep(min(delay, cap))
+                what = f"stream of job {self.job_id}"
+                raise _not_resumed(what, client, self.last_event_id, self._cause)
+            await trio.sleep(_backoff_s(client, self._failures, self.retry_ms))
             self.reconnects += 1
             try:
                 await self._open()
@@ -607,65 +639,200 @@ async def _close_shielded(
 class JobWebSocketStream(_ItemChannel):
     """One job's stream over ``GET /v1/jobs/{id}/ws``: the same items as the SSE stream.
 
+    Made by :meth:`JobClient.stream_ws`, whose task owns the connection: it reads lines
+    into a bounded buffer (a slow reader slows the socket, not memory) and, when the
+    connection drops or the server closes it (1001: shutting down) before the terminal
+    signal, reconnects with ``Last-Event-ID`` like the SSE stream: the same backoff, up to
+    ``max_reconnects`` attempts in a row without a new event, replayed events dropped.
+    ``last_event_id``, ``reconnects`` and ``close_code`` tell what happened.
+
     :meth:`send_cancel` asks the server to cancel the job (the stream then ends with
-    ``[CANCELLED]`` unless the job finished first). There is no resume: a connection that
-    closes before the terminal signal raises :class:`StreamEndedWithoutSignal`. Error
-    answers of the server to our messages (``{"error": ..., "detail": ...}``, e.g. a cancel
-    of a job that just finished) are not items: they are kept in ``server_errors``.
+    ``[CANCELLED]`` unless the job finished first); it is sent again on every new
+    connection until the signal arrives. Error answers of the server to our messages
+    (``{"error": ..., "detail": ...}``, e.g. a cancel of a job that just finished) are not
+    items: they are kept in ``server_errors``.
     """
 
-    def __init__(self, ws: WebSocketConnection, job_id: str) -> None:
-        self._ws = ws
+    def __init__(
+        self,
+        client: JobClient,
+        job_id: str,
+        *,
+        last_event_id: str | int | None = None,
+        buffer: int = 256,
+    ) -> None:
+        self._client = client
         self.job_id = job_id
+        self.last_event_id: str | None = None if last_event_id is None else str(last_event_id)
+        self._last_num = _sse_int(self.last_event_id)
         self.terminal: TerminalSignal | None = None
         self.close_code: int | None = None
+        self.reconnects = 0
         self.server_errors: list[dict[str, Any]] = []
+        self._send, self._receive = trio.open_memory_channel[str](buffer)
         self._pending: deque[str] = deque()
-        self._ended = False
+        self._error: BaseException | None = None
+        self._ws: WebSocketConnection | None = None
+        self._cancel_wanted = False
+        self._signalled = False  # the connection task has read the terminal signal
+        self._url = client._ws_url(job_id)
+        self._scope = trio.CancelScope()
+        self._reading = trio.CancelScope()
+        self._running = False
+        self._done = trio.Event()
         self._closed = False
 
-    async def _read(self) -> str:
-        """The next line from the socket; ``EndOfChannel`` once closed after the signal."""
-        from trio_websocket import ConnectionClosed
+    # the connection task
 
+    def _headers(self) -> list[tuple[bytes, bytes]]:
+        token = self._client._token
+        headers = [(b"authorization", f"Bearer {token}".encode())] if token else []
+        if self.last_event_id is not None:
+            headers.append((b"last-event-id", self.last_event_id.encode()))
+        return headers
+
+    async def _run(self, *, task_status: trio.TaskStatus[None]) -> None:
+        """Own the connection until the signal, a hopeless error or :meth:`aclose`.
+
+        The first handshake's error is raised (through ``nursery.start``); later ones end
+        the stream and are raised by the reader, after the lines that came before.
+        """
+        from trio_websocket import ConnectionClosed, ConnectionRejected, HandshakeError
+
+        client = self._client
+        what = f"websocket of job {self.job_id}"
+        failures = 0
+        started = False
+        self._running = True
+        try:
+            with self._scope:
+                while True:
+                    resumed_after = self._last_num
+                    try:
+                        async with _open_websocket(
+                            self._url, self._headers(), client.timeout
+                        ) as ws:
+                            if not started:
+                                started = True
+                                task_status.started()
+                            self._ws = ws
+                            self._reading = trio.CancelScope()
+                            try:
+                                with self._reading:
+                                    if self._cancel_wanted:
+                                        await ws.send_message(_CANCEL_MESSAGE)
+                                    while True:
+                                        message = await ws.get_message()
+                                        if await self._take(message, resumed_after):
+                                            failures = 0
+                            finally:
+                                self._ws = None
+                            if self._closed:
+                                return  # aclose(): leaving the block closes with 1000
+                    except Exception as exc:
+                        if self._closed:
+                            return  # aclose(): the reader is gone
+                        if self._error is not None:
+                            return  # bad data: the reader raises it after the lines before
+                        if isinstance(exc, ConnectionClosed):
+                            reason = exc.reason
+                            self.close_code = reason.code if reason is not None else None
+                            if self._signalled:
+                                return
+                        mapped = _translate(exc, what, job_id=self.job_id)
+                        if mapped is None:
+                            raise
+                        if not started:
+                            raise mapped from exc
+                        broken = isinstance(exc, ConnectionClosed) or (
+                            isinstance(exc, HandshakeError)
+                            and not isinstance(exc, ConnectionRejected)
+                        )
+                        if not (
+                            broken
+                            or _reconnectable(exc)
+                            or (
+                                isinstance(mapped, HTTPStatusError)
+                                and mapped.status_code in _RETRYABLE_STATUS
+                            )
+                        ):
+                            mapped.__cause__ = exc
+                            self._error = mapped
+                            return
+                        cause: BaseException = exc
+                    failures += 1
+                    if failures > client.max_reconnects:
+                        self._error = _not_resumed(what, client, self.last_event_id, cause)
+                        return
+                    await trio.sleep(_backoff_s(client, failures, None))
+                    self.reconnects += 1
+        finally:
+            self._send.close()
+            self._done.set()
+
+    async def _take(self, message: str | bytes, resumed_after: int | None) -> bool:
+        """Pass one received message on to the reader; True for a new event."""
+        line = message.decode("utf-8", "replace") if isinstance(message, bytes) else message
+        if line.startswith('{"error"'):
+            try:
+                answer = json.loads(line)
+            except ValueError:
+                answer = None
+            if isinstance(answer, dict) and "action" not in answer:
+                # The server's answer to a message of ours (e.g. a cancel that came late).
+                self.server_errors.append(answer)
+                return False
+        if self._signalled:
+            self._error = TransportError(f"websocket of job {self.job_id}: data after the signal")
+            raise self._error
+        if line.startswith("{"):
+            num = _line_event_id(line)
+            if num is not None:
+                if resumed_after is not None and num <= resumed_after:
+                    return False  # replayed by the server after a reconnect
+                self.last_event_id, self._last_num = str(num), num
+        else:
+            signal = Signal.parse(line)
+            if signal is None:
+                self._error = TransportError(
+                    f"websocket of job {self.job_id}: not an event or a signal: {line[:200]!r}"
+                )
+                raise self._error
+            self._signalled = signal.signal.is_terminal
+        await self._send.send(line)
+        return True
+
+    # the reader's side
+
+    async def _read(self) -> str:
+        """The next line; ``EndOfChannel`` after the signal; the stream's error otherwise."""
         if self._closed:
             raise trio.ClosedResourceError("the stream was closed")
-        while True:
-            if self._ended:
-                await trio.lowlevel.checkpoint()
-                raise trio.EndOfChannel
-            try:
-                message = await self._ws.get_message()
-            except ConnectionClosed as exc:
-                self._ended = True
-                self.close_code = exc.reason.code if exc.reason is not None else None
-                if self.terminal is not None:
-                    raise trio.EndOfChannel from None
-                raise StreamEndedWithoutSignal(
-                    f"websocket of job {self.job_id} closed before its terminal signal "
-                    f"({exc.reason})"
-                ) from exc
-            line = message.decode("utf-8", "replace") if isinstance(message, bytes) else message
-            if line.startswith('{"error"'):
-                try:
-                    answer = json.loads(line)
-                except ValueError:
-                    answer = None
-                if isinstance(answer, dict) and "action" not in answer:
-                    # The server's answer to a message of ours (e.g. a cancel that came late).
-                    self.server_errors.append(answer)
-                    continue
-            if self.terminal is not None:
-                raise TransportError(f"websocket of job {self.job_id}: data after the signal")
-            if not line.startswith("{"):
-                signal = Signal.parse(line)
-                if signal is None:
-                    raise TransportError(
-                        f"websocket of job {self.job_id}: not an event or a signal: {line[:200]!r}"
-                    )
-                if signal.signal.is_terminal:
-                    self.terminal = signal
-            return line
+        try:
+            line = await self._receive.receive()
+        except trio.EndOfChannel:
+            pass
+        else:
+            return self._line(line)
+        raise self._end()  # outside the except: the error keeps its own cause
+
+    def _line(self, line: str) -> str:
+        if line.startswith("["):
+            signal = Signal.parse(line)
+            if signal is not None and signal.signal.is_terminal:
+                self.terminal = signal
+        return line
+
+    def _end(self) -> BaseException:
+        """What reading past the last line raises."""
+        if self.terminal is not None:
+            return trio.EndOfChannel()
+        if self._error is not None:
+            return self._error
+        return StreamEndedWithoutSignal(
+            f"websocket of job {self.job_id} closed before its terminal signal "
+            f"(close code {self.close_code})"
+        )
 
     async def _next_line(self) -> tuple[str, int | None]:
         if self._pending:
@@ -678,29 +845,53 @@ class JobWebSocketStream(_ItemChannel):
             raise trio.ClosedResourceError("the stream was closed")
         if self._pending:
             return self._pending.popleft(), None
-        if self._ended:
-            raise trio.EndOfChannel
-        raise trio.WouldBlock
+        try:
+            return self._line(self._receive.receive_nowait()), None
+        except trio.EndOfChannel:
+            end = self._end()
+            if isinstance(end, trio.EndOfChannel):
+                raise end from None
+            raise trio.EndOfChannel from None  # the error is raised by the next receive()
 
     async def wait_ready(self) -> None:
-        if self._pending or self._ended:
+        if self._pending:
             await trio.lowlevel.checkpoint()
             return
         with suppress(trio.EndOfChannel):
             self._pending.append(await self._read())
 
     async def send_cancel(self) -> None:
-        """Send ``{"cancel": true}``; a no-op (a checkpoint) once the connection closed."""
+        """Ask the server to cancel the job; between connections, on the next one.
+
+        A no-op (a checkpoint) once the stream has ended.
+        """
         from trio_websocket import ConnectionClosed
 
+        self._cancel_wanted = not self._signalled
+        ws = self._ws
+        if ws is None or not self._cancel_wanted:
+            await trio.lowlevel.checkpoint()
+            return
         with suppress(ConnectionClosed):
-            await self._ws.send_message('{"cancel": true}')
+            await ws.send_message(_CANCEL_MESSAGE)
 
     async def aclose(self) -> None:
-        """Close the WebSocket (normal closure, code 1000)."""
+        """Close the WebSocket (normal closure, code 1000) and wait until it is closed.
+
+        The connection task stops reading and closes the connection, whose close handshake
+        still has its reader; between connections, the task is cancelled.
+        """
         self._closed = True
-        with _translating(f"websocket of job {self.job_id}", job_id=self.job_id):
-            await self._ws.aclose()
+        self._receive.close()
+        if not self._running:
+            await trio.lowlevel.checkpoint()
+            return
+        if self._ws is not None:
+            self._reading.cancel()
+        else:
+            self._scope.cancel()
+        with trio.CancelScope(shield=True):
+            await self._done.wait()
 
 
 # -- the client --------------------------------------------------------------------------
@@ -993,25 +1184,38 @@ class JobClient:
     ) -> AsyncIterator[JobWebSocketStream]:
         """Follow a job over its WebSocket: the same items as :meth:`stream`.
 
-        The handle's :meth:`JobWebSocketStream.send_cancel` cancels the job. Leaving the
-        block closes the WebSocket with code 1000. ``last_event_id`` starts after that
-        event (sent as ``Last-Event-ID``); a WebSocket is not resumed after a drop.
+        A task of this block owns the connection and resumes it after a drop (see
+        :class:`JobWebSocketStream`); ``last_event_id`` starts after that event (sent as
+        ``Last-Event-ID``). The handle's :meth:`JobWebSocketStream.send_cancel` cancels the
+        job. Leaving the block closes the WebSocket with code 1000; an error raised in the
+        block comes out alone, not in an exception group.
 
         Raises:
             JobNotFound: no such job (the server refused the handshake with 404).
             HTTPStatusError: another refusal (401 without a valid token, ...).
             TransportError: the server could not be reached.
         """
-        headers = [(b"authorization", f"Bearer {self._token}".encode())] if self._token else []
-        if last_event_id is not None:
-            headers.append((b"last-event-id", str(last_event_id).encode()))
-        async with AsyncExitStack() as stack:
-            with _translating(f"websocket of job {job_id}", job_id=job_id):
-                ws = await stack.enter_async_context(
-                    _open_websocket(self._ws_url(job_id), headers, self.timeout)
-                )
-            channel = JobWebSocketStream(ws, job_id)
-            yield channel
+        channel = JobWebSocketStream(self, job_id, last_event_id=last_event_id)
+        with _alone():
+            async with trio.open_nursery() as nursery:
+                await nursery.start(channel._run)
+                try:
+                    yield channel
+                finally:
+                    await channel.aclose()
+
+
+@contextmanager
+def _alone() -> Iterator[None]:
+    """Let a nursery's single non-cancel exception out alone, not in an exception group."""
+    try:
+        yield
+    except BaseExceptionGroup as group:
+        _, rest = group.split(trio.Cancelled)
+        leaves = _leaves(rest) if rest is not None else []
+        if len(leaves) == 1:
+            _raise_alone(leaves[0])
+        raise
 
 
 def _raise_alone(exc: BaseException) -> NoReturn:
@@ -1054,7 +1258,7 @@ async def _open_websocket(
         else:
             stream = await trio.open_tcp_stream(host, port)
     try:
-        try:
+        with _alone():
             async with trio.open_nursery() as nursery:
                 with trio.fail_after(timeout):
                     ws = await wrap_client_stream(
@@ -1063,14 +1267,11 @@ async def _open_websocket(
                 try:
                     yield ws
                 finally:
-                    with trio.CancelScope(shield=True), trio.move_on_after(timeout):
-                        await ws.aclose()
-        except BaseExceptionGroup as group:
-            _, rest = group.split(trio.Cancelled)
-            leaves = _leaves(rest) if rest is not None else []
-            if len(leaves) == 1:
-                _raise_alone(leaves[0])
-            raise
+                    # Cancelled from outside, the connection's reader is cancelled too: no
+                    # close handshake can complete, and the socket is just closed.
+                    if trio.current_effective_deadline() != -math.inf:
+                        with trio.CancelScope(shield=True), trio.move_on_after(timeout):
+                            await ws.aclose()
     finally:
         with trio.CancelScope(shield=True), trio.move_on_after(timeout):
             await stream.aclose()
