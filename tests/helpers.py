@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import json
+import queue
 import signal
 import subprocess
 import sys
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+import threading
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager, contextmanager
 from functools import partial
+from typing import Any
 
 import trio
 
@@ -58,3 +61,28 @@ async def child_until_killed(code: str, *args: str) -> AsyncIterator[dict[str, s
         finally:
             proc.send_signal(signal.SIGKILL)
     assert proc.returncode == -signal.SIGKILL
+
+
+@contextmanager
+def serving_in_a_thread(app: Any) -> Iterator[str]:
+    """Serve ``app`` (``trio_jobs.http.serve`` on 127.0.0.1, port 0) from its own
+    ``trio.run`` in a thread, for sync clients (hypothesis, schemathesis); yield its URL.
+    Leaving stops the server gracefully and joins the thread."""
+    from trio_jobs.http import serve
+
+    ready: queue.Queue[tuple[str, trio.lowlevel.TrioToken, trio.CancelScope]] = queue.Queue()
+
+    async def main() -> None:
+        async with trio.open_nursery() as nursery:
+            url = await nursery.start(serve, app)
+            ready.put((url, trio.lowlevel.current_trio_token(), nursery.cancel_scope))
+
+    thread = threading.Thread(target=trio.run, args=(main,), daemon=True)
+    thread.start()
+    url, token, scope = ready.get(timeout=10)
+    try:
+        yield url
+    finally:
+        trio.from_thread.run_sync(scope.cancel, trio_token=token)
+        thread.join(10)
+        assert not thread.is_alive()

@@ -8,20 +8,19 @@ The fuzzed server is one real hypercorn server on 127.0.0.1 port 0, run by its o
 from __future__ import annotations
 
 import json
-import queue
-import threading
 from collections.abc import Iterator
 from typing import Annotated, Any, Literal
 
 import httpx
 import pytest
-import trio
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from pydantic import BaseModel, Field, TypeAdapter
 
 from trio_jobs import JobRegistry, NarrationEvent, narrate
-from trio_jobs.http import WireEncoder, create_app, serve
+from trio_jobs.http import WireEncoder, create_app
+
+from .helpers import serving_in_a_thread
 
 
 class Sleep(BaseModel):
@@ -49,24 +48,10 @@ async def executor(job_id: str, payload: Any) -> None:
 
 @pytest.fixture(scope="module")
 def fuzz_server() -> Iterator[tuple[str, JobRegistry]]:
-    ready: queue.Queue[tuple[str, trio.lowlevel.TrioToken, trio.CancelScope]] = queue.Queue()
     registry = JobRegistry()
     app = create_app(registry, executor, parse_payload=parse_payload, max_body_bytes=4096)
-
-    async def main() -> None:
-        async with trio.open_nursery() as nursery:
-            url = await nursery.start(serve, app)
-            ready.put((url, trio.lowlevel.current_trio_token(), nursery.cancel_scope))
-
-    thread = threading.Thread(target=trio.run, args=(main,), daemon=True)
-    thread.start()
-    url, token, scope = ready.get(timeout=10)
-    try:
+    with serving_in_a_thread(app) as url:
         yield url, registry
-    finally:
-        trio.from_thread.run_sync(scope.cancel, trio_token=token)
-        thread.join(10)
-        assert not thread.is_alive()
 
 
 _json_leaf = (

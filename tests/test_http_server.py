@@ -358,6 +358,51 @@ async def test_bad_list_filters_are_422(client: httpx.AsyncClient) -> None:
         bad_tag = await client.get("/v1/jobs", params={"tag": "novalue"})
         assert bad_tag.status_code == 422
         assert bad_tag.json()["detail"][0]["loc"] == ["tag"]
+        for name in ("state", "tag"):  # present but empty is not "no filter"
+            empty = await client.get(f"/v1/jobs?{name}=")
+            assert empty.status_code == 422
+            assert empty.json()["detail"][0]["loc"] == [name]
+
+
+async def test_both_resume_points_are_validated(server: Server, client: httpx.AsyncClient) -> None:
+    with trio.fail_after(CAP):
+        job_id = await submit(client, {"n": 3})
+        await server.registry.wait(job_id)
+        path = f"/v1/jobs/{job_id}/stream"
+        bad_query = await client.get(
+            f"{path}?last_event_id=1{'0' * 18}", headers={"Last-Event-ID": "1"}
+        )
+        assert bad_query.status_code == 422
+        assert bad_query.json()["detail"][0]["loc"] == ["last_event_id"]
+        header_wins = await client.get(f"{path}?last_event_id=0", headers={"Last-Event-ID": "2"})
+        assert [f.id for f in data_frames(header_wins.text)] == ["3", "4"]
+        empty_header = await client.get(path, headers={"Last-Event-ID": ""})
+        assert len(data_frames(empty_header.text)) == 4
+
+
+async def test_websocket_route_over_plain_http_is_426(
+    server: Server, client: httpx.AsyncClient
+) -> None:
+    with trio.fail_after(CAP):
+        response = await client.get("/v1/jobs/anything/ws")
+        assert response.status_code == 426
+        assert response.headers["Upgrade"] == "websocket"
+        body = response.json()
+        assert body["error"] == "upgrade required"
+        assert "/v1/jobs/anything/stream" in body["detail"]
+
+
+async def test_integral_floats_are_integers(server: Server, client: httpx.AsyncClient) -> None:
+    """JSON Schema counts 2.0 as an integer; 2.5 and "2" are not."""
+    with trio.fail_after(CAP):
+        ok = await client.post("/v1/jobs", json={"n": 1, "retry": {"max_attempts": 2.0}})
+        assert ok.status_code == 201
+        record = server.registry.get(ok.json()["job_id"]).to_dict()
+        assert record["retry"]["max_attempts"] == 2
+        for bad in (2.5, "2", True):
+            response = await client.post("/v1/jobs", json={"n": 1, "retry": {"max_attempts": bad}})
+            assert response.status_code == 422
+            assert response.json()["detail"][0]["loc"] == ["retry", "max_attempts"]
 
 
 async def test_quart_404_and_405_are_json(client: httpx.AsyncClient) -> None:

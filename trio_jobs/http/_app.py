@@ -82,19 +82,25 @@ def _one_error(loc: list[str | int], msg: str, kind: str = "value_error") -> Api
     return _loc_errors([{"loc": loc, "msg": msg, "type": kind}])
 
 
-def _resume_point(headers: Any, args: Any) -> int | None:
-    """``Last-Event-ID`` header or ``?last_event_id=``: resume after that event id."""
-    raw = headers.get("Last-Event-ID")
-    where = "Last-Event-ID"
-    if raw is None or raw == "":
-        raw = args.get("last_event_id")
-        where = "last_event_id"
-    if raw is None or raw == "":
+def _event_id(raw: str | None, where: str) -> int | None:
+    if raw is None:
         return None
     raw = raw.strip()
     if not raw.isdigit() or not raw.isascii() or len(raw) > 18:
         raise _one_error([where], "must be a non-negative integer event id", "int_parsing")
     return int(raw)
+
+
+def _resume_point(headers: Any, args: Any) -> int | None:
+    """``Last-Event-ID`` header or ``?last_event_id=``: resume after that event id.
+
+    An empty header means "from the start" (as browsers send it); both are validated
+    when both are given, and the header wins.
+    """
+    header = headers.get("Last-Event-ID") or None
+    query = _event_id(args.get("last_event_id"), "last_event_id")
+    after = _event_id(header, "Last-Event-ID")
+    return after if after is not None else query
 
 
 def _sse_response(service: JobService, stream: JobStream, status: int = 200) -> Response:
@@ -317,6 +323,16 @@ def jobs_blueprint(
         await ws_follow(service, websocket, stream)
         return None
 
+    @bp.get("/v1/jobs/<job_id>/ws")
+    async def stream_job_ws_over_http(job_id: str) -> Response:
+        raise ApiError(
+            426,
+            "upgrade required",
+            "this endpoint speaks WebSocket: send the handshake (Upgrade: websocket); "
+            f"for Server-Sent Events use /v1/jobs/{job_id}/stream",
+            headers={"Upgrade": "websocket", "Connection": "Upgrade"},
+        )
+
     @bp.get("/v1/jobs/<job_id>")
     async def get_job(job_id: str) -> Response:
         return _json(await service.record(job_id))
@@ -337,8 +353,8 @@ def jobs_blueprint(
 
     @bp.get("/v1/jobs")
     async def list_jobs() -> Response:
-        state = request.args.get("state") or None
-        tag = request.args.get("tag") or None
+        state = request.args.get("state")
+        tag = request.args.get("tag")
         if state is not None and state not in JobState._value2member_map_:
             raise _one_error(["state"], f"must be one of {_STATES}", "enum")
         if tag is not None and ":" not in tag:

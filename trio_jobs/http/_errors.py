@@ -31,6 +31,7 @@ _SHORT = {
     413: "request body too large",
     415: "unsupported media type",
     422: "invalid request",
+    426: "upgrade required",
     500: "internal server error",
 }
 

@@ -45,16 +45,30 @@ def _error(description: str) -> dict[str, Any]:
     return {"description": description, "content": _json_content("ErrorBody")}
 
 
+_SIGNAL_OR_JSON = r"^(\{[\s\S]*\}|\[DONE\]|\[CANCELLED\]|\[ERROR\]( [\s\S]*)?)$"
+
 _SSE = {
     "text/event-stream": {
+        "description": (
+            "`retry: 2000`, then per event `id: <n>` + `data: <event JSON>`, then the "
+            "terminal signal `data: [DONE]` | `data: [ERROR] <msg>` | `data: [CANCELLED]` "
+            "with its own id; `: keep-alive` comments while idle; then the body ends."
+        ),
+        # OpenAPI 3.2 names this itemSchema; on 3.1 tools read ``schema`` as one event.
         "schema": {
-            "type": "string",
-            "description": (
-                "`retry: 2000`, then per event `id: <n>` + `data: <event JSON>`, then the "
-                "terminal signal `data: [DONE]` | `data: [ERROR] <msg>` | `data: [CANCELLED]` "
-                "with its own id; `: keep-alive` comments while idle; then the body ends."
-            ),
-        }
+            "type": "object",
+            "required": ["data"],
+            "properties": {
+                "data": {
+                    "type": "string",
+                    "pattern": _SIGNAL_OR_JSON,
+                    "description": "An event as JSON, or the terminal signal.",
+                },
+                "id": {"type": "string", "pattern": "^[0-9]+$"},
+                "event": {"type": "string", "const": "message"},
+                "retry": {"type": "integer", "minimum": 0},
+            },
+        },
     }
 }
 
@@ -69,8 +83,9 @@ _LAST_EVENT_ID = [
         "name": "Last-Event-ID",
         "in": "header",
         "required": False,
-        "schema": {"type": "string", "pattern": "^[0-9]{1,18}$"},
-        "description": "Resume after this event id (no gap, no duplicate).",
+        "schema": {"type": "string", "pattern": "^[0-9]{0,18}$"},
+        "description": "Resume after this event id (no gap, no duplicate); empty: from "
+        "the start. Wins over last_event_id when both are given.",
     },
     {
         "name": "last_event_id",
@@ -129,6 +144,18 @@ def openapi_document(
                         "description": "Created; stream it at sse_url or ws_url.",
                         "content": _json_content("CreatedBody"),
                         "headers": {"Location": {"schema": {"type": "string"}}},
+                        "links": {
+                            name: {
+                                "operationId": operation,
+                                "parameters": {"job_id": "$response.body#/job_id"},
+                            }
+                            for name, operation in (
+                                ("GetJob", "getJob"),
+                                ("StreamJob", "streamJob"),
+                                ("JobHistory", "jobHistory"),
+                                ("CancelJob", "cancelJob"),
+                            )
+                        },
                     },
                     "200": {
                         "description": "With `Accept: text/event-stream`: the new job's "
@@ -206,7 +233,7 @@ def openapi_document(
                 {
                     "200": {"description": "The stream.", "content": _SSE},
                     "404": _error("Unknown job."),
-                    "422": _error("Bad Last-Event-ID."),
+                    "422": _error("Bad Last-Event-ID or last_event_id."),
                 },
                 operationId="streamJob",
                 parameters=[_JOB_ID, *_LAST_EVENT_ID],
@@ -221,7 +248,9 @@ def openapi_document(
                         "(event JSON, then the signal); the client may send "
                         '`{"cancel": true}`; closed with 1000 after the signal.'
                     },
-                    "404": _error("Unknown job."),
+                    "404": _error("Unknown job (the handshake is refused)."),
+                    "422": _error("Bad Last-Event-ID (the handshake is refused)."),
+                    "426": _error("A plain HTTP request: this endpoint needs the handshake."),
                 },
                 operationId="streamJobWebSocket",
                 parameters=[_JOB_ID, *_LAST_EVENT_ID],

@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
 
 from .._models import Priority, RetryPolicy
 
@@ -25,6 +25,14 @@ __all__ = [
     "TransitionBody",
 ]
 
+
+def _integral(value: Any) -> Any:
+    """A float with no fractional part is an integer in JSON Schema (``1.0`` is ``1``)."""
+    if type(value) is float and value.is_integer():
+        return int(value)
+    return value
+
+
 PositiveSeconds = Annotated[float, Field(gt=0, allow_inf_nan=False, strict=True)]
 NonNegative = Annotated[float, Field(ge=0, allow_inf_nan=False, strict=True)]
 
@@ -34,7 +42,7 @@ class RetryOptions(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    max_attempts: Annotated[int, Field(ge=1, le=1000, strict=True)] = 3
+    max_attempts: Annotated[int, Field(ge=1, le=1000, strict=True), BeforeValidator(_integral)] = 3
     backoff_base: NonNegative = 1.0
     factor: Annotated[float, Field(ge=1, le=1000, allow_inf_nan=False, strict=True)] = 2.0
     cap: NonNegative = 60.0
