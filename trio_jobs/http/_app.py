@@ -25,7 +25,7 @@ from .._models import JobState
 from .._registry import JobRegistry
 from .._runner import Executor
 from ._errors import ApiError, install_error_handlers, json_bytes, validation_detail
-from ._fastpath import CancelFastPath, only_these_hooks
+from ._fastpath import CancelFastPath, wraps_quart_directly
 from ._metrics import CONTENT_TYPE
 from ._openapi import openapi_document
 from ._options import OPTION_KEYS, JobOptions
@@ -167,11 +167,20 @@ def jobs_blueprint(
             raise TypeError("the job blueprint needs a quart_trio.QuartTrio app")
         if mounted:
             raise RuntimeError("a job blueprint can be mounted on one app only")
-        mounted.append(state.app)
-        state.app.extensions[EXTENSION_KEY] = service
-        install_error_handlers(state.app)
-        fast_path = CancelFastPath(state.app.asgi_app, service, state.url_prefix)
-        state.app.asgi_app = fast_path  # type: ignore[method-assign]  # Quart's middleware hook
+        app = state.app
+        mounted.append(app)
+        app.extensions[EXTENSION_KEY] = service
+        handlers = install_error_handlers(app)
+        if wraps_quart_directly(app) and not state.subdomain:
+            fast_path = CancelFastPath(
+                app,
+                service,
+                state.url_prefix,
+                hooks=[_auth_request],
+                error_handlers=handlers,
+                endpoint=f"{state.name_prefix}.{state.name}.{cancel_job.__name__}".lstrip("."),
+            )
+            app.asgi_app = fast_path  # type: ignore[method-assign]  # Quart's middleware hook
 
     bp.record_once(_register)
 
@@ -180,7 +189,7 @@ def jobs_blueprint(
     @bp.before_app_serving
     async def _start_runner() -> None:
         app = mounted[0]
-        service.fast_paths = only_these_hooks(app, [_auth_request])
+        service.fast_paths = True
         await app.nursery.start(service.run_runner)
 
     @bp.after_app_serving

@@ -95,8 +95,9 @@ def validation_detail(errors: list[Any], prefix: tuple[Any, ...] = ()) -> list[d
     return out
 
 
-def install_error_handlers(app: Quart) -> None:
-    """Make every error of ``app`` a JSON body, Quart's own 404/405/413 included.
+def install_error_handlers(app: Quart) -> list[Any]:
+    """Make every error of ``app`` a JSON body, Quart's own 404/405/413 included; return
+    the handlers installed.
 
     Unexpected exceptions become a logged 500 with a JSON body; ``trio.Cancelled`` and
     other BaseExceptions are never caught.
@@ -123,3 +124,5 @@ def install_error_handlers(app: Quart) -> None:
     async def _unexpected(error: Exception) -> Response:
         logger.exception("unhandled error in a trio-jobs route", exc_info=error)
         return error_response(500, "internal server error", type(error).__name__)
+
+    return [_api_error, _http_error, _unexpected]

@@ -1,45 +1,48 @@
 """An ASGI fast path for ``DELETE /v1/jobs/{id}``: the cancel without Quart's request work.
 
 A client cancelling a job waits for ``[CANCELLED]`` on its open stream, and Quart's
-per-request work (request context, hooks, routing, a response object) costs about as much
-as the cancel itself. The fast path answers with the same :meth:`JobService.cancel`, the
-same auth check and the same JSON bodies as the blueprint's route, and hands the request
-to Quart whenever it could not answer exactly as the route would: a request with a body,
-a ``root_path``, a path the route would not match, or an app with request hooks other than
-the job API's own (``JobService.fast_paths``, set while the app serves). Quart's
-``request_started``/``request_finished`` signals are not sent for the requests it answers.
+per-request work (request and app contexts, hooks, routing, a response object) costs
+about as much as the cancel itself. The fast path answers with the same
+:meth:`JobService.cancel`, auth check and JSON bodies as the blueprint's route.
+
+It answers only when Quart would do nothing else than run that route, checked on every
+request (a few dictionary lookups): the app serves (``JobService.fast_paths``); nothing
+wrapped Quart's ``asgi_app`` before the blueprint was mounted; the app has no request
+hooks, error handlers, teardown functions or connected Quart signals but the job API's
+own; no other ``DELETE`` route, no host or subdomain matching, no ``SERVER_NAME``; and the
+request has no body and no ``root_path``. Anything else goes to Quart.
 """
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable, Iterator
 from typing import Any
 
+import quart
 from hypercorn.typing import ASGIReceiveCallable, ASGISendCallable, HTTPScope, Scope
 
 from ._errors import ApiError, error_body, json_bytes, logger
 from ._service import JobService
 
-__all__ = ["CancelFastPath", "only_these_hooks"]
+__all__ = ["CancelFastPath", "wraps_quart_directly"]
 
 ASGIApp = Callable[[Scope, ASGIReceiveCallable, ASGISendCallable], Awaitable[None]]
 
 _JSON = (b"content-type", b"application/json")
+_SIGNALS = (
+    quart.appcontext_popped,
+    quart.appcontext_pushed,
+    quart.appcontext_tearing_down,
+    quart.got_request_exception,
+    quart.request_finished,
+    quart.request_started,
+    quart.request_tearing_down,
+)
 
 
-def only_these_hooks(app: Any, ours: Iterable[Any]) -> bool:
-    """True when ``app`` runs no request hook (before/after/teardown request, URL value
-    preprocessor) other than ``ours``: then a request it would route to the job API
-    needs nothing from Quart but the route itself."""
-    allowed = set(ours)
-    for hooks in (app.before_request_funcs, app.url_value_preprocessors):
-        for funcs in hooks.values():
-            if any(func not in allowed for func in funcs):
-                return False
-    for hooks in (app.after_request_funcs, app.teardown_request_funcs):
-        if any(hooks.values()):
-            return False
-    return True
+def wraps_quart_directly(app: Any) -> bool:
+    """True while ``app.asgi_app`` is still Quart's own (no middleware installed yet)."""
+    return getattr(app.asgi_app, "__func__", None) is type(app).asgi_app
 
 
 def _read_headers(headers: Iterable[tuple[bytes, bytes]]) -> tuple[bool, str | None]:
@@ -55,14 +58,65 @@ def _read_headers(headers: Iterable[tuple[bytes, bytes]]) -> tuple[bool, str | N
     return has_body, authorization
 
 
-class CancelFastPath:
-    """ASGI middleware in front of a Quart app: answers ``DELETE {prefix}/v1/jobs/{id}``
-    itself when ``service.fast_paths`` allows, passes everything else to ``app``."""
+def _handlers(spec: Any) -> Iterator[Any]:
+    for by_code in spec.values():
+        for by_class in by_code.values():
+            yield from by_class.values()
 
-    def __init__(self, app: ASGIApp, service: JobService, url_prefix: str | None) -> None:
+
+class CancelFastPath:
+    """ASGI middleware directly around Quart's ``asgi_app``: answers
+    ``DELETE {prefix}/v1/jobs/{id}`` itself when nothing but the job API's route would
+    run (see the module docstring), passes everything else to Quart."""
+
+    def __init__(
+        self,
+        app: Any,
+        service: JobService,
+        url_prefix: str | None,
+        *,
+        hooks: Iterable[Any],
+        error_handlers: Iterable[Any],
+        endpoint: str,
+    ) -> None:
         self.app = app
+        self.quart_asgi: ASGIApp = app.asgi_app
         self.service = service
         self.jobs_path = (url_prefix or "").rstrip("/") + "/v1/jobs/"
+        self._hooks = frozenset(hooks)
+        self._error_handlers = frozenset(error_handlers)
+        self._endpoint = endpoint
+
+    def only_the_route(self) -> bool:
+        """Whether Quart would run nothing but the job API's route (and its auth hook)."""
+        app = self.app
+        if app.url_map.host_matching or app.config.get("SERVER_NAME"):
+            return False
+        for funcs in app.before_request_funcs.values():
+            if any(func not in self._hooks for func in funcs):
+                return False
+        for hooks in (
+            app.url_value_preprocessors,
+            app.after_request_funcs,
+            app.teardown_request_funcs,
+        ):
+            if any(hooks.values()):
+                return False
+        if app.teardown_appcontext_funcs or any(signal.receivers for signal in _SIGNALS):
+            return False
+        if any(
+            handler not in self._error_handlers for handler in _handlers(app.error_handler_spec)
+        ):
+            return False
+        for rule in app.url_map.iter_rules():
+            is_delete = rule.methods is not None and "DELETE" in rule.methods
+            if (
+                is_delete
+                and not rule.websocket
+                and (rule.endpoint != self._endpoint or rule.subdomain or rule.host)
+            ):
+                return False
+        return True
 
     async def __call__(
         self, scope: Scope, receive: ASGIReceiveCallable, send: ASGISendCallable
@@ -71,16 +125,17 @@ class CancelFastPath:
             scope["type"] == "http"
             and scope["method"] == "DELETE"
             and self.service.fast_paths
-            and not scope["root_path"]
+            and not scope.get("root_path")
         ):
             path = scope["path"]
             job_id = path[len(self.jobs_path) :]
             if path.startswith(self.jobs_path) and job_id and "/" not in job_id:
                 has_body, authorization = _read_headers(scope["headers"])
-                if not has_body:  # a body is left to Quart, which reads and limits it
+                # A body is left to Quart, which reads and limits it.
+                if not has_body and self.only_the_route():
                     await self._cancel(scope, send, job_id, authorization)
                     return
-        await self.app(scope, receive, send)
+        await self.quart_asgi(scope, receive, send)
 
     async def _cancel(
         self, scope: HTTPScope, send: ASGISendCallable, job_id: str, authorization: str | None
@@ -88,7 +143,7 @@ class CancelFastPath:
         service = self.service
         headers = [_JSON]
         try:
-            server = scope["server"]
+            server = scope.get("server")
             service.check_auth(authorization, str(server[0]) if server else None)
             status, body = 200, json_bytes(await service.cancel(job_id))
         except ApiError as exc:

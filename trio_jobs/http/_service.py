@@ -91,8 +91,8 @@ class JobService:
         self.cancel_settle_s = 1.0
         """How long DELETE waits for a cancelled job to settle before answering."""
         self.fast_paths = False
-        """True while the app serves with no request hooks but the job API's own, so
-        ``DELETE /v1/jobs/{id}`` may skip Quart's request machinery (see ``_fastpath``)."""
+        """True while the app serves: ``DELETE /v1/jobs/{id}`` may then skip Quart's
+        request machinery when nothing else would run (see ``_fastpath``)."""
         self.drain_deadline = math.inf
         self._cancel_on_disconnect: set[str] = set()
         self._watchers: dict[str, int] = {}
