@@ -30,6 +30,7 @@ from trio_jobs import (
     Signal,
     StreamEndedWithoutSignal,
     TerminalSignal,
+    TransportError,
     narrate,
 )
 from trio_jobs._client import JobClient
@@ -504,6 +505,54 @@ async def test_websocket_cancelled_from_outside_closes_at_once(
                 scope.cancel()
                 await trio.sleep_forever()
         assert (await trio_jobs_registry.wait(job_id)).state.value == "cancelled"
+
+
+class ScriptedWebSocketPeer:
+    """A misbehaving WebSocket server (trio-websocket on 127.0.0.1 port 0) for what ours
+    never does: each connection accepts, sends ``lines``, then closes with ``code``."""
+
+    def __init__(self, lines: list[str], code: int) -> None:
+        self.lines, self.code = lines, code
+        self.connections = 0
+
+    async def _handle(self, request: Any) -> None:
+        self.connections += 1
+        ws = await request.accept()
+        for line in self.lines:
+            await ws.send_message(line)
+        await ws.aclose(self.code)
+
+    async def run(self, *, task_status: trio.TaskStatus[str]) -> None:
+        from trio_websocket import serve_websocket
+
+        async with trio.open_nursery() as nursery:
+            server = await nursery.start(
+                functools.partial(serve_websocket, self._handle, "127.0.0.1", 0, ssl_context=None)
+            )
+            task_status.started(f"http://127.0.0.1:{server.port}")
+
+
+EVENT = '{"id":1,"job_id":"j","ts":"2026-01-01T00:00:00Z","actor":"a","action":"x","human":"h"}'
+
+
+async def test_websocket_data_after_the_signal_is_an_error(nursery: trio.Nursery) -> None:
+    peer = ScriptedWebSocketPeer([EVENT, "[DONE]", EVENT.replace('"id":1', '"id":2')], 1000)
+    url = await nursery.start(peer.run)
+    async with JobClient(url, backoff_s=0.01) as client, client.stream_ws("j") as ws:
+        assert isinstance(await ws.receive(), NarrationEvent)
+        assert await ws.receive() == TerminalSignal(Signal.DONE)
+        with pytest.raises(TransportError, match="data after the signal"):
+            await ws.receive()
+
+
+async def test_websocket_policy_close_is_not_retried(nursery: trio.Nursery) -> None:
+    peer = ScriptedWebSocketPeer([EVENT], 1008)
+    url = await nursery.start(peer.run)
+    async with JobClient(url, backoff_s=0.01) as client, client.stream_ws("j") as ws:
+        assert isinstance(await ws.receive(), NarrationEvent)
+        with pytest.raises(StreamEndedWithoutSignal, match="1008"):
+            await ws.receive()
+    assert (ws.close_code, ws.reconnects, peer.connections) == (1008, 0, 1)
 
 
 @pytest.mark.parametrize("trio_jobs_token", ["s3cret"])

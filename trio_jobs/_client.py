@@ -25,7 +25,6 @@ policy or an explicit :meth:`JobClient.cancel`.
 from __future__ import annotations
 
 import json
-import math
 import re
 import sys
 from abc import abstractmethod
@@ -262,6 +261,10 @@ def _line_event_id(line: str) -> int | None:
 
 
 _CANCEL_MESSAGE = '{"cancel": true}'
+#: WebSocket close codes after which a stream is resumed: a close before the signal
+#: (1000), going away (1001), an abnormal end with no close frame (1006; None: none was
+#: read), server error, restart, try again later, bad gateway (1011-1014).
+_RESUMABLE_CLOSE = frozenset({None, 1000, 1001, 1006, 1011, 1012, 1013, 1014})
 
 
 class _LineSource(Protocol):
@@ -641,10 +644,13 @@ class JobWebSocketStream(_ItemChannel):
 
     Made by :meth:`JobClient.stream_ws`, whose task owns the connection: it reads lines
     into a bounded buffer (a slow reader slows the socket, not memory) and, when the
-    connection drops or the server closes it (1001: shutting down) before the terminal
-    signal, reconnects with ``Last-Event-ID`` like the SSE stream: the same backoff, up to
+    connection drops or the server closes it before the terminal signal with a code a
+    retry may cure (1001: shutting down, 1006: no close frame, 1011-1014, or 1000), it
+    reconnects with ``Last-Event-ID`` like the SSE stream: the same backoff, up to
     ``max_reconnects`` attempts in a row without a new event, replayed events dropped.
-    ``last_event_id``, ``reconnects`` and ``close_code`` tell what happened.
+    Other codes (a policy or protocol violation, say) end the stream with
+    :class:`StreamEndedWithoutSignal` at once. ``last_event_id``, ``reconnects`` and
+    ``close_code`` tell what happened.
 
     :meth:`send_cancel` asks the server to cancel the job (the stream then ends with
     ``[CANCELLED]`` unless the job finished first); it is sent again on every new
@@ -739,6 +745,12 @@ class JobWebSocketStream(_ItemChannel):
                             self.close_code = reason.code if reason is not None else None
                             if self._signalled:
                                 return
+                            if self.close_code not in _RESUMABLE_CLOSE:
+                                self._error = StreamEndedWithoutSignal(
+                                    f"{what} closed before its terminal signal ({reason}); "
+                                    "not resumed: the close code says a retry would not help"
+                                )
+                                return
                         mapped = _translate(exc, what, job_id=self.job_id)
                         if mapped is None:
                             raise
@@ -825,10 +837,10 @@ class JobWebSocketStream(_ItemChannel):
 
     def _end(self) -> BaseException:
         """What reading past the last line raises."""
-        if self.terminal is not None:
-            return trio.EndOfChannel()
         if self._error is not None:
             return self._error
+        if self.terminal is not None:
+            return trio.EndOfChannel()
         return StreamEndedWithoutSignal(
             f"websocket of job {self.job_id} closed before its terminal signal "
             f"(close code {self.close_code})"
@@ -1187,8 +1199,9 @@ class JobClient:
         A task of this block owns the connection and resumes it after a drop (see
         :class:`JobWebSocketStream`); ``last_event_id`` starts after that event (sent as
         ``Last-Event-ID``). The handle's :meth:`JobWebSocketStream.send_cancel` cancels the
-        job. Leaving the block closes the WebSocket with code 1000; an error raised in the
-        block comes out alone, not in an exception group.
+        job. Leaving the block closes the WebSocket with code 1000 (cancelled from outside,
+        it just closes the socket: no close handshake can complete then); an error raised
+        in the block comes out alone, not in an exception group.
 
         Raises:
             JobNotFound: no such job (the server refused the handshake with 404).
@@ -1269,7 +1282,7 @@ async def _open_websocket(
                 finally:
                     # Cancelled from outside, the connection's reader is cancelled too: no
                     # close handshake can complete, and the socket is just closed.
-                    if trio.current_effective_deadline() != -math.inf:
+                    if trio.current_effective_deadline() > trio.current_time():
                         with trio.CancelScope(shield=True), trio.move_on_after(timeout):
                             await ws.aclose()
     finally:
