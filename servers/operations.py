@@ -10,7 +10,7 @@ field (``loc``). Each operation knows whether the queen forwards it to a hive
 from __future__ import annotations
 
 import re
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, get_args
 
 from pydantic import (
     BaseModel,
@@ -60,14 +60,57 @@ MODEL_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"
 """A model id is a plain file name in the hive's models directory (no path separators)."""
 
 _MODEL_ID = re.compile(MODEL_ID_PATTERN)
+_HTTP_URL = r"^https?://"
+
+
+def _operation_required(schema: dict[str, Any]) -> None:
+    """A job body names its operation (the tag has a default only for Python callers)."""
+    required = schema.setdefault("required", [])
+    if "operation" not in required:
+        required.insert(0, "operation")
+
+
+def _openai_needs_upstream(schema: dict[str, Any]) -> None:
+    """The ``openai`` backend needs ``upstream_url`` (checked by WorkerSpawn too)."""
+    _operation_required(schema)
+    schema["if"] = {"properties": {"backend": {"const": "openai"}}, "required": ["backend"]}
+    schema["then"] = {
+        "required": ["upstream_url"],
+        "properties": {"upstream_url": {"type": "string"}},
+    }
+
+
+def _is_int(annotation: Any) -> bool:
+    return annotation is int or int in get_args(annotation)
 
 
 class OperationBase(BaseModel):
-    """Fields and behaviour common to every operation."""
+    """Fields and behaviour common to every operation.
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    Validation is strict, as the JSON schema reads: no ``"5"`` for a number, no ``true``
+    for an integer; an integral float (``2.0``) is an integer, as JSON Schema counts it.
+    """
+
+    model_config = ConfigDict(
+        extra="forbid", frozen=True, strict=True, json_schema_extra=_operation_required
+    )
 
     operation: str
+
+    @model_validator(mode="before")
+    @classmethod
+    def _integral_floats(cls, data: Any) -> Any:
+        if not isinstance(data, dict):
+            return data
+        fixed = {
+            name: int(value)
+            for name, value in data.items()
+            if type(value) is float
+            and value.is_integer()
+            and name in cls.model_fields
+            and _is_int(cls.model_fields[name].annotation)
+        }
+        return {**data, **fixed} if fixed else data
 
     def should_forward_to_hive(self) -> bool:
         """True for operations the queen hands to a hive (worker and model management)."""
@@ -192,12 +235,14 @@ class WorkerSpawn(_HiveTargeted):
     ``upstream_url``).
     """
 
+    model_config = ConfigDict(json_schema_extra=_openai_needs_upstream)
+
     operation: Literal["worker_spawn"] = "worker_spawn"
     model: str = Field(min_length=1)
     worker: str = Field(default="cpu", min_length=1)
-    device: int = Field(default=0, ge=0)
+    device: int = Field(default=0, ge=0, le=4096)
     backend: Literal["tiny", "openai"] = "tiny"
-    upstream_url: str | None = None
+    upstream_url: str | None = Field(default=None, json_schema_extra={"pattern": _HTTP_URL})
     token_delay_s: float | None = Field(default=None, ge=0, le=10)
     queen_url: str | None = None
 
@@ -244,8 +289,8 @@ class ModelDownload(_HiveTargeted):
     """
 
     operation: Literal["model_download"] = "model_download"
-    model: str
-    url: str | None = None
+    model: str = Field(json_schema_extra={"pattern": MODEL_ID_PATTERN})
+    url: str | None = Field(default=None, json_schema_extra={"pattern": _HTTP_URL})
     sha256: str | None = Field(default=None, pattern=r"^[0-9a-fA-F]{64}$")
 
     _model_id = field_validator("model")(_check_model_id)
@@ -268,7 +313,7 @@ class ModelGet(_HiveTargeted):
     """One model file: size and sha256."""
 
     operation: Literal["model_get"] = "model_get"
-    id: str
+    id: str = Field(json_schema_extra={"pattern": MODEL_ID_PATTERN})
 
     _model_id = field_validator("id")(_check_model_id)
 
@@ -277,7 +322,7 @@ class ModelDelete(_HiveTargeted):
     """Remove one model file."""
 
     operation: Literal["model_delete"] = "model_delete"
-    id: str
+    id: str = Field(json_schema_extra={"pattern": MODEL_ID_PATTERN})
 
     _model_id = field_validator("id")(_check_model_id)
 
@@ -298,8 +343,8 @@ class Infer(OperationBase):
     max_tokens: int = Field(default=32, ge=1, le=100_000)
     temperature: float = Field(default=0.7, ge=0, le=10)
     top_p: float = Field(default=1.0, gt=0, le=1)
-    top_k: int = Field(default=0, ge=0)
-    seed: int | None = None
+    top_k: int = Field(default=0, ge=0, le=1_000_000)
+    seed: int | None = Field(default=None, ge=0, le=2**63 - 1)
     hive_id: str | None = None
 
 

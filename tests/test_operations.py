@@ -8,11 +8,13 @@ import pytest
 from pydantic import ValidationError
 
 from servers.operations import (
+    MODEL_ID_PATTERN,
     Infer,
     ModelDownload,
     Status,
     WorkerSpawn,
     operation_names,
+    operation_schema,
     parse_operation,
 )
 from servers.worker import tiny_tokens
@@ -174,3 +176,35 @@ def test_tiny_generator_is_deterministic_and_honours_options() -> None:
     assert run(top_k=1) == greedy  # top_k=1 is greedy
     assert run(top_p=1e-9) == greedy  # a tiny nucleus keeps only the best token
     assert first[0][0].isupper() and all(t.startswith(" ") for t in first[1:])
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [("seed", True), ("max_tokens", "5"), ("temperature", "0.5"), ("max_tokens", 2.5)],
+)
+def test_validation_is_as_strict_as_the_schema(field: str, value: Any) -> None:
+    with pytest.raises(ValidationError) as info:
+        parse_operation({"operation": "infer", "model": "m", "prompt": "p", field: value})
+    assert info.value.errors()[0]["loc"][-1] == field
+
+
+def test_integral_floats_are_integers_as_in_json_schema() -> None:
+    op = parse_operation({"operation": "infer", "model": "m", "prompt": "p", "max_tokens": 8.0})
+    assert isinstance(op, Infer) and op.max_tokens == 8 and type(op.max_tokens) is int
+    spawn = parse_operation({"operation": "worker_spawn", "model": "m", "device": 1.0})
+    assert isinstance(spawn, WorkerSpawn) and spawn.device == 1
+
+
+def test_the_schema_says_what_validation_checks() -> None:
+    schema = operation_schema()
+    defs = schema["$defs"]
+    assert all(
+        d["required"][0] == "operation"
+        for d in defs.values()
+        if "operation" in d.get("properties", {})
+    )
+    spawn = defs["WorkerSpawn"]
+    assert spawn["if"]["properties"]["backend"] == {"const": "openai"}
+    assert spawn["then"]["required"] == ["upstream_url"]
+    assert defs["ModelDownload"]["properties"]["model"]["pattern"] == MODEL_ID_PATTERN
+    assert defs["Infer"]["properties"]["seed"]["anyOf"][0]["maximum"] == 2**63 - 1

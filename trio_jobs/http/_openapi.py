@@ -33,6 +33,20 @@ def _schemas(*models: type[BaseModel]) -> dict[str, Any]:
     return out
 
 
+def _rehome_refs(schema: Any) -> Any:
+    """``#/$defs/X`` references (pydantic's default) pointed at the components."""
+    if isinstance(schema, dict):
+        return {
+            key: _REF.format(model=value.removeprefix("#/$defs/"))
+            if key == "$ref" and isinstance(value, str) and value.startswith("#/$defs/")
+            else _rehome_refs(value)
+            for key, value in schema.items()
+        }
+    if isinstance(schema, list):
+        return [_rehome_refs(item) for item in schema]
+    return schema
+
+
 def _ref(name: str) -> dict[str, Any]:
     return {"$ref": _REF.format(model=name)}
 
@@ -121,6 +135,9 @@ def openapi_document(
     )
     for name, sub in payload.pop("$defs", {}).items():
         components[name] = sub
+    payload = _rehome_refs(payload)
+    for name in list(components):
+        components[name] = _rehome_refs(components[name])
     options = copy.deepcopy(components["JobOptions"])
     submit_schema = {
         "description": "An operation (the job's payload) with optional job options at the "
