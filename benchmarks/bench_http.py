@@ -147,10 +147,16 @@ class Target:
 
 
 def _client(url: str, connections: int = 10) -> httpx.AsyncClient:
+    # Idle connections are dropped before uvicorn's 5 s keep-alive timeout: with httpx's
+    # default (also 5 s), a request can race the peer closing its connection.
     return httpx.AsyncClient(
         base_url=url,
         timeout=httpx.Timeout(30, read=None),
-        limits=httpx.Limits(max_connections=connections, max_keepalive_connections=connections),
+        limits=httpx.Limits(
+            max_connections=connections,
+            max_keepalive_connections=connections,
+            keepalive_expiry=2.0,
+        ),
     )
 
 
