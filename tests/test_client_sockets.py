@@ -311,9 +311,13 @@ async def test_one_call_form_resumes_too(relay: Relay, gates: dict[str, trio.Eve
     assert {e["job_id"] for e in events} == {job_id}
 
 
-async def test_server_gone_exhausts_reconnects() -> None:
-    """The server stops mid-stream; reconnects are refused; the stream says so."""
-    app = create_app(JobRegistry(), narrating_executor)
+@pytest.mark.parametrize("transport", ["sse", "ws"])
+async def test_server_gone_exhausts_reconnects(
+    trio_jobs_executor: Callable[[str, Any], Any], transport: str
+) -> None:
+    """The server stops mid-stream (a WebSocket is closed with 1001); reconnects are
+    refused; the stream says so, and keeps saying it."""
+    app = create_app(JobRegistry(), trio_jobs_executor)
     server = trio.CancelScope()
 
     async def run_server(*, task_status: trio.TaskStatus[str]) -> None:
@@ -323,15 +327,21 @@ async def test_server_gone_exhausts_reconnects() -> None:
     async with trio.open_nursery() as nursery:
         url = await nursery.start(run_server)
         async with JobClient(url, max_reconnects=2, backoff_s=0.01) as client:
-            job_id = await client.submit({"n": 3, "delay": 60})
-            async with client.stream(job_id) as events:
+            job_id = await client.submit({"gate": "never", "before": 1, "after": 0})
+            stream = client.stream(job_id) if transport == "sse" else client.stream_ws(job_id)
+            async with stream as events:
+                assert isinstance(await events.receive(), NarrationEvent)
                 server.cancel()
                 with pytest.raises(StreamEndedWithoutSignal, match="2 reconnect") as info:
                     await events.receive()
+                with pytest.raises(StreamEndedWithoutSignal):
+                    await events.receive()
         assert events.reconnects == 2
         # refused, or accepted by a listener on its way out and closed unanswered
-        assert isinstance(info.value.__cause__, httpx.TransportError)
+        assert isinstance(info.value.__cause__, httpx.TransportError | OSError)
     assert server.cancelled_caught
+    if transport == "ws":
+        assert events.close_code == 1001
 
 
 # -- WebSocket and auth -----------------------------------------------------------------------
@@ -430,32 +440,6 @@ async def test_websocket_cancel_during_a_drop_reaches_the_server(
     assert lines == ["[CANCELLED]"]
     assert ws.reconnects == 1
     assert (await trio_jobs_registry.wait(job_id)).state.value == "cancelled"
-
-
-async def test_websocket_gives_up_when_the_server_is_gone(
-    trio_jobs_executor: Callable[[str, Any], Any],
-) -> None:
-    """The server stops (closing the WebSocket with 1001); reconnects are refused."""
-    app = create_app(JobRegistry(), trio_jobs_executor)
-    server = trio.CancelScope()
-
-    async def run_server(*, task_status: trio.TaskStatus[str]) -> None:
-        with server:
-            await serve(app, grace_s=0.0, task_status=task_status)
-
-    async with trio.open_nursery() as nursery:
-        url = await nursery.start(run_server)
-        async with JobClient(url, max_reconnects=2, backoff_s=0.01) as client:
-            job_id = await client.submit({"gate": "never", "before": 1, "after": 0})
-            async with client.stream_ws(job_id) as ws:
-                assert isinstance(await ws.receive(), NarrationEvent)
-                server.cancel()
-                with pytest.raises(StreamEndedWithoutSignal, match="2 reconnect") as info:
-                    await ws.receive()
-                with pytest.raises(StreamEndedWithoutSignal):
-                    await ws.receive()  # the outcome stays
-    assert (ws.reconnects, ws.close_code) == (2, 1001)
-    assert isinstance(info.value.__cause__, OSError)
 
 
 async def test_websocket_resumed_on_a_server_without_the_job_is_not_found(
