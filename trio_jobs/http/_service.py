@@ -21,7 +21,7 @@ from typing import Any
 import trio
 
 from .._exceptions import JobNotFound
-from .._models import JobState, Transition
+from .._models import JobRecord, JobState, Transition
 from .._registry import Job, JobRegistry
 from .._runner import Executor, run_jobs
 from ._errors import ApiError, logger
@@ -140,9 +140,12 @@ class JobService:
 
     async def record(self, job_id: str) -> dict[str, Any]:
         """The job's record as JSON data (404 for an unknown job)."""
+        return (await self._get(job_id)).to_dict()
+
+    async def _get(self, job_id: str) -> JobRecord:
         await self.known(job_id)
         try:
-            return self.registry.get(job_id).to_dict()
+            return self.registry.get(job_id)
         except JobNotFound:
             raise not_found(job_id) from None
 
@@ -154,7 +157,7 @@ class JobService:
         stands. 409 when the job had already ended, was already being cancelled, or
         (another node running it) ended otherwise before the cancel reached it.
         """
-        record = await self.record(job_id)
+        state = (await self._get(job_id)).state
         registry = self.registry
         if registry.cancel_job(job_id, "cancelled over HTTP"):
             with trio.move_on_after(self.cancel_settle_s):
@@ -165,7 +168,6 @@ class JobService:
                     )
                 return settled.to_dict()
             return registry.get(job_id).to_dict()
-        state = JobState(record["state"])
         if state.is_terminal:
             raise ApiError(409, "conflict", f"the job is already {state.value}")
         raise ApiError(409, "conflict", "the job is already being cancelled")
