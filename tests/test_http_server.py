@@ -1021,3 +1021,62 @@ async def test_delete_answers_with_the_settled_record_and_reason() -> None:
                     "reason": "cancelled over HTTP",
                 }
             nursery.cancel_scope.cancel()
+
+
+async def _h11_exchange(
+    stream: trio.SocketStream,
+    conn: h11.Connection,
+    method: str,
+    path: str,
+    body: bytes,
+    token: str = "t",
+) -> tuple[int, dict[bytes, bytes]]:
+    """Send one request, its body a moment after its head (as http.client, under requests
+    and schemathesis, writes them), and read its answer."""
+    headers = [("Host", "x"), ("Authorization", f"Bearer {token}")]
+    headers.append(("Content-Length", str(len(body))))
+    await stream.send_all(conn.send(h11.Request(method=method, target=path, headers=headers)))
+    if body:
+        await trio.sleep(0.005)
+        await stream.send_all(conn.send(h11.Data(data=body)))
+    await stream.send_all(conn.send(h11.EndOfMessage()))
+    status, response_headers = 0, {}
+    while True:
+        event = conn.next_event()
+        if event is h11.NEED_DATA:
+            conn.receive_data(await stream.receive_some(65536))
+        elif isinstance(event, h11.Response):
+            status, response_headers = event.status_code, dict(event.headers)
+        elif isinstance(event, h11.EndOfMessage):
+            return status, response_headers
+
+
+async def test_an_early_answer_to_a_request_with_a_body_does_not_stall_the_connection(
+    nursery: trio.Nursery,
+) -> None:
+    """A 401/404/405 given before the body is read says ``Connection: close``, so a client
+    that reuses connections opens a new one. Without it, hypercorn left the connection
+    unusable: the next request on it got no answer."""
+    srv = await start_server(nursery, token="t")
+    port = int(srv.url.rsplit(":", 1)[1])
+    body = json.dumps({"n": 1, "pad": "x" * 200}).encode()
+    with trio.fail_after(CAP):
+        for _ in range(10):
+            for method, path, token, status in (
+                ("PUT", "/v1/jobs/x", "t", 405),
+                ("POST", "/no/such/route", "t", 404),
+                ("POST", "/v1/jobs", "wrong", 401),
+                ("POST", "/v1/jobs", "t", 201),
+            ):
+                stream = await trio.open_tcp_stream("127.0.0.1", port)
+                conn = h11.Connection(h11.CLIENT)
+                async with stream:
+                    answer, headers = await _h11_exchange(stream, conn, method, path, body, token)
+                    assert answer == status
+                    if headers.get(b"connection") == b"close":
+                        assert status != 201  # the body was read: the connection stays
+                        continue
+                    conn.start_next_cycle()
+                    with trio.fail_after(2):
+                        following = await _h11_exchange(stream, conn, "GET", "/health", b"")
+                    assert following[0] == 200

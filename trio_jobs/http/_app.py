@@ -26,6 +26,7 @@ from .._registry import JobRegistry
 from .._runner import Executor
 from ._errors import ApiError, install_error_handlers, json_bytes, validation_detail
 from ._fastpath import CancelFastPath, wraps_quart_directly
+from ._guard import UnreadBodyGuard
 from ._metrics import CONTENT_TYPE
 from ._openapi import openapi_document
 from ._options import OPTION_KEYS, JobOptions
@@ -171,16 +172,19 @@ def jobs_blueprint(
         mounted.append(app)
         app.extensions[EXTENSION_KEY] = service
         handlers = install_error_handlers(app)
+        guarded = UnreadBodyGuard(app.asgi_app)
         if wraps_quart_directly(app) and not state.subdomain:
-            fast_path = CancelFastPath(
+            app.asgi_app = CancelFastPath(  # type: ignore[method-assign]  # Quart's middleware hook
                 app,
+                guarded,
                 service,
                 state.url_prefix,
                 hooks=[_auth_request],
                 error_handlers=handlers,
                 endpoint=f"{state.name_prefix}.{state.name}.{cancel_job.__name__}".lstrip("."),
             )
-            app.asgi_app = fast_path  # type: ignore[method-assign]  # Quart's middleware hook
+        else:
+            app.asgi_app = guarded  # type: ignore[method-assign]
 
     bp.record_once(_register)
 

@@ -22,6 +22,7 @@ import quart
 from hypercorn.typing import ASGIReceiveCallable, ASGISendCallable, HTTPScope, Scope
 
 from ._errors import ApiError, error_body, json_bytes, logger
+from ._guard import has_body
 from ._service import JobService
 
 __all__ = ["CancelFastPath", "wraps_quart_directly"]
@@ -45,17 +46,12 @@ def wraps_quart_directly(app: Any) -> bool:
     return getattr(app.asgi_app, "__func__", None) is type(app).asgi_app
 
 
-def _read_headers(headers: Iterable[tuple[bytes, bytes]]) -> tuple[bool, str | None]:
-    """(whether the request has a body, its first ``Authorization`` header)."""
-    has_body = False
-    authorization: str | None = None
+def _authorization(headers: Iterable[tuple[bytes, bytes]]) -> str | None:
+    """The request's first ``Authorization`` header."""
     for name, value in headers:
         if name == b"authorization":
-            if authorization is None:
-                authorization = value.decode("latin-1")
-        elif name == b"transfer-encoding" or (name == b"content-length" and value.strip() != b"0"):
-            has_body = True
-    return has_body, authorization
+            return value.decode("latin-1")
+    return None
 
 
 def _handlers(spec: Any) -> Iterator[Any]:
@@ -65,13 +61,15 @@ def _handlers(spec: Any) -> Iterator[Any]:
 
 
 class CancelFastPath:
-    """ASGI middleware directly around Quart's ``asgi_app``: answers
-    ``DELETE {prefix}/v1/jobs/{id}`` itself when nothing but the job API's route would
-    run (see the module docstring), passes everything else to Quart."""
+    """ASGI middleware around Quart's ``asgi_app`` (``inner``: Quart's own, guarded by
+    :class:`UnreadBodyGuard`): answers ``DELETE {prefix}/v1/jobs/{id}`` itself when
+    nothing but the job API's route would run (see the module docstring), passes
+    everything else on."""
 
     def __init__(
         self,
         app: Any,
+        inner: ASGIApp,
         service: JobService,
         url_prefix: str | None,
         *,
@@ -80,7 +78,7 @@ class CancelFastPath:
         endpoint: str,
     ) -> None:
         self.app = app
-        self.quart_asgi: ASGIApp = app.asgi_app
+        self.inner = inner
         self.service = service
         self.jobs_path = (url_prefix or "").rstrip("/") + "/v1/jobs/"
         self._hooks = frozenset(hooks)
@@ -129,13 +127,16 @@ class CancelFastPath:
         ):
             path = scope["path"]
             job_id = path[len(self.jobs_path) :]
-            if path.startswith(self.jobs_path) and job_id and "/" not in job_id:
-                has_body, authorization = _read_headers(scope["headers"])
-                # A body is left to Quart, which reads and limits it.
-                if not has_body and self.only_the_route():
-                    await self._cancel(scope, send, job_id, authorization)
-                    return
-        await self.quart_asgi(scope, receive, send)
+            if (
+                path.startswith(self.jobs_path)
+                and job_id
+                and "/" not in job_id
+                and not has_body(scope["headers"])  # left to Quart, which reads and limits it
+                and self.only_the_route()
+            ):
+                await self._cancel(scope, send, job_id, _authorization(scope["headers"]))
+                return
+        await self.inner(scope, receive, send)
 
     async def _cancel(
         self, scope: HTTPScope, send: ASGISendCallable, job_id: str, authorization: str | None
