@@ -986,6 +986,38 @@ async def test_serve_stops_quickly_with_no_open_streams() -> None:
         assert trio.current_time() - began < 1.0
 
 
+async def test_serve_stops_at_once_with_idle_keepalive_connections() -> None:
+    """Idle keep-alive connections are closed on shutdown: they used to hold the stop for
+    the whole grace period (hypercorn's keep-alive timer was cancelled with the request)."""
+    with trio.fail_after(CAP):
+        async with httpx.AsyncClient(timeout=5) as client:
+            async with trio.open_nursery() as nursery:
+                srv = await start_server(nursery, grace_s=3.0)
+                for path in ("/health", "/v1/jobs", "/metrics"):
+                    assert (await client.get(srv.url + path)).status_code == 200
+                began = trio.current_time()
+                nursery.cancel_scope.cancel()
+            assert trio.current_time() - began < 1.0
+
+
+async def test_idle_keepalive_connections_are_closed_after_the_timeout(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """hypercorn's keep-alive timeout (5 s) closes a connection nobody uses."""
+    async with trio.open_nursery() as nursery:
+        srv = await start_server(nursery)
+        port = int(srv.url.rsplit(":", 1)[1])
+        with trio.fail_after(60):
+            async with await trio.open_tcp_stream("127.0.0.1", port) as stream:
+                conn = h11.Connection(h11.CLIENT)
+                answer, _ = await _h11_exchange(stream, conn, "GET", "/health", b"")
+                assert answer == 200
+                idle_since = trio.current_time()
+                assert await stream.receive_some(1024) == b""  # the server closed it
+                assert 5.0 <= trio.current_time() - idle_since < 6.0
+        nursery.cancel_scope.cancel()
+
+
 def test_keepalive_and_limits_are_validated() -> None:
     registry = JobRegistry()
     with pytest.raises(ValueError, match="keepalive_s"):

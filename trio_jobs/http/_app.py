@@ -26,7 +26,7 @@ from .._registry import JobRegistry
 from .._runner import Executor
 from ._errors import ApiError, install_error_handlers, json_bytes, validation_detail
 from ._fastpath import CancelFastPath, wraps_quart_directly
-from ._guard import UnreadBodyGuard
+from ._guard import ConnectionGuard
 from ._metrics import CONTENT_TYPE
 from ._openapi import openapi_document
 from ._options import OPTION_KEYS, JobOptions
@@ -172,7 +172,7 @@ def jobs_blueprint(
         mounted.append(app)
         app.extensions[EXTENSION_KEY] = service
         handlers = install_error_handlers(app)
-        guarded = UnreadBodyGuard(app.asgi_app)
+        guarded = ConnectionGuard(app.asgi_app)
         if wraps_quart_directly(app) and not state.subdomain:
             app.asgi_app = CancelFastPath(  # type: ignore[method-assign]  # Quart's middleware hook
                 app,

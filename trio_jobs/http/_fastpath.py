@@ -62,7 +62,7 @@ def _handlers(spec: Any) -> Iterator[Any]:
 
 class CancelFastPath:
     """ASGI middleware around Quart's ``asgi_app`` (``inner``: Quart's own, guarded by
-    :class:`UnreadBodyGuard`): answers ``DELETE {prefix}/v1/jobs/{id}`` itself when
+    :class:`ConnectionGuard`): answers ``DELETE {prefix}/v1/jobs/{id}`` itself when
     nothing but the job API's route would run (see the module docstring), passes
     everything else on."""
 

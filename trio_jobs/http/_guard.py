@@ -1,16 +1,24 @@
-"""ASGI middleware: an answer given before the request body was read closes the connection.
+"""ASGI middleware between hypercorn and Quart that keeps keep-alive connections healthy.
 
-When Quart answers before it has read the request's body (a 401 from the auth hook, a 404
-or 405 from routing, to a request that has a body), hypercorn cannot reuse the connection:
-the client's next request on it gets no answer (a keep-alive client such as requests or
-httpx then waits for its read timeout). Such an answer gets ``Connection: close``, so the
-client opens a new connection instead.
+Two interactions of hypercorn's HTTP/1.1 connections with quart-trio need it:
+
+* An answer given before the request body was read (a 401 from the auth hook, a 404 or
+  405 from routing, to a request that has a body) leaves the connection unusable: the
+  client's next request on it gets no answer (a keep-alive client such as requests or
+  httpx then waits for its read timeout). Such an answer gets ``Connection: close``, so
+  the client opens a new connection instead.
+* hypercorn starts a connection's keep-alive timer from inside the app's final send, and
+  quart-trio cancels the request's tasks right then (the request is over): the timer was
+  cancelled with them, so idle connections were never closed, neither after
+  ``keep_alive_timeout`` nor on shutdown (where they held the stop for the whole grace
+  period). The final send is shielded from that cancellation.
 """
 
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable, Iterable
 
+import trio
 from hypercorn.typing import (
     ASGIReceiveCallable,
     ASGIReceiveEvent,
@@ -19,7 +27,7 @@ from hypercorn.typing import (
     Scope,
 )
 
-__all__ = ["UnreadBodyGuard", "has_body"]
+__all__ = ["ConnectionGuard", "has_body"]
 
 ASGIApp = Callable[[Scope, ASGIReceiveCallable, ASGISendCallable], Awaitable[None]]
 
@@ -32,9 +40,8 @@ def has_body(headers: Iterable[tuple[bytes, bytes]]) -> bool:
     return False
 
 
-class UnreadBodyGuard:
-    """Adds ``Connection: close`` to a response that starts before the request body was
-    read to its end (see the module docstring)."""
+class ConnectionGuard:
+    """See the module docstring."""
 
     def __init__(self, app: ASGIApp) -> None:
         self.app = app
@@ -42,10 +49,10 @@ class UnreadBodyGuard:
     async def __call__(
         self, scope: Scope, receive: ASGIReceiveCallable, send: ASGISendCallable
     ) -> None:
-        if scope["type"] != "http" or not has_body(scope["headers"]):
+        if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        read = False
+        read = not has_body(scope["headers"])
 
         async def receive_and_note() -> ASGIReceiveEvent:
             nonlocal read
@@ -54,10 +61,14 @@ class UnreadBodyGuard:
                 read = True
             return message
 
-        async def send_closing_early(message: ASGISendEvent) -> None:
+        async def guarded_send(message: ASGISendEvent) -> None:
             if message["type"] == "http.response.start" and not read:
                 headers = [*message.get("headers", ()), (b"connection", b"close")]
                 message = {**message, "headers": headers}
+            elif message["type"] == "http.response.body" and not message.get("more_body"):
+                with trio.CancelScope(shield=True):
+                    await send(message)
+                return
             await send(message)
 
-        await self.app(scope, receive_and_note, send_closing_early)
+        await self.app(scope, receive_and_note, guarded_send)
