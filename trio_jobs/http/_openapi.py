@@ -63,13 +63,14 @@ _SIGNAL_OR_JSON = r"^(\{[\s\S]*\}|\[DONE\]|\[CANCELLED\]|\[ERROR\]( [\s\S]*)?)$"
 
 _SSE = {
     "text/event-stream": {
-        "description": (
-            "`retry: 2000`, then per event `id: <n>` + `data: <event JSON>`, then the "
-            "terminal signal `data: [DONE]` | `data: [ERROR] <msg>` | `data: [CANCELLED]` "
-            "with its own id; `: keep-alive` comments while idle; then the body ends."
-        ),
         # OpenAPI 3.2 names this itemSchema; on 3.1 tools read ``schema`` as one event.
         "schema": {
+            "description": (
+                "One event of the stream: `retry: 2000` first, then per event `id: <n>` + "
+                "`data: <event JSON>`, then the terminal signal `data: [DONE]` | "
+                "`data: [ERROR] <msg>` | `data: [CANCELLED]` with its own id; "
+                "`: keep-alive` comments while idle; then the body ends."
+            ),
             "type": "object",
             "required": ["data"],
             "properties": {
