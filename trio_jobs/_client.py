@@ -152,9 +152,17 @@ def _translate(exc: BaseException, what: str, *, job_id: str | None = None) -> T
 
 
 def _reconnectable(exc: BaseException) -> bool:
-    """Whether a mapped error is a broken or timed-out connection, which a reconnect may
-    cure (a body that cannot be decoded, or a misused stream, is not)."""
-    return isinstance(exc, httpx.TransportError | trio.TooSlowError | OSError)
+    """Whether an error is a broken or timed-out connection, or a refusal that says "try
+    again" (502/503/504), which a reconnect may cure (a body that cannot be decoded, a
+    misused stream, a 404, a WebSocket refused outright, are not)."""
+    if isinstance(exc, httpx.TransportError | trio.TooSlowError | OSError):
+        return True
+    if isinstance(exc, HTTPStatusError):
+        return exc.status_code in _RETRYABLE_STATUS
+    ws = sys.modules.get("trio_websocket")
+    if ws is not None and isinstance(exc, ws.ConnectionClosed | ws.HandshakeError):
+        return not isinstance(exc, ws.ConnectionRejected)
+    return False
 
 
 def _backoff_s(client: JobClient, failures: int, retry_ms: int | None) -> float:
@@ -469,7 +477,7 @@ class JobEventStream(_ItemChannel):
                 await self._open()
                 return
             except HTTPStatusError as exc:
-                if exc.status_code not in _RETRYABLE_STATUS:
+                if not _reconnectable(exc):
                     raise
                 self._cause = exc
             except Exception as exc:
@@ -703,7 +711,7 @@ class JobWebSocketStream(_ItemChannel):
         The first handshake's error is raised (through ``nursery.start``); later ones end
         the stream and are raised by the reader, after the lines that came before.
         """
-        from trio_websocket import ConnectionClosed, ConnectionRejected, HandshakeError
+        from trio_websocket import ConnectionClosed
 
         client = self._client
         what = f"websocket of job {self.job_id}"
@@ -756,18 +764,7 @@ class JobWebSocketStream(_ItemChannel):
                             raise
                         if not started:
                             raise mapped from exc
-                        broken = isinstance(exc, ConnectionClosed) or (
-                            isinstance(exc, HandshakeError)
-                            and not isinstance(exc, ConnectionRejected)
-                        )
-                        if not (
-                            broken
-                            or _reconnectable(exc)
-                            or (
-                                isinstance(mapped, HTTPStatusError)
-                                and mapped.status_code in _RETRYABLE_STATUS
-                            )
-                        ):
+                        if not (_reconnectable(exc) or _reconnectable(mapped)):
                             mapped.__cause__ = exc
                             self._error = mapped
                             return
@@ -823,10 +820,10 @@ class JobWebSocketStream(_ItemChannel):
         try:
             line = await self._receive.receive()
         except trio.EndOfChannel:
-            pass
+            end = self._end()
         else:
             return self._line(line)
-        raise self._end()  # outside the except: the error keeps its own cause
+        raise end  # outside the except: the error keeps its own cause
 
     def _line(self, line: str) -> str:
         if line.startswith("["):
