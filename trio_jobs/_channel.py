@@ -9,46 +9,16 @@ signal, and it does so exactly once.
 
 from __future__ import annotations
 
-from abc import abstractmethod
 from collections.abc import Callable, Mapping
-from typing import Any, Generic, TypeVar
+from typing import Any
 
 import trio
 
 from ._models import NarrationEvent
+from ._receive import BatchReceiveMixin, StreamItem
 from ._signals import TerminalSignal
 
 __all__ = ["BatchReceiveMixin", "JobLog", "LogSender", "StreamItem", "JobStream"]
-
-StreamItem = NarrationEvent | TerminalSignal
-_T = TypeVar("_T")
-
-
-class BatchReceiveMixin(Generic[_T]):
-    """``receive_batch()`` on top of ``receive_nowait()``, for the job's stream channels.
-
-    Shared by the in-process :class:`JobStream` and the client's streams, so that the
-    batch fast path (``await wait_ready()``, then take the batch) means the same on both.
-    """
-
-    __slots__ = ()
-
-    @abstractmethod
-    def receive_nowait(self) -> _T:
-        """An item that is ready; ``trio.WouldBlock`` if none, ``trio.EndOfChannel`` at the end."""
-
-    def receive_batch(self, limit: int = 1024) -> list[_T]:
-        """Everything ready now (up to ``limit`` items), without blocking; may be empty.
-
-        An empty batch right after ``wait_ready()`` returned means the stream has ended.
-        """
-        items: list[_T] = []
-        try:
-            while len(items) < limit:
-                items.append(self.receive_nowait())
-        except (trio.WouldBlock, trio.EndOfChannel):
-            pass
-        return items
 
 
 class JobLog:
