@@ -36,7 +36,7 @@ from trio_jobs import (
     timeout_message,
 )
 from trio_jobs._client import JobClient, raise_for_signal
-from trio_jobs._sse import SSEDecoder, SSEMessage
+from trio_jobs._client._sse_decoder import SSEDecoder, SSEMessage
 
 JOB = "job-0001"
 BASE = "http://jobs.test"
