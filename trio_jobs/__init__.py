@@ -4,14 +4,15 @@ Every job runs in its own nursery under its own cancel scope; code inside a job 
 :func:`narrate`; every subscriber of the job sees its events and then exactly one terminal
 signal (``[DONE]``, ``[ERROR] <message>`` or ``[CANCELLED]``), produced by the toolkit when
 the job's narration channel closes.
+
+The client's names (:class:`JobClient`, its streams, :func:`raise_for_signal`) are loaded on
+first use (PEP 562), so that ``import trio_jobs`` does not import httpx.
 """
+
+import typing as _typing
 
 from ._channel import JobStream as JobStream
 from ._channel import StreamItem as StreamItem
-from ._client import JobClient as JobClient
-from ._client import JobEventStream as JobEventStream
-from ._client import JobWebSocketStream as JobWebSocketStream
-from ._client import raise_for_signal as raise_for_signal
 from ._exceptions import HTTPStatusError as HTTPStatusError
 from ._exceptions import InvalidJobState as InvalidJobState
 from ._exceptions import JobCancelled as JobCancelled
@@ -49,6 +50,30 @@ from ._store import MemoryStore as MemoryStore
 from ._store import StoredJob as StoredJob
 from ._stream import WireLines as WireLines
 from ._stream import execute_and_stream as execute_and_stream
+
+if _typing.TYPE_CHECKING:
+    from ._client import JobClient as JobClient
+    from ._client import JobEventStream as JobEventStream
+    from ._client import JobWebSocketStream as JobWebSocketStream
+    from ._client import raise_for_signal as raise_for_signal
+
+_LAZY = frozenset({"JobClient", "JobEventStream", "JobWebSocketStream", "raise_for_signal"})
+
+
+def __getattr__(name: str) -> object:
+    """A client name, imported (with httpx) the first time it is asked for."""
+    if name not in _LAZY:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    from . import _client
+
+    value: object = getattr(_client, name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_LAZY})
+
 
 DONE = Signal.DONE.value
 ERROR = Signal.ERROR.value
