@@ -29,10 +29,8 @@ from typing import Any
 import trio
 
 from trio_jobs import JobRegistry, narrate, open_job_runner
-from trio_jobs._persist import open_registry
-from trio_jobs._pg_store import PostgresStore
-from trio_jobs._sqlite_store import SQLiteStore
-from trio_jobs._store import JobStore, MemoryStore
+from trio_jobs._run import open_registry
+from trio_jobs._stores import JobStore, MemoryStore, PostgresStore, SQLiteStore
 
 StoreMaker = Callable[[], JobStore | None]
 

@@ -177,9 +177,7 @@ def persist_every_registry(kind: str | None, monkeypatch: pytest.MonkeyPatch, tm
     if not kind:
         return
     from trio_jobs import JobRegistry
-    from trio_jobs._pg_store import PostgresStore
-    from trio_jobs._sqlite_store import SQLiteStore
-    from trio_jobs._store import JobStore, MemoryStore
+    from trio_jobs._stores import JobStore, MemoryStore, PostgresStore, SQLiteStore
 
     if kind == "postgres":
         dsn = dsn_or_skip()

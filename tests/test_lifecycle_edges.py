@@ -19,7 +19,7 @@ from trio_jobs import (
     narrate,
     open_job_runner,
 )
-from trio_jobs._registry import Job
+from trio_jobs._job import Job
 
 from .helpers import collect
 

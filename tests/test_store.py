@@ -32,10 +32,18 @@ from trio_jobs import (
     open_job_runner,
 )
 from trio_jobs._models import JobRecord, NarrationEvent
-from trio_jobs._persist import INTERRUPTED, open_registry, run_persistence
-from trio_jobs._pg_store import PG_MIGRATIONS, PostgresStore
-from trio_jobs._sqlite_store import MIGRATIONS, SQLiteStore
-from trio_jobs._store import JobStore, JobWrite, MemoryStore, WriteBatch, check_json
+from trio_jobs._persist import INTERRUPTED, open_registry, persister_of, run_persistence
+from trio_jobs._stores import (
+    JobStore,
+    JobWrite,
+    MemoryStore,
+    PostgresStore,
+    SQLiteStore,
+    WriteBatch,
+    check_json,
+)
+from trio_jobs._stores._migrations import POSTGRES as PG_MIGRATIONS
+from trio_jobs._stores._migrations import SQLITE as MIGRATIONS
 
 from . import pg
 from .helpers import collect
@@ -515,11 +523,13 @@ async def test_persist_every_registry_under_an_autojump_clock(
 
 
 def test_json_codec_without_orjson(monkeypatch: pytest.MonkeyPatch) -> None:
-    from trio_jobs import _store
+    from trio_jobs import _json
 
     monkeypatch.setitem(sys.modules, "orjson", None)  # import orjson now fails
-    strict, lenient, loads = _store._json_codec()
-    assert strict({"a": [1, 2.5, None, "é"]}) == '{"a":[1,2.5,null,"é"]}'
+    strict, lenient, loads = _json._codec()
+    assert loads(strict({"a": [1, 2.5, None, "é", "\x00", "\ud800"]})) == {
+        "a": [1, 2.5, None, "é", "\x00", "\ud800"]
+    }
     with pytest.raises(TypeError):
         strict({"a": object()})
     assert loads(lenient({"when": Path("/x")})) == {"when": "/x"}
@@ -587,7 +597,7 @@ async def test_idle_running_jobs_cost_no_flushes(autojump_clock: trio.testing.Mo
             await event.wait()
 
     async with open_registry(store, interval=0.02) as reg:
-        persister = reg._persister
+        persister = persister_of(reg)
         assert persister is not None
         async with open_job_runner(reg, stepwise):
             ids = [reg.create_job({}) for _ in range(50)]

@@ -21,17 +21,33 @@ from ._signals import TerminalSignal
 __all__ = ["BatchReceiveMixin", "JobLog", "LogSender", "StreamItem", "JobStream"]
 
 
+_GAP: Any = object()
+"""A ring slot of an id that was never stored (lost in a crash): skipped by readers."""
+
+_NO_LIMIT = 1 << 62
+
+
 class JobLog:
-    """Per-job event log: a ring of the last ``capacity`` events plus the terminal signal."""
+    """Per-job event log: a ring of the last ``capacity`` events plus the terminal signal.
+
+    Events are appended at once, but readers see only those up to :attr:`limit` and the
+    terminal signal once :attr:`held` is cleared. Without a store both are open; a
+    persisted job's log is gated by its writer (:meth:`gate`, :meth:`release`), so that
+    what a subscriber sees is never taken back by a crash: ids are handed out only once
+    the store has reserved them, and the signal only once the job's end is stored.
+    """
 
     __slots__ = (
         "_buf",
         "_cap",
         "_floor",
         "_lot",
+        "_origin",
         "_senders",
         "actor",
+        "held",
         "job_id",
+        "limit",
         "next_id",
         "on_dirty",
         "terminal",
@@ -50,9 +66,48 @@ class JobLog:
         self._senders = 0
         self._floor = 1
         """Ids below this are gone even while the ring is not full (a restored log)."""
+        self._origin = 1
+        """The id kept at ring index 0 (ids map to ``(id - origin) % capacity``)."""
+        self.limit = _NO_LIMIT
+        """The highest event id readers may see."""
+        self.held = False
+        """True while the terminal signal, once set, is kept from readers."""
         self.on_dirty: Callable[[JobLog], None] | None = None
         """One-shot hook: the next append (or the terminal signal) clears it and calls it
         with the log; persistence sets it to learn which logs changed since a flush."""
+
+    @classmethod
+    def restored(
+        cls,
+        job_id: str,
+        actor: str,
+        capacity: int,
+        events: list[NarrationEvent],
+        *,
+        closed: bool = False,
+        next_id: int | None = None,
+    ) -> JobLog:
+        """A log holding stored ``events`` (ascending ids, maybe with gaps) at their ids.
+
+        It keeps the newest events whose ids span at most ``capacity``; ids in between
+        that were never stored read as nothing. A log that will never grow (``closed``)
+        gets a ring exactly as long as that span. ``next_id`` (past the last event) is
+        where new events continue.
+        """
+        log = cls(job_id, actor, capacity)
+        top = events[-1].id if events else 0
+        nxt = max(top + 1, next_id or 1)
+        floor = max(events[0].id if events else nxt, nxt - capacity)
+        kept = [e for e in events if e.id >= floor]
+        floor = kept[0].id if kept else nxt
+        buf: list[NarrationEvent] = [_GAP] * (nxt - floor)
+        for event in kept:
+            buf[event.id - floor] = event
+        log._buf = buf
+        log._cap = max(1, len(buf)) if closed else capacity
+        log._floor = log._origin = floor
+        log.next_id = nxt
+        return log
 
     @property
     def first_id(self) -> int:
@@ -63,13 +118,29 @@ class JobLog:
     def closed(self) -> bool:
         return self.terminal is not None
 
+    @property
+    def settled(self) -> bool:
+        """True once readers can see the terminal signal."""
+        return self.terminal is not None and not self.held
+
     def events(self) -> list[NarrationEvent]:
         """The retained events, oldest first."""
         first = self.first_id
-        return [self.get(i) for i in range(first, self.next_id)]
+        out = [self.get(i) for i in range(first, self.next_id)]
+        return [e for e in out if e is not _GAP]
 
     def get(self, event_id: int) -> NarrationEvent:
-        return self._buf[(event_id - 1) % self._cap]
+        """The event with this id (the caller knows it is retained); may be a gap."""
+        return self._buf[(event_id - self._origin) % self._cap]
+
+    def gate(self, limit: int, *, hold: bool) -> None:
+        """Let readers see events up to ``limit`` only, and the signal only when not
+        ``hold``; readers are woken when the gate widens."""
+        wider = limit > self.limit or (self.held and not hold)
+        self.limit = limit
+        self.held = hold
+        if wider:
+            self.wake()
 
     def append(
         self,
@@ -90,34 +161,42 @@ class JobLog:
         if len(buf) < self._cap:
             buf.append(event)
         else:
-            buf[(event_id - 1) % self._cap] = event
+            buf[(event_id - self._origin) % self._cap] = event
         self.next_id = event_id + 1
-        lot = self._lot
-        if lot is not None and lot:
-            lot.unpark_all()
+        if event_id <= self.limit:
+            lot = self._lot
+            if lot is not None and lot:
+                lot.unpark_all()
         hook = self.on_dirty
         if hook is not None:
             self.on_dirty = None
             hook(self)
         return event
 
-    def replay(self, event: NarrationEvent) -> None:
-        """Re-insert a stored event (restart recovery): keeps its id and time."""
-        buf = self._buf
-        if len(buf) < self._cap:
-            buf.append(event)
-        else:
-            buf[(event.id - 1) % self._cap] = event
-        self.next_id = event.id + 1
+    def skip_to(self, next_id: int) -> None:
+        """Leave the ids before ``next_id`` that were never stored as gaps (a mirror of a
+        log whose owner skipped ids after a crash)."""
+        buf, cap = self._buf, self._cap
+        if next_id - self.next_id >= cap:  # nothing retained survives the gap
+            self._buf = []
+            self._origin = self._floor = self.next_id = next_id
+            return
+        for event_id in range(self.next_id, next_id):
+            if len(buf) < cap:
+                buf.append(_GAP)
+            else:
+                buf[(event_id - self._origin) % cap] = _GAP
+        self.next_id = max(self.next_id, next_id)
 
     def finish(self, signal: TerminalSignal) -> TerminalSignal:
         """Append the terminal signal (once); later calls return the first one."""
         if self.terminal is not None:
             return self.terminal
         self.terminal = TerminalSignal(signal.signal, signal.message, self.next_id)
-        lot = self._lot
-        if lot is not None and lot:
-            lot.unpark_all()
+        if not self.held:
+            lot = self._lot
+            if lot is not None and lot:
+                lot.unpark_all()
         hook = self.on_dirty
         if hook is not None:
             self.on_dirty = None
@@ -134,6 +213,11 @@ class JobLog:
         if self._lot is None:
             self._lot = trio.lowlevel.ParkingLot()
         await self._lot.park()
+
+    async def wait_settled(self) -> None:
+        """Block until readers can see the terminal signal."""
+        while not self.settled:
+            await self.wait_changed()
 
     def sender(self) -> LogSender:
         return LogSender(self)
@@ -238,15 +322,20 @@ class JobStream(BatchReceiveMixin[StreamItem], trio.abc.ReceiveChannel[StreamIte
             raise trio.ClosedResourceError("stream closed")
         log = self._log
         cursor = self._cursor
-        if cursor < log.next_id:
+        top = min(log.next_id, log.limit + 1)
+        while cursor < top:
             first = log.next_id - len(log._buf)
             if cursor < first:
                 self.skipped += first - cursor
                 cursor = first
-            self._cursor = cursor + 1
-            return log._buf[(cursor - 1) % log._cap]
+            item = log._buf[(cursor - log._origin) % log._cap]
+            cursor += 1
+            if item is not _GAP:
+                self._cursor = cursor
+                return item
+        self._cursor = cursor
         terminal = log.terminal
-        if terminal is not None:
+        if terminal is not None and not log.held and cursor >= log.next_id:
             if self._done:
                 raise trio.EndOfChannel
             self._done = True
@@ -271,8 +360,22 @@ class JobStream(BatchReceiveMixin[StreamItem], trio.abc.ReceiveChannel[StreamIte
                 continue
 
     def _ready(self) -> bool:
+        if self._closed or self._done:
+            return True
         log = self._log
-        return self._closed or self._done or self._cursor < log.next_id or log.terminal is not None
+        cursor = self._cursor
+        top = min(log.next_id, log.limit + 1)
+        if cursor < top:
+            buf, origin, cap = log._buf, log._origin, log._cap
+            first = log.next_id - len(buf)
+            while cursor >= first and buf[(cursor - origin) % cap] is _GAP:
+                cursor += 1
+                if cursor >= top:
+                    break
+            else:
+                return True
+            self._cursor = cursor
+        return log.terminal is not None and not log.held
 
     async def wait_ready(self) -> None:
         """Block until ``receive_nowait`` has something (an item or end of channel)."""

@@ -9,6 +9,8 @@ Every error the toolkit raises on purpose derives from one root::
     │   └── JobTimeout           ... because its timeout fired
     ├── JobCancelled             a job ended with ``[CANCELLED]``
     ├── StreamEndedWithoutSignal a stream closed before its terminal signal
+    ├── StoreUnavailable         the job store did not take a write (a submission is not
+    │                            acknowledged)
     └── TransportError           the job server could not be reached or answered badly
         └── HTTPStatusError      the server answered with an error status and JSON body
 """
@@ -22,6 +24,7 @@ __all__ = [
     "JobFailed",
     "JobNotFound",
     "JobTimeout",
+    "StoreUnavailable",
     "StreamEndedWithoutSignal",
     "TransportError",
     "TrioJobsError",
@@ -67,6 +70,11 @@ class JobCancelled(TrioJobsError):
 
 class StreamEndedWithoutSignal(TrioJobsError):
     """A job stream ended before its terminal signal: never a silent success."""
+
+
+class StoreUnavailable(TrioJobsError):
+    """The job store could not be reached or did not commit in time; what was asked of
+    it (a durable submission) did not happen."""
 
 
 class TransportError(TrioJobsError):

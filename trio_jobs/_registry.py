@@ -7,115 +7,55 @@ import heapq
 import itertools
 import logging
 import math
+import re
 import time
 import uuid
 from collections import deque
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 from contextlib import asynccontextmanager
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import trio
 
-from ._channel import JobLog, JobStream, LogSender
-from ._exceptions import InvalidJobState, JobNotFound
+from ._channel import JobLog, JobStream
+from ._exceptions import JobNotFound
+from ._job import Job, JobTally
 from ._models import JobRecord, JobState, Priority, RetryPolicy, Transition
-from ._signals import STATE_OF_SIGNAL, Signal, TerminalSignal
+from ._signals import Signal, TerminalSignal
 
 if TYPE_CHECKING:
-    from ._persist import Persister
-    from ._store import JobStore
+    from ._stores._base import JobStore
 
-__all__ = ["JobRegistry", "Job", "TransitionObserver"]
+__all__ = ["Backing", "JobRegistry", "Job", "TransitionObserver"]
 
 logger = logging.getLogger("trio_jobs.registry")
 
-TransitionObserver = Callable[["Job", Transition], None]
+TransitionObserver = Callable[[Job, Transition], None]
+
+_BAD_ID = re.compile(r"[\x00-\x1f\x7f]")
 
 
-class Job:
-    """The registry's mutable view of one job; callers get frozen ``JobRecord`` snapshots."""
+class Backing(Protocol):
+    """What a registry asks of the store behind it (set by persistence, see ``_run``).
 
-    __slots__ = (
-        "__weakref__",
-        "attempts",
-        "cancel_reason",
-        "cancel_requested",
-        "created_at",
-        "error",
-        "expires_at",
-        "finished_at",
-        "history",
-        "id",
-        "log",
-        "metadata",
-        "next_attempt_at",
-        "payload",
-        "priority",
-        "retry",
-        "scope",
-        "sender",
-        "seq",
-        "started_at",
-        "state",
-        "tags",
-        "timeout",
-    )
+    The one slot through which the lifecycle core reaches its store, typed, so the core
+    imports no store or persistence code.
+    """
 
-    def __init__(
-        self,
-        job_id: str,
-        payload: Any,
-        timeout: float | None,
-        priority: Priority,
-        retry: RetryPolicy | None,
-        tags: dict[str, str] | None,
-        metadata: Any,
-        seq: int,
-        log: JobLog,
-    ) -> None:
-        self.id = job_id
-        self.state = JobState.QUEUED
-        self.error: str | None = None
-        self.payload = payload
-        self.timeout = timeout
-        self.priority = priority
-        self.retry = retry
-        self.tags = tags
-        self.metadata = metadata
-        self.attempts = 0
-        self.created_at = time.time()
-        self.started_at: float | None = None
-        self.finished_at: float | None = None
-        self.next_attempt_at: float | None = None
-        self.expires_at: float | None = None
-        self.seq = seq
-        self.log = log
-        self.sender: LogSender | None = log.sender()
-        self.scope: trio.CancelScope | None = None
-        self.cancel_requested = False
-        self.cancel_reason: str | None = None
-        self.history: list[Transition] = [Transition(JobState.QUEUED, self.created_at)]
+    async def load(self, job_id: str) -> bool:
+        """Make a job known here from the store (True when it is in the registry after)."""
 
-    def __lt__(self, other: Job) -> bool:
-        return self.seq < other.seq
+    async def fetch(self, job_id: str) -> JobRecord | None:
+        """A stored job's record, for a job not in memory."""
 
-    def record(self) -> JobRecord:
-        return JobRecord(
-            id=self.id,
-            state=self.state,
-            error=self.error,
-            payload=self.payload,
-            timeout=self.timeout,
-            priority=self.priority,
-            tags=dict(self.tags or {}),
-            metadata=self.metadata,
-            attempts=self.attempts,
-            created_at=self.created_at,
-            started_at=self.started_at,
-            finished_at=self.finished_at,
-            retry=self.retry,
-            next_attempt_at=self.next_attempt_at,
-        )
+    def cancel_elsewhere(self, job: Job) -> bool:
+        """True when the job's cancel is forwarded to another node instead of decided here."""
+
+    async def before_attempt(self, job: Job) -> None:
+        """Wait until the job's new attempt is stored (so a crash cannot run it twice)."""
+
+    async def acknowledge(self, job: Job) -> None:
+        """Wait until a new job's row is stored; raises when the store cannot take it."""
 
 
 def _parse_tag(tag: str | tuple[str, str] | Mapping[str, str] | None) -> dict[str, str]:
@@ -132,10 +72,13 @@ def _parse_tag(tag: str | tuple[str, str] | Mapping[str, str] | None) -> dict[st
 
 
 def _check_storable(payload: Any, metadata: Any) -> None:
-    from ._store import check_json
+    from ._json import dumps
 
-    check_json("payload", payload)
-    check_json("metadata", metadata)
+    for what, value in (("payload", payload), ("metadata", metadata)):
+        try:
+            dumps(value)
+        except (TypeError, ValueError) as exc:
+            raise ValueError(f"{what} must be JSON-serialisable to be stored: {exc}") from None
 
 
 class JobRegistry:
@@ -175,18 +118,21 @@ class JobRegistry:
         self._queue_lot = trio.lowlevel.ParkingLot()
         self._expiry: deque[tuple[float, str]] = deque()
         self._expiry_lot = trio.lowlevel.ParkingLot()
+        self._expiry_unsorted = False
         self._deadlines: list[tuple[float, int, Job]] = []
         self._sweep_deadline = math.inf
         self._seq = itertools.count()
         self._observers: list[TransitionObserver] = []
-        self.running = 0
+        self._tally = JobTally()
         self._sweeping = False
         self.store = store
-        self._persister: Persister | None = None
-        self._follow: Callable[[str], Awaitable[bool]] | None = None
-        self._cancel_elsewhere: Callable[[Job], bool] | None = None
-        """Shared mode: True when a job may be held by another node (its cancel is then
-        forwarded there, and its outcome comes from the store)."""
+        self.backing: Backing | None = None
+        """Set while the registry is persisted to its store (by ``run_persistence``)."""
+
+    @property
+    def running(self) -> int:
+        """Jobs with an attempt running or between attempts (RUNNING or RETRYING)."""
+        return self._tally.running
 
     # ---- creating and reading -------------------------------------------------------
 
@@ -240,23 +186,150 @@ class JobRegistry:
         job_id = job_id or f"job-{uuid.uuid4()}"
         if job_id in self._jobs:
             raise ValueError(f"job id already exists: {job_id}")
+        if _BAD_ID.search(job_id) or len(job_id) > 200:
+            raise ValueError("job_id must be at most 200 characters, without control characters")
         self._purge()
-        log = JobLog(job_id, self.actor, self.event_log_size)
-        job = Job(job_id, payload, timeout, prio, retry, tag_map, metadata, next(self._seq), log)
-        if expires is not None:
-            job.expires_at = trio.current_time() + expires
-            heapq.heappush(self._deadlines, (job.expires_at, job.seq, job))
+        job = self._new_job(job_id, payload, timeout, prio, retry, tag_map, metadata)
         self._jobs[job_id] = job
         if len(self._jobs) > self._jobs_peak:
             self._jobs_peak = len(self._jobs)
+        if expires is not None:
+            self.queue_deadline(job, trio.current_time() + expires)
         self._notify(job, job.history[0])
         if enqueue:
-            heapq.heappush(self._queue, (-prio, job.seq, job))
-            if self._queue_lot:
-                self._queue_lot.unpark()
-        if job.expires_at is not None and job.expires_at < self._sweep_deadline:
-            self._expiry_lot.unpark_all()
+            self._enqueue(job)
         return job_id
+
+    async def submit(
+        self,
+        payload: Any = None,
+        **options: Any,
+    ) -> str:
+        """Like :meth:`create_job`, but returns only once the job is stored.
+
+        With a durable store being persisted, the job's row is committed before this
+        returns (concurrent submissions share one commit), so an acknowledged job
+        survives a crash; :meth:`create_job` returns before that. Without a store this
+        is :meth:`create_job`.
+
+        Raises:
+            ValueError: an option is out of range.
+            trio_jobs.StoreUnavailable: the store did not take the job; it will not run
+                (it is recorded FAILED once the store is back).
+        """
+        backing = self.backing
+        enqueue = options.pop("enqueue", True)
+        job_id = self.create_job(payload, enqueue=False, **options)
+        job = self._jobs[job_id]
+        if backing is not None:
+            try:
+                await backing.acknowledge(job)
+            except BaseException as exc:
+                reason = "not acknowledged: " + (
+                    "the submission was cancelled"
+                    if isinstance(exc, trio.Cancelled)
+                    else "the store was unavailable"
+                )
+                job.finish(TerminalSignal(Signal.ERROR, reason), reason)
+                raise
+        else:
+            await trio.lowlevel.checkpoint()
+        if enqueue:
+            self._enqueue(job)
+        return job_id
+
+    def _new_job(
+        self,
+        job_id: str,
+        payload: Any,
+        timeout: float | None,
+        priority: Priority,
+        retry: RetryPolicy | None,
+        tags: dict[str, str] | None,
+        metadata: Any,
+    ) -> Job:
+        log = JobLog(job_id, self.actor, self.event_log_size)
+        return Job(
+            job_id,
+            payload,
+            timeout,
+            priority,
+            retry,
+            tags,
+            metadata,
+            next(self._seq),
+            log,
+            tally=self._tally,
+            notify=self._notify,
+        )
+
+    def restore(self, stored: Any, events: list[Any], *, taken: bool = True) -> Job:
+        """A job rebuilt from its stored row (``StoredJob``) and events, added here.
+
+        Recovery, the loading of finished jobs and shared mode add jobs only this way.
+        ``taken``: this process now runs the job (recovery, take-over), so event ids its
+        last owner may have handed out are skipped; False for a mirror of a job another
+        node runs.
+        """
+        rec = stored.record
+        job = Job.restore(
+            rec,
+            stored.history,
+            events,
+            actor=self.actor,
+            capacity=self.event_log_size,
+            seq=next(self._seq),
+            tally=self._tally,
+            notify=self._notify,
+            reserved_id=stored.reserved_id if taken else 0,
+        )
+        self._jobs[rec.id] = job
+        if len(self._jobs) > self._jobs_peak:
+            self._jobs_peak = len(self._jobs)
+        return job
+
+    def keep_finished(self, job: Job, *, fresh: bool = False) -> None:
+        """Schedule a restored finished job's retention: what is left of it since it
+        finished, or a whole retention when it was asked for again (``fresh``)."""
+        if self.retention is None:
+            return
+        left = self.retention
+        if not fresh:
+            now = time.time()
+            left -= now - (job.finished_at or now)
+        expiry = trio.current_time() + max(0.0, left)
+        if self._expiry and self._expiry[-1][0] > expiry:
+            self._expiry_unsorted = True
+        self._expiry.append((expiry, job.id))
+        if expiry < self._sweep_deadline:
+            self._expiry_lot.unpark_all()
+
+    def queue_deadline(self, job: Job, at: float) -> None:
+        """Fail the queued job unrun at trio time ``at`` (its ``expires``)."""
+        job.expires_at = at
+        heapq.heappush(self._deadlines, (at, job.seq, job))
+        if at < self._sweep_deadline:
+            self._expiry_lot.unpark_all()
+
+    def _enqueue(self, job: Job) -> None:
+        heapq.heappush(self._queue, (-job.priority, job.seq, job))
+        if self._queue_lot:
+            self._queue_lot.unpark()
+
+    def queued(self) -> list[Job]:
+        """Jobs on this registry's queue, in no particular order."""
+        return [job for _, _, job in self._queue if job.state is JobState.QUEUED]
+
+    def prune_queue(self, keep: Callable[[Job], bool]) -> None:
+        """Drop queue entries of jobs that are not queued here any more or not ``keep``."""
+        kept = [e for e in self._queue if e[2].state is JobState.QUEUED and keep(e[2])]
+        if len(kept) < len(self._queue):
+            heapq.heapify(kept)
+            self._queue = kept
+
+    def job(self, job_id: str) -> Job | None:
+        """The live job object (for the runner and persistence), or None."""
+        return self._jobs.get(job_id)
 
     def _job(self, job_id: str) -> Job:
         if self._expiry:
@@ -280,10 +353,10 @@ class JobRegistry:
         """Like :meth:`get`, but a job that retention dropped from memory is read from
         the store (while it is being persisted). Raises :class:`JobNotFound`."""
         job = self._jobs.get(job_id)
-        if job is None and self.store is not None and self._persister is not None:
-            stored = await self.store.load_job(job_id)
-            if stored is not None:
-                return stored.record
+        if job is None and self.backing is not None:
+            record = await self.backing.fetch(job_id)
+            if record is not None:
+                return record
         await trio.lowlevel.checkpoint()
         return self._job(job_id).record()
 
@@ -293,12 +366,10 @@ class JobRegistry:
         work on it). Finished jobs that retention dropped are restored with their
         stored events and signal; in shared mode (:func:`run_shared_jobs`) a job of
         another node is followed. False without a store being persisted."""
-        if job_id in self._jobs:
+        if job_id in self._jobs or self.backing is None:
             await trio.lowlevel.checkpoint()
-            return True
-        from ._persist import load_stored
-
-        return await load_stored(self, job_id)
+            return job_id in self._jobs
+        return await self.backing.load(job_id)
 
     def history(self, job_id: str) -> list[Transition]:
         """Every state the job entered, with its time and reason."""
@@ -347,14 +418,12 @@ class JobRegistry:
         unknown jobs, and for a job already being cancelled.
         """
         job = self._jobs.get(job_id)
-        if job is None or job.state.is_terminal or job.cancel_requested:
+        if job is None or not job.request_cancel(reason):
             return False
-        job.cancel_requested = True
-        job.cancel_reason = reason
-        if self._cancel_elsewhere is not None and self._cancel_elsewhere(job):
+        if self.backing is not None and self.backing.cancel_elsewhere(job):
             return True
         if job.state is JobState.QUEUED:
-            self.finish(job, TerminalSignal(Signal.CANCELLED), reason or "cancelled while queued")
+            job.finish(TerminalSignal(Signal.CANCELLED), reason or "cancelled while queued")
         elif job.scope is not None:
             job.scope.cancel()
         return True
@@ -384,10 +453,10 @@ class JobRegistry:
             stream.close()
 
     async def wait(self, job_id: str) -> JobRecord:
-        """Block until the job has finished and return its final record."""
+        """Block until the job has finished (and its end is stored, with a store being
+        persisted) and return its final record."""
         job = self._job(job_id)
-        while job.log.terminal is None:
-            await job.log.wait_changed()
+        await job.log.wait_settled()
         await trio.lowlevel.checkpoint()
         return job.record()
 
@@ -407,43 +476,7 @@ class JobRegistry:
             except Exception:
                 # An observer (metrics, persistence) must not break a job's lifecycle.
                 logger.exception("job observer %r failed on %s", observer, job.id)
-
-    def transition(self, job: Job, state: JobState, reason: str | None = None) -> None:
-        """Move a live job to a non-terminal state and record it."""
-        if job.state.is_terminal:
-            raise InvalidJobState(f"{job.id} is already {job.state.value}")
-        if state is JobState.RUNNING and job.state is not JobState.RUNNING:
-            if job.started_at is None:
-                job.started_at = time.time()
-            if job.state is JobState.QUEUED:
-                self.running += 1
-        job.state = state
-        entry = Transition(state, time.time(), reason)
-        job.history.append(entry)
-        self._notify(job, entry)
-
-    def finish(self, job: Job, signal: TerminalSignal, reason: str | None = None) -> None:
-        """Give a job its terminal state and close its narration channel (once)."""
-        if job.state.is_terminal:
-            return
-        if job.state is not JobState.QUEUED:
-            self.running -= 1
-        state = STATE_OF_SIGNAL[signal.signal]
-        job.state = state
-        job.error = signal.message if signal.signal is Signal.ERROR else None
-        job.finished_at = time.time()
-        job.next_attempt_at = None
-        entry = Transition(state, job.finished_at, reason or job.error)
-        job.history.append(entry)
-        job.scope = None
-        sender, job.sender = job.sender, None
-        try:
-            self._notify(job, entry)
-        finally:
-            if sender is not None:
-                sender.set_outcome(signal)
-                sender.close()
-        if self.retention is not None:
+        if transition.state.is_terminal and self.retention is not None:
             expiry = trio.current_time() + self.retention
             self._expiry.append((expiry, job.id))
             if expiry < self._sweep_deadline:
@@ -470,13 +503,11 @@ class JobRegistry:
     def requeue(self, job: Job) -> None:
         """Put a taken job back (a runner stopped before it could start it)."""
         if job.state is JobState.QUEUED:
-            heapq.heappush(self._queue, (-job.priority, job.seq, job))
-            if self._queue_lot:
-                self._queue_lot.unpark()
+            self._enqueue(job)
 
     def _expire(self, job: Job) -> None:
-        self.finish(
-            job, TerminalSignal(Signal.ERROR, "Job expired in the queue before it ran"), "expired"
+        job.finish(
+            TerminalSignal(Signal.ERROR, "Job expired in the queue before it ran"), "expired"
         )
 
     def _purge_if_in_trio(self) -> None:
@@ -489,6 +520,9 @@ class JobRegistry:
         expiry = self._expiry
         if not expiry:
             return
+        if self._expiry_unsorted:
+            self._expiry = expiry = deque(sorted(expiry))
+            self._expiry_unsorted = False
         now = trio.current_time()
         jobs = self._jobs
         while expiry and expiry[0][0] <= now:
@@ -509,6 +543,9 @@ class JobRegistry:
             heapq.heappop(deadlines)
         deadline = deadlines[0][0] if deadlines else math.inf
         if self._expiry:
+            if self._expiry_unsorted:
+                self._expiry = deque(sorted(self._expiry))
+                self._expiry_unsorted = False
             # Finished jobs expire one after another; sweeping them in slices of a tenth of
             # the retention (at most 1 s) wakes the sweeper once per slice, not once per job.
             slack = min(1.0, (self.retention or 0.0) / 10)

@@ -4,18 +4,19 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
-from contextlib import asynccontextmanager
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import trio
 
+from ._exceptions import JobNotFound
+from ._job import Job
 from ._models import JobState
 from ._narration import _CURRENT, JobContext
-from ._registry import Job, JobRegistry
+from ._registry import JobRegistry
 from ._signals import Signal, TerminalSignal, timeout_message
 
-__all__ = ["Executor", "open_job_runner", "run_jobs", "run_job"]
+__all__ = ["Executor", "execute", "run_job", "run_queue", "sweep"]
 
 Executor = Callable[[str, Any], Awaitable[None]]
 """``async def executor(job_id: str, payload: Any) -> None``: the work of one job."""
@@ -82,11 +83,13 @@ async def _attempt_in_nursery(job: Job, executor: Executor) -> BaseException | N
 
 
 async def _attempts(registry: JobRegistry, job: Job, executor: Executor) -> TerminalSignal:
-    """Run attempts until one succeeds or the retry policy gives up."""
+    """Run attempts until one succeeds or the retry policy gives up (the job's first
+    attempt has begun)."""
     while True:
-        job.attempts += 1
-        if job.attempts > 1:
-            registry.transition(job, JobState.RUNNING, f"attempt {job.attempts}")
+        if job.state is JobState.RETRYING:
+            job.begin_attempt()
+        if registry.backing is not None:
+            await registry.backing.before_attempt(job)
         error, timed_out = await _attempt(job, executor)
         if job.cancel_requested:  # whatever the attempt made of it, the cancel decides
             return TerminalSignal(Signal.CANCELLED)
@@ -102,8 +105,7 @@ async def _attempts(registry: JobRegistry, job: Job, executor: Executor) -> Term
         if policy is None or not policy.should_retry(job.attempts, leaf, timed_out=timed_out):
             return TerminalSignal(Signal.ERROR, message)
         delay = policy.delay(job.attempts)
-        job.next_attempt_at = time.time() + delay
-        registry.transition(job, JobState.RETRYING, message)
+        job.retry_later(message, delay)
         assert job.sender is not None
         job.sender.send_nowait(
             "retry",
@@ -117,7 +119,6 @@ async def _attempts(registry: JobRegistry, job: Job, executor: Executor) -> Term
             time.time(),
         )
         await trio.sleep(delay)
-        job.next_attempt_at = None
 
 
 async def run_job(registry: JobRegistry, job_id: str, executor: Executor) -> None:
@@ -126,12 +127,19 @@ async def run_job(registry: JobRegistry, job_id: str, executor: Executor) -> Non
     Returns once the job has finished and its terminal signal is in its stream. If the
     surrounding scope is cancelled, the job ends CANCELLED and ``Cancelled`` propagates.
     """
-    job = registry._job(job_id)
+    job = registry.job(job_id)
+    if job is None:
+        raise JobNotFound(job_id)
     await trio.lowlevel.checkpoint_if_cancelled()
     if job.state is not JobState.QUEUED:
         await trio.lowlevel.cancel_shielded_checkpoint()
         return
-    registry.transition(job, JobState.RUNNING, "started")
+    job.begin_attempt()
+    await execute(registry, job, executor)
+
+
+async def execute(registry: JobRegistry, job: Job, executor: Executor) -> None:
+    """Run a job whose first attempt has begun (it is RUNNING) to its end."""
     job.scope = trio.CancelScope()
     await _execute(registry, job, executor)
 
@@ -150,22 +158,20 @@ async def _execute(registry: JobRegistry, job: Job, executor: Executor) -> None:
             # Ordinary errors never leave the job, even when they were raised while a
             # cancel unwound it: other jobs and the runner are not theirs to break.
             if job.cancel_requested:
-                registry.finish(
-                    job, TerminalSignal(Signal.CANCELLED), job.cancel_reason or "cancelled"
-                )
+                job.finish(TerminalSignal(Signal.CANCELLED), job.cancel_reason or "cancelled")
             else:
-                registry.finish(job, TerminalSignal(Signal.ERROR, _error_text(exc)))
+                job.finish(TerminalSignal(Signal.ERROR, _error_text(exc)))
             return
         # Cancelled from outside the job (its runner is stopping), KeyboardInterrupt and
         # friends: the job ends CANCELLED and the exception goes on.
-        registry.finish(job, TerminalSignal(Signal.CANCELLED), _interrupt_reason(exc))
+        job.finish(TerminalSignal(Signal.CANCELLED), _interrupt_reason(exc))
         raise
     if job.cancel_requested or outcome is None:
-        registry.finish(job, TerminalSignal(Signal.CANCELLED), job.cancel_reason or "cancelled")
+        job.finish(TerminalSignal(Signal.CANCELLED), job.cancel_reason or "cancelled")
     elif outcome.signal is Signal.DONE:
-        registry.finish(job, outcome, "completed")
+        job.finish(outcome, "completed")
     else:
-        registry.finish(job, outcome)
+        job.finish(outcome)
 
 
 def _interrupt_reason(exc: BaseException) -> str:
@@ -186,32 +192,22 @@ async def _run_started(
             slots.release()
 
 
-async def run_jobs(
+async def run_queue(
     registry: JobRegistry,
     executor: Executor,
     *,
     max_concurrent: int | None = None,
     task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
 ) -> None:
-    """Run the registry's queued jobs, now and later, until cancelled.
-
-    Each job runs in its own task, nursery and cancel scope; at most ``max_concurrent``
-    at once (None: no limit), highest priority first, FIFO within a priority. When this
-    task is cancelled, running jobs are cancelled (they end ``[CANCELLED]``) and waited
-    for; queued jobs stay queued. A registry with a ``store`` that is not persisted yet
-    is recovered from it before any job starts, and persisted while this runs.
-    """
+    """Run the registry's queued jobs, now and later, until cancelled (see ``run_jobs``,
+    which also persists a registry with a store)."""
     if max_concurrent is not None and max_concurrent < 1:
         raise ValueError("max_concurrent must be >= 1 or None")
     slots = trio.Semaphore(max_concurrent) if max_concurrent is not None else None
     async with trio.open_nursery() as nursery:
         if not registry._sweeping:
             registry._sweeping = True
-            nursery.start_soon(_sweep, registry)
-        if registry.store is not None and registry._persister is None:
-            from ._persist import run_persistence
-
-            await nursery.start(run_persistence, registry)
+            nursery.start_soon(sweep, registry)
         task_status.started()
         while True:
             if slots is not None:
@@ -222,34 +218,14 @@ async def run_jobs(
                 if slots is not None:
                     slots.release()
                 raise
-            registry.transition(job, JobState.RUNNING, "started")
+            job.begin_attempt()
             job.scope = trio.CancelScope()
             nursery.start_soon(_run_started, registry, job, executor, slots)
 
 
-async def _sweep(registry: JobRegistry) -> None:
+async def sweep(registry: JobRegistry) -> None:
+    """Run ``registry.sweep()`` (retention and queue deadlines), marked as running."""
     try:
         await registry.sweep()
     finally:
         registry._sweeping = False
-
-
-@asynccontextmanager
-async def open_job_runner(
-    registry: JobRegistry, executor: Executor, *, max_concurrent: int | None = None
-) -> AsyncIterator[JobRegistry]:
-    """Run the registry's queued jobs with ``executor`` while the block is open.
-
-    Leaving the block cancels the jobs still running and waits for them to end (each
-    stream gets ``[CANCELLED]``); jobs still queued stay queued.
-    """
-    async with trio.open_nursery() as nursery:
-        await nursery.start(
-            lambda task_status: run_jobs(
-                registry, executor, max_concurrent=max_concurrent, task_status=task_status
-            )
-        )
-        try:
-            yield registry
-        finally:
-            nursery.cancel_scope.cancel()

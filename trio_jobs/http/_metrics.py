@@ -13,8 +13,9 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, gene
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
+from .._job import Job
 from .._models import JobState, Transition
-from .._registry import Job, JobRegistry
+from .._registry import JobRegistry
 
 __all__ = ["CONTENT_TYPE", "ServerMetrics"]
 

@@ -21,9 +21,11 @@ from typing import Any
 import trio
 
 from .._exceptions import JobNotFound
+from .._job import Job
 from .._models import JobRecord, JobState, Transition
-from .._registry import Job, JobRegistry
-from .._runner import Executor, run_jobs
+from .._registry import JobRegistry
+from .._run import run_jobs
+from .._runner import Executor
 from ._errors import ApiError, logger
 from ._metrics import ServerMetrics
 

@@ -12,60 +12,16 @@ from collections.abc import Callable
 
 import trio
 
-from ._store import (
-    JOB_COLUMNS,
-    MUTABLE_COLUMNS,
-    N_JOB_COLUMNS,
-    ThreadedSQLStore,
-    WriteBatch,
-    event_chunks,
-    job_row,
-)
+from ._base import WriteBatch
+from ._migrations import SQLITE
+from ._rows import JOB_COLUMNS, N_JOB_COLUMNS, event_chunks, job_row, upsert_set
+from ._sql import ThreadedSQLStore
 
-__all__ = ["SQLiteStore", "MIGRATIONS"]
-
-MIGRATIONS: list[tuple[int, list[str]]] = [
-    (
-        1,
-        [
-            """CREATE TABLE jobs (
-                id TEXT PRIMARY KEY,
-                state TEXT NOT NULL,
-                error TEXT,
-                payload TEXT,
-                timeout REAL,
-                priority INTEGER NOT NULL,
-                retry TEXT,
-                tags TEXT,
-                metadata TEXT,
-                attempts INTEGER NOT NULL,
-                created_at REAL NOT NULL,
-                started_at REAL,
-                finished_at REAL,
-                next_attempt_at REAL,
-                expires_at REAL,
-                history TEXT NOT NULL
-            )""",
-            "CREATE INDEX jobs_unfinished ON jobs (finished_at, created_at)",
-            """CREATE TABLE events (
-                job_id TEXT NOT NULL,
-                first_id INTEGER NOT NULL,
-                last_id INTEGER NOT NULL,
-                events TEXT NOT NULL,
-                PRIMARY KEY (job_id, first_id)
-            ) WITHOUT ROWID""",
-        ],
-    ),
-]
-"""Schema versions, applied in order; each version's statements run in one transaction.
-
-A job's history is a JSON column of its row; its events are stored in chunks, one row per
-run of events written by one flush (``[[id, ts, actor, action, human, fields], ...]``).
-"""
+__all__ = ["SQLiteStore"]
 
 _UPSERT = (
     f"INSERT INTO jobs ({JOB_COLUMNS}) VALUES ({', '.join('?' * N_JOB_COLUMNS)}) "
-    "ON CONFLICT (id) DO UPDATE SET " + ", ".join(f"{c} = excluded.{c}" for c in MUTABLE_COLUMNS)
+    "ON CONFLICT (id) DO UPDATE SET " + upsert_set("excluded", "MAX")
 )
 _EVENTS = "INSERT OR REPLACE INTO events VALUES (?, ?, ?, ?)"
 _PRUNE = "DELETE FROM events WHERE job_id = ? AND last_id <= ?"
@@ -84,7 +40,7 @@ class SQLiteStore(ThreadedSQLStore[sqlite3.Connection]):
             for a worker thread, autojump sees every task blocked and jumps virtual time.
     """
 
-    migrations = MIGRATIONS
+    migrations = SQLITE
 
     def __init__(
         self, path: str | os.PathLike[str], *, synchronous: str = "NORMAL", threaded: bool = True
@@ -100,13 +56,20 @@ class SQLiteStore(ThreadedSQLStore[sqlite3.Connection]):
 
     def _connect(self) -> sqlite3.Connection:
         return sqlite3.connect(
-            self.path, timeout=30.0, isolation_level=None, check_same_thread=False
+            self.path, timeout=5.0, isolation_level=None, check_same_thread=False
         )
+
+    def row_error(self, exc: BaseException) -> bool:
+        # OperationalError is the database's (locked, disk full, read-only, I/O);
+        # IntegrityError, DataError and InterfaceError (a value it cannot bind) are a row's.
+        if isinstance(exc, (sqlite3.IntegrityError, sqlite3.DataError, sqlite3.InterfaceError)):
+            return True
+        return super().row_error(exc)
 
     def _prepare(self, conn: sqlite3.Connection) -> None:
         conn.execute("PRAGMA journal_mode = WAL")
         conn.execute(f"PRAGMA synchronous = {self.synchronous}")
-        conn.execute("PRAGMA busy_timeout = 30000")
+        conn.execute("PRAGMA busy_timeout = 5000")
         _transaction(conn, self._migrate, "BEGIN IMMEDIATE")
 
     async def write(self, batch: WriteBatch) -> None:

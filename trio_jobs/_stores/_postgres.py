@@ -13,73 +13,28 @@ from typing import TYPE_CHECKING, Any
 
 import trio
 
-from ._models import NarrationEvent
-from ._store import (
+from .._models import NarrationEvent
+from ._base import StoredJob, WriteBatch
+from ._migrations import POSTGRES
+from ._rows import (
     JOB_COLUMNS,
-    MUTABLE_COLUMNS,
     N_JOB_COLUMNS,
-    StoredJob,
-    ThreadedSQLStore,
-    WriteBatch,
     event_chunks,
     events_from_chunks,
     job_row,
     stored_job_from_row,
+    upsert_set,
 )
+from ._sql import ThreadedSQLStore
 
 if TYPE_CHECKING:
     import psycopg
 
-__all__ = ["PostgresStore", "PG_MIGRATIONS"]
-
-PG_MIGRATIONS: list[tuple[int, list[str]]] = [
-    (
-        1,
-        [
-            """CREATE TABLE jobs (
-                id TEXT PRIMARY KEY,
-                state TEXT NOT NULL,
-                error TEXT,
-                payload TEXT,
-                timeout DOUBLE PRECISION,
-                priority INTEGER NOT NULL,
-                retry TEXT,
-                tags TEXT,
-                metadata TEXT,
-                attempts INTEGER NOT NULL,
-                created_at DOUBLE PRECISION NOT NULL,
-                started_at DOUBLE PRECISION,
-                finished_at DOUBLE PRECISION,
-                next_attempt_at DOUBLE PRECISION,
-                expires_at DOUBLE PRECISION,
-                history TEXT NOT NULL,
-                owner TEXT,
-                lease_until DOUBLE PRECISION,
-                cancel_requested BOOLEAN NOT NULL DEFAULT FALSE
-            )""",
-            "CREATE INDEX jobs_unfinished ON jobs (finished_at, created_at)",
-            "CREATE INDEX jobs_claimable ON jobs (priority DESC, created_at) "
-            "WHERE state = 'queued'",
-            "CREATE INDEX jobs_owned ON jobs (owner) WHERE owner IS NOT NULL "
-            "AND state IN ('queued', 'running', 'retrying')",
-            """CREATE TABLE events (
-                job_id TEXT NOT NULL,
-                first_id INTEGER NOT NULL,
-                last_id INTEGER NOT NULL,
-                events TEXT NOT NULL,
-                PRIMARY KEY (job_id, first_id)
-            )""",
-        ],
-    ),
-]
-"""Schema versions, applied in order under an advisory lock (queens may start together).
-
-As in SQLite: a job's history is a JSON column, its events are stored in chunks.
-"""
+__all__ = ["PostgresStore"]
 
 _UPSERT = (
     f"INSERT INTO jobs ({JOB_COLUMNS}) VALUES ({', '.join(['%s'] * N_JOB_COLUMNS)}) "
-    "ON CONFLICT (id) DO UPDATE SET " + ", ".join(f"{c} = EXCLUDED.{c}" for c in MUTABLE_COLUMNS)
+    "ON CONFLICT (id) DO UPDATE SET " + upsert_set("EXCLUDED", "GREATEST")
 )
 _UPSERT_OWNED = _UPSERT + " WHERE jobs.owner IS NULL OR jobs.owner = %s"
 # Big batches go through COPY into session-local staging tables, then one INSERT ... SELECT:
@@ -92,7 +47,7 @@ _STAGING = (
 )
 _MERGE_JOBS = (
     f"INSERT INTO jobs ({JOB_COLUMNS}) SELECT {JOB_COLUMNS} FROM jobs_in "
-    "ON CONFLICT (id) DO UPDATE SET " + ", ".join(f"{c} = EXCLUDED.{c}" for c in MUTABLE_COLUMNS)
+    "ON CONFLICT (id) DO UPDATE SET " + upsert_set("EXCLUDED", "GREATEST")
 )
 _MERGE_JOBS_OWNED = _MERGE_JOBS + " WHERE jobs.owner IS NULL OR jobs.owner = %s"
 _MERGE_EVENTS = (
@@ -126,7 +81,7 @@ class PostgresStore(ThreadedSQLStore["psycopg.Connection[Any]"]):
 
     param = "%s"
     float_type = "DOUBLE PRECISION"
-    migrations = PG_MIGRATIONS
+    migrations = POSTGRES
     job_columns = f"{JOB_COLUMNS}, owner, cancel_requested"
 
     def __init__(
@@ -165,6 +120,13 @@ class PostgresStore(ThreadedSQLStore["psycopg.Connection[Any]"]):
 
     def _stored(self, row: Sequence[Any]) -> StoredJob:
         return _stored(row)
+
+    def row_error(self, exc: BaseException) -> bool:
+        import psycopg
+
+        if isinstance(exc, (psycopg.DataError, psycopg.IntegrityError)):
+            return True
+        return super().row_error(exc)
 
     async def write(self, batch: WriteBatch) -> None:
         if not batch:
@@ -209,22 +171,31 @@ class PostgresStore(ThreadedSQLStore["psycopg.Connection[Any]"]):
         return self.node
 
     async def claim(self, limit: int, lease: float) -> list[StoredJob]:
-        """Take up to ``limit`` queued jobs nobody holds (highest priority, oldest first;
-        not past their queue deadline) for this node, leased for ``lease`` seconds.
-        ``FOR UPDATE SKIP LOCKED`` makes two nodes claiming at once take different jobs,
-        so each job runs once."""
+        """Take up to ``limit`` queued jobs nobody live holds (highest priority, oldest
+        first; not past their queue deadline) for this node, leased for ``lease``
+        seconds, and start their next attempt in the same statement: the rows come back
+        RUNNING with the attempt counted and in their history. A node that dies right
+        after claiming therefore leaves a RUNNING job, which a take-over fails (or
+        retries, attempts permitting) instead of running it again unseen.
+        ``FOR UPDATE SKIP LOCKED`` makes two nodes claiming at once take different jobs."""
         node = self._node()
 
         def claim(conn: psycopg.Connection[Any]) -> list[StoredJob]:
             now = time.time()
             rows = conn.execute(
-                f"UPDATE jobs SET owner = %s, lease_until = %s WHERE id IN ("
+                "UPDATE jobs SET owner = %s, lease_until = %s, state = 'running', "
+                "attempts = attempts + 1, next_attempt_at = NULL, "
+                "started_at = COALESCE(started_at, %s), "
+                "history = (history::jsonb || jsonb_build_array(jsonb_build_array("
+                "'running', %s::float8, CASE WHEN attempts = 0 THEN 'started on ' || %s "
+                "ELSE 'attempt ' || (attempts + 1) || ' on ' || %s END)))::text "
+                "WHERE id IN ("
                 "SELECT id FROM jobs WHERE state = 'queued' AND NOT cancel_requested "
                 "AND (owner IS NULL OR owner = %s OR lease_until < %s) "
                 "AND (expires_at IS NULL OR expires_at > %s) "
                 "ORDER BY priority DESC, created_at LIMIT %s FOR UPDATE SKIP LOCKED) "
                 f"RETURNING {JOB_COLUMNS}, owner, cancel_requested",
-                (node, now + lease, node, now, now, limit),
+                (node, now + lease, now, now, node, node, node, now, now, limit),
             ).fetchall()
             rows.sort(key=lambda r: (-r[5], r[10]))
             return [_stored(r) for r in rows]
@@ -250,17 +221,20 @@ class PostgresStore(ThreadedSQLStore["psycopg.Connection[Any]"]):
 
         return await self._run(take)
 
-    async def heartbeat(self, lease: float) -> None:
-        """Extend the leases of this node's unfinished jobs by ``lease`` seconds."""
+    async def heartbeat(self, lease: float) -> set[str]:
+        """Extend the leases of this node's unfinished jobs by ``lease`` seconds; the ids
+        of those jobs (a job missing from them was taken over by another node)."""
         node = self._node()
 
-        def beat(conn: psycopg.Connection[Any]) -> None:
-            conn.execute(
-                f"UPDATE jobs SET lease_until = %s WHERE owner = %s AND state IN {_ACTIVE}",
+        def beat(conn: psycopg.Connection[Any]) -> set[str]:
+            rows = conn.execute(
+                f"UPDATE jobs SET lease_until = %s WHERE owner = %s AND state IN {_ACTIVE} "
+                "RETURNING id",
                 (time.time() + lease, node),
-            )
+            ).fetchall()
+            return {r[0] for r in rows}
 
-        await self._run(beat)
+        return await self._run(beat)
 
     async def cancel_requests(self) -> list[str]:
         """Ids of this node's unfinished jobs that some node asked to cancel."""

@@ -1,0 +1,317 @@
+"""Shared mode: several nodes (queens) run the jobs of one store's table.
+
+:class:`SharedRunner` claims jobs through the :class:`~trio_jobs._stores._base.SharedStore`
+operations, follows the jobs of this registry that run elsewhere, takes over the jobs of
+nodes that died, and forwards cancels. Its promises:
+
+- A claim starts the job's attempt in the store in the same statement, so a job without
+  retries runs at most once even when its node dies right after claiming, and a job with
+  retries runs at most ``max_attempts`` times across all nodes.
+- A node takes over another's jobs only when that node's lease ran out while this node
+  was itself in touch with the store for a whole lease: after an outage of the store every
+  node first renews its own leases, so no live node's jobs are failed ``interrupted``.
+- A node whose job was taken over (its lease lapsed) stops it and writes nothing more of
+  it: the store never lets a node overwrite a row another node owns.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import trio
+
+from .._job import Job
+from .._models import JobState, NarrationEvent, Transition
+from .._registry import JobRegistry
+from .._runner import Executor, execute
+from .._signals import Signal, TerminalSignal
+from .._stores._base import SharedStore, StoredJob
+from ._writer import Persister
+
+__all__ = ["SharedRunner"]
+
+logger = logging.getLogger("trio_jobs.persist")
+
+
+class SharedRunner:
+    """Runs a registry's share of the jobs in a table shared by several nodes.
+
+    Made by :func:`run_shared_jobs`. Every ``poll_interval`` it:
+
+    - claims queued jobs (``FOR UPDATE SKIP LOCKED``) up to its free capacity and runs
+      them here, loading those submitted to other nodes into this registry;
+    - takes over jobs whose owner's lease ran out (the owner died): they are re-queued or
+      end ``FAILED("interrupted")`` as in restart recovery;
+    - follows jobs of this registry that another node runs (their state and events are
+      copied here, so ``get``/``subscribe`` work on any node) and forwards their cancels:
+      a job this node does not run is never ended here by a cancel, it is asked of the
+      store, and the job ends CANCELLED here only if it was still unclaimed (this node
+      then takes it and writes its end); else its owner decides and this node follows;
+    - cancels its own jobs that another node asked to cancel;
+    - renews the leases of its jobs (every third of ``lease``), and stops those it no
+      longer owns.
+    """
+
+    def __init__(
+        self,
+        registry: JobRegistry,
+        store: SharedStore,
+        persister: Persister,
+        executor: Executor,
+        *,
+        max_concurrent: int | None,
+        poll_interval: float,
+        lease: float,
+        claim: bool = True,
+    ) -> None:
+        self.registry = registry
+        self.claim = claim
+        self.store = store
+        self.persister = persister
+        self.executor = executor
+        self.max_concurrent = max_concurrent
+        self.poll_interval = poll_interval
+        self.lease = lease
+        self.here: set[str] = set()
+        """Jobs this node claimed and runs (or ran)."""
+        self.running_here = 0
+        self.taken_from_here = 0
+        """Jobs this node stopped because another node took them over."""
+        self._cancel_queue: list[str] = []
+        """Cancels asked here of jobs that may be held elsewhere, not yet sent."""
+        self._cancelling: set[str] = set()
+        """Sent cancels whose jobs have not ended here yet."""
+        self._next_beat = 0.0
+        self._in_touch_since: float | None = None
+        """Trio time since which every round reached the store (None: the last failed)."""
+        self._wake = trio.Event()
+        registry.add_observer(self._observe)
+
+    def _observe(self, job: Job, transition: Transition) -> None:
+        if transition.state is JobState.QUEUED and job.id not in self.here:
+            self._wake.set()  # a new job: claim it without waiting for the next poll
+
+    def cancel_elsewhere(self, job: Job) -> bool:
+        """The registry's cancel hook: True (the cancel is forwarded, not decided here)
+        for a job this node does not run and another node may hold: one whose row is
+        stored. A job no other node can have seen yet is cancelled here as usual."""
+        if job.id in self.here or not self.persister.stored(job.id):
+            return False
+        self._cancel_queue.append(job.id)
+        self._wake.set()
+        return True
+
+    def _followed(self) -> dict[str, int]:
+        """Jobs in this registry that may run elsewhere, with their last local event id."""
+        out: dict[str, int] = {}
+        for job in self.registry.queued():
+            if job.id not in self.here:
+                out[job.id] = job.log.next_id - 1
+        for job_id in self.persister.foreign:
+            mirror = self.registry.job(job_id)
+            if mirror is not None and not mirror.state.is_terminal:
+                out[job_id] = mirror.log.next_id - 1
+        return out
+
+    async def _load(self, stored: StoredJob) -> Job:
+        """The registry's job for a row this node just took (claimed, taken over or taken
+        to cancel), restored when it is not here; the row's state is the job's."""
+        registry = self.registry
+        rec = stored.record
+        job = registry.job(rec.id)
+        if job is None:
+            events = await self.store_events(rec.id, limit=registry.event_log_size)
+            job = registry.job(rec.id)
+            if job is None:
+                job = registry.restore(stored, events)
+                self.persister.adopt(job, stored, events[-1].id if events else 0)
+                return job
+        if job.id in self.persister.foreign:
+            self._copy_events(job, await self.store_events(job.id, after=job.log.next_id - 1))
+            job.skip_lost(stored.reserved_id)
+        if rec.state is JobState.RUNNING and job.state is JobState.QUEUED:
+            job.claimed(rec.attempts, rec.started_at, stored.history)
+        elif job.id in self.persister.foreign:
+            job.follow(rec, stored.history)
+        self.persister.adopt(job, stored, job.log.next_id - 1)
+        return job
+
+    async def store_events(
+        self, job_id: str, *, after: int = 0, limit: int | None = None
+    ) -> list[NarrationEvent]:
+        events: list[NarrationEvent] = await self.persister.store.load_events(
+            job_id, after=after, limit=limit
+        )
+        return events
+
+    @staticmethod
+    def _copy_events(job: Job, events: list[NarrationEvent]) -> None:
+        log = job.log
+        for event in events:
+            if event.id >= log.next_id and log.terminal is None:
+                if event.id > log.next_id:
+                    log.skip_to(event.id)
+                log.append(event.action, event.human, event.fields, event.ts, event.actor)
+
+    async def follow(self, job_id: str) -> bool:
+        """Make a job created on another node known here (``get``, ``subscribe`` and
+        ``cancel_job`` then work on it); False if the store has no such job."""
+        registry = self.registry
+        if job_id in registry:
+            await trio.lowlevel.checkpoint()
+            return True
+        store = self.persister.store
+        stored = await store.load_job(job_id)
+        if stored is None:
+            return False
+        events = await store.load_events(job_id, limit=registry.event_log_size)
+        if job_id in registry:  # loaded meanwhile
+            return True
+        job = registry.restore(stored, events, taken=False)
+        if stored.record.state.is_terminal:
+            registry.keep_finished(job)
+            return True
+        self.persister.disown(job_id)
+        self._wake.set()
+        return True
+
+    async def _start(self, nursery: trio.Nursery, stored: StoredJob) -> None:
+        job_id = stored.record.id
+        if job_id in self.here:
+            return
+        job = await self._load(stored)
+        if job.state is not JobState.RUNNING:
+            return
+        self.here.add(job_id)
+        if job.cancel_requested:  # cancelled here before the claim: it ends at once
+            self._cancelling.discard(job_id)
+            job.finish(TerminalSignal(Signal.CANCELLED), job.cancel_reason or "cancelled")
+            return
+        self.running_here += 1
+        nursery.start_soon(self._run_one, job)
+
+    async def _run_one(self, job: Job) -> None:
+        try:
+            await execute(self.registry, job, self.executor)
+        finally:
+            self.running_here -= 1
+            self._wake.set()
+
+    async def _take_over(self, stored: StoredJob) -> None:
+        job = await self._load(stored)
+        if job.state in (JobState.RUNNING, JobState.RETRYING) and job.id not in self.here:
+            job.interrupt()
+            self.registry.requeue(job)  # re-queued, unless it ended
+
+    def _lost(self, owned: set[str]) -> None:
+        """Stop the jobs running here that the store says another node owns now."""
+        registry = self.registry
+        for job_id in list(self.here):
+            job = registry.job(job_id)
+            if job is None or job.state.is_terminal:
+                self.here.discard(job_id)
+                continue
+            if job_id in owned:
+                continue
+            logger.warning("job %s was taken over by another node; stopping it here", job_id)
+            self.here.discard(job_id)
+            self.taken_from_here += 1
+            self.persister.disown(job_id)
+            job.request_cancel("taken over by another node")
+            if job.scope is not None:
+                job.scope.cancel()
+
+    def _prune_queue(self) -> None:
+        """Nobody pops this registry's local queue in shared mode: drop what left it."""
+        self.registry.prune_queue(lambda job: job.id not in self.here)
+
+    async def run(self, nursery: trio.Nursery) -> None:
+        """Poll forever; store errors are logged and retried with backoff (up to the
+        lease time), so an outage of the store pauses the node instead of ending it."""
+        failing = 0
+        health = self.persister.health
+        while True:
+            self._wake = trio.Event()
+            try:
+                await self._round(nursery)
+            except Exception as exc:
+                failing = min(failing + 1, 16)
+                self._in_touch_since = None
+                health.failed(exc)
+                logger.debug("shared job round on %r failed; retrying", self.store, exc_info=True)
+                await trio.sleep(min(self.lease / 3, self.poll_interval * 2**failing))
+                continue
+            failing = 0
+            health.succeeded()
+            if self._in_touch_since is None:
+                self._in_touch_since = trio.current_time()
+            with trio.move_on_after(self.poll_interval):
+                await self._wake.wait()
+
+    async def _cancels(self) -> None:
+        """Send the cancels asked here, and end those of jobs nobody claimed: this node
+        takes them (so no other node can) and writes their end."""
+        registry = self.registry
+        if self._cancel_queue:
+            asked = self._cancel_queue
+            await self.persister.flush()  # the rows must be there to carry the request
+            await self.store.request_cancel(asked)
+            self._cancel_queue = []
+            self._cancelling.update(asked)
+        for job_id in list(self._cancelling):
+            job = registry.job(job_id)
+            if job is None or job.state.is_terminal:
+                self._cancelling.discard(job_id)
+        if not self._cancelling:
+            return
+        for stored in await self.store.take_cancelled(list(self._cancelling), self.lease):
+            job = registry.job(stored.record.id)
+            if job is None:
+                continue
+            self.persister.adopt(job, stored, job.log.next_id - 1)
+            self._cancelling.discard(job.id)
+            if job.state.is_terminal:
+                self.persister.observe(job, job.history[-1])
+            else:
+                job.finish(TerminalSignal(Signal.CANCELLED), job.cancel_reason or "cancelled")
+
+    async def _round(self, nursery: trio.Nursery) -> None:
+        store = self.store
+        now = trio.current_time()
+        if now >= self._next_beat:
+            self._lost(await store.heartbeat(self.lease))
+            self._next_beat = now + self.lease / 3
+        await self._cancels()
+        free = 64 if self.max_concurrent is None else self.max_concurrent - self.running_here
+        if free > 0 and self.claim:
+            if self.persister.pending:
+                await self.persister.flush()  # new jobs are claimable once written
+            for stored in await store.claim(free, self.lease):
+                await self._start(nursery, stored)
+        in_touch = self._in_touch_since
+        if self.claim and in_touch is not None and now - in_touch >= self.lease:
+            for stored in await store.take_over(16, self.lease):
+                await self._take_over(stored)
+        for job_id in await store.cancel_requests():
+            if job_id in self.here:
+                self.registry.cancel_job(job_id, "cancelled through another node")
+        followed = self._followed()
+        if followed:
+            for stored, events in await store.poll(followed):
+                job = self.registry.job(stored.record.id)
+                if job is None:
+                    continue
+                if job.id not in self.persister.foreign:
+                    self.persister.disown(job.id)
+                await trio.lowlevel.checkpoint()
+                self._copy_events(job, events)
+                job.follow(stored.record, stored.history)
+        self._prune_queue()
+
+
+def shared_store(store: Any) -> SharedStore:
+    """``store`` as a :class:`SharedStore` (a store with a ``node``), or ValueError."""
+    if not isinstance(store, SharedStore) or getattr(store, "node", None) is None:
+        raise ValueError("run_shared_jobs needs a registry with PostgresStore(node=...)")
+    return store

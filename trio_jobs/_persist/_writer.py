@@ -1,0 +1,475 @@
+"""Persister: writes a registry's changes to its store, in group commits.
+
+The registry stays in memory and never waits for the database, except where waiting is
+the promise:
+
+- a durable submission (:meth:`Persister.acknowledge`) returns once the job's row is
+  committed; submissions that arrive together share one commit;
+- an attempt starts (:meth:`Persister.before_attempt`) once its RUNNING state is stored,
+  so a crash cannot make a job run more often than its retry policy allows;
+- readers of a job's log see event ids only once the store has *reserved* them (the
+  job's row records the highest id that may have been handed out, a little ahead of
+  need), and the terminal signal only once the job's end is stored. After a crash, new
+  ids continue past the reservation, so no id is ever reused with other content.
+
+A flush writes everything that changed since the last one as one batch; it runs at once
+when someone waits for it (or a reader waits for an id or a signal), else ``interval``
+after the first change. A batch the store refuses because of one row is written job by
+job: the bad job is isolated (logged, counted, retried alone), every other job is written.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+
+import trio
+
+from .._channel import JobLog
+from .._exceptions import StoreUnavailable
+from .._job import Job
+from .._json import dumps
+from .._models import JobState, NarrationEvent, Transition
+from .._registry import JobRegistry
+from .._stores._base import JobStore, JobWrite, StoredJob, WriteBatch
+
+__all__ = ["Persister", "StoreHealth"]
+
+logger = logging.getLogger("trio_jobs.persist")
+
+_OPEN = 1 << 62
+
+
+class _Cursor:
+    """What of one job is already in the store."""
+
+    __slots__ = ("events", "inserted", "reserved", "transitions")
+
+    def __init__(
+        self, transitions: int = 0, events: int = 0, inserted: bool = False, reserved: int = 0
+    ) -> None:
+        self.transitions = transitions
+        self.events = events
+        self.inserted = inserted
+        self.reserved = reserved
+
+    def copy(self) -> _Cursor:
+        return _Cursor(self.transitions, self.events, self.inserted, self.reserved)
+
+
+@dataclass
+class StoreHealth:
+    """Whether the store answered the last time it was used (for ``/health``)."""
+
+    ok: bool = True
+    error: str | None = None
+    since: float = field(default_factory=time.time)
+    """Epoch time of the last change between ok and not ok."""
+    last_ok: float = field(default_factory=trio.current_time)
+    """Trio time of the last successful use."""
+
+    def succeeded(self) -> None:
+        if not self.ok:
+            logger.warning("the job store is reachable again")
+            self.ok, self.error, self.since = True, None, time.time()
+        self.last_ok = trio.current_time()
+
+    def failed(self, exc: BaseException) -> None:
+        text = f"{type(exc).__name__}: {exc}".strip()[:500]
+        if self.ok:
+            logger.error("the job store is unreachable: %s", text)
+            self.ok, self.since = False, time.time()
+        self.error = text
+
+    def to_dict(self) -> dict[str, object]:
+        return {"ok": self.ok, "error": self.error, "since": self.since}
+
+
+class _Round:
+    """One flush, as seen by those waiting for it."""
+
+    __slots__ = ("done", "error")
+
+    def __init__(self) -> None:
+        self.done = trio.Event()
+        self.error: BaseException | None = None
+
+
+@dataclass
+class _Part:
+    """What one flush writes of one job."""
+
+    job: Job
+    cursor: _Cursor
+    batch: WriteBatch
+
+
+class Persister:
+    """Writes a registry's changes to a store (see the module docstring).
+
+    Args:
+        registry: the registry to observe.
+        store: an open store.
+        interval: seconds a change may wait for its flush when nobody waits for it.
+        max_batch: flush early once this many jobs changed.
+        headroom: event ids reserved ahead of need, at least (it grows with the rate).
+        ack_timeout: seconds a durable submission waits for its commit.
+    """
+
+    def __init__(
+        self,
+        registry: JobRegistry,
+        store: JobStore,
+        *,
+        interval: float = 0.02,
+        max_batch: int = 2000,
+        headroom: int = 256,
+        ack_timeout: float = 5.0,
+    ) -> None:
+        if not interval > 0:
+            raise ValueError("interval must be > 0")
+        if headroom < 0:
+            raise ValueError("headroom must be >= 0")
+        self.registry = registry
+        self.store = store
+        self.interval = interval
+        self.max_batch = max_batch
+        self.headroom = headroom
+        self.ack_timeout = ack_timeout
+        self.health = StoreHealth()
+        self._dirty: dict[str, Job] = {}
+        self._urgent = False
+        self._live: dict[str, Job] = {}
+        """Jobs of this node that ran and whose log may still gain events."""
+        self._cursors: dict[str, _Cursor] = {}
+        self._writing: dict[str, Job] = {}
+        self._lock = trio.Lock()
+        self._round = _Round()
+        """The next flush."""
+        self._inflight = _Round()
+        """The flush being written (done when none is)."""
+        self._inflight.done.set()
+        self._wake = trio.lowlevel.ParkingLot()
+        self.foreign: set[str] = set()
+        """Ids of jobs another node owns: followed here, never written from here."""
+        self.poisoned: dict[str, str] = {}
+        """Jobs the store refused to take (id -> error), written alone each flush."""
+        self.flushes = 0
+        """Batches written."""
+        self.rounds = 0
+        """Flushes attempted, written or not (an idle registry adds none)."""
+        self.failures = 0
+        """Flushes that failed because the store did."""
+        self.rejected_rows = 0
+        """Job writes the store refused (each isolated from the rest of its batch)."""
+
+    # ---- called synchronously by the registry and the logs -------------------------------
+
+    def _mark(self, job: Job, urgent: bool) -> None:
+        dirty = self._dirty
+        dirty[job.id] = job
+        if urgent:
+            self._urgent = True
+        if self._wake and (urgent or len(dirty) == 1 or len(dirty) >= self.max_batch):
+            self._wake.unpark_all()
+
+    def observe(self, job: Job, transition: Transition) -> None:
+        """Registry observer: mark the job changed (and watched while it can narrate)."""
+        if self.foreign and job.id in self.foreign:
+            return
+        if job.id not in self._cursors and job.id not in self._dirty:
+            job.log.gate(0, hold=True)  # a new job: nothing is reserved yet
+            job.log.on_dirty = self._log_changed
+        if transition.state is JobState.RUNNING:
+            self._live[job.id] = job
+        self._mark(job, transition.state.is_terminal or transition.state is JobState.RUNNING)
+
+    def _log_changed(self, log: JobLog) -> None:
+        """A log's ``on_dirty`` hook: its first event since the job was last collected."""
+        if self.foreign and log.job_id in self.foreign:
+            return
+        job = self.registry.job(log.job_id)
+        if job is not None and job.log is log:
+            self._mark(job, log.next_id - 1 > log.limit or log.terminal is not None)
+
+    def disown(self, job_id: str) -> None:
+        """Stop writing a job: another node owns it now (its log is the store's)."""
+        self.foreign.add(job_id)
+        self._dirty.pop(job_id, None)
+        self._live.pop(job_id, None)
+        self._cursors.pop(job_id, None)
+        job = self.registry.job(job_id)
+        if job is not None:
+            job.log.gate(_OPEN, hold=False)
+
+    def adopt(self, job: Job, stored: StoredJob, last_event_id: int) -> None:
+        """Record that a job's row, history and events up to ``last_event_id`` are in
+        the store as ``stored`` says; readers may see what the store reserved."""
+        self.foreign.discard(job.id)
+        reserved = max(stored.reserved_id, last_event_id)
+        self._cursors[job.id] = _Cursor(len(stored.history), last_event_id, True, reserved)
+        log = job.log
+        if log.terminal is None:
+            log.gate(reserved, hold=True)
+            log.on_dirty = self._log_changed
+            if log.next_id - 1 > reserved:
+                self._mark(job, True)
+        elif stored.record.state.is_terminal:
+            log.gate(_OPEN, hold=False)
+
+    def stored(self, job_id: str) -> bool:
+        """True when the job's row is in the store, or being written, or another node's:
+        only a job for which this is False is known to this node alone."""
+        if job_id in self.foreign or job_id in self._writing:
+            return True
+        cursor = self._cursors.get(job_id)
+        return cursor is not None and cursor.inserted
+
+    def unstored(self, job: Job) -> bool:
+        """True while some change of the job is not committed yet."""
+        return job.id in self._dirty or job.id in self._writing
+
+    # ---- waiting for commits ------------------------------------------------------------
+
+    async def acknowledge(self, job: Job) -> None:
+        """Wait until the new job's row is committed (its group commit).
+
+        Raises:
+            StoreUnavailable: the store is known to be down, refused the job, or did not
+                commit within ``ack_timeout``.
+        """
+        if not self.health.ok:
+            await trio.lowlevel.checkpoint()
+            raise StoreUnavailable(f"the job store is unavailable: {self.health.error}")
+        with trio.move_on_after(self.ack_timeout):
+            error = await self._commit(job)
+            if error is None:
+                return
+            raise StoreUnavailable(f"the job store did not take the job: {error}") from error
+        raise StoreUnavailable(f"the job store did not commit within {self.ack_timeout:g}s")
+
+    async def before_attempt(self, job: Job) -> None:
+        """Wait until the job's current state (its new attempt) is committed, however
+        long the store takes to come back; a cancel of the job ends the wait."""
+        while self.unstored(job) and job.id not in self.foreign:
+            if await self._commit(job) is None:
+                return
+        await trio.lowlevel.checkpoint()
+
+    async def _commit(self, job: Job) -> BaseException | None:
+        """Wait for the flush that will include the job's changes; its error, if any."""
+        if job.id in self._writing and job.id not in self._dirty:
+            current = self._inflight
+            await current.done.wait()  # the flush in flight holds the job
+            if current.error is None or not self.unstored(job):
+                return current.error
+        waiting = self._round
+        self._urgent = True
+        self._wake.unpark_all()
+        await waiting.done.wait()
+        if waiting.error is None and job.id in self.poisoned:
+            return ValueError(self.poisoned[job.id])
+        return waiting.error
+
+    # ---- batching ---------------------------------------------------------------------------
+
+    def _part(self, job: Job, old: _Cursor | None, now_trio: float, now: float) -> _Part:
+        """What the store lacks of one job, as a batch of its own."""
+        cursor = old.copy() if old is not None else _Cursor()
+        batch = WriteBatch()
+        log = job.log
+        last = log.next_id - 1
+        reserved = cursor.reserved
+        if (
+            log.terminal is None
+            and (last or job.state is JobState.RUNNING)
+            and (last > reserved - self.headroom // 2)
+        ):
+            gained = max(0, last - cursor.events)
+            reserved = last + max(self.headroom, 2 * gained)
+        history = job.history
+        if len(history) > cursor.transitions or not cursor.inserted or reserved > cursor.reserved:
+            expires = job.expires_at
+            first = not cursor.inserted
+            batch.jobs.append(
+                JobWrite(
+                    job.record(),
+                    tuple(history),
+                    None if expires is None else now + (expires - now_trio),
+                    dumps(job.payload) if first else None,
+                    dumps(job.metadata) if first else None,
+                    first=first,
+                    reserved_id=reserved,
+                )
+            )
+            cursor.inserted = True
+            cursor.transitions = len(history)
+            cursor.reserved = reserved
+        if last > cursor.events:
+            events = batch.events
+            for event_id in range(max(cursor.events + 1, log.first_id), last + 1):
+                event = log.get(event_id)
+                if isinstance(event, NarrationEvent):  # not a gap of a restored log
+                    events.append(event)
+            cap = self.registry.event_log_size
+            if last > cap:
+                batch.prune.append((job.id, last - cap))
+            cursor.events = last
+        return _Part(job, cursor, batch)
+
+    def _collect(self) -> list[_Part]:
+        """Snapshot everything changed since the last flush (synchronously), and re-arm
+        the changed jobs' logs so their next event marks them again."""
+        dirty, self._dirty = self._dirty, {}
+        self._urgent = False
+        now_trio = trio.current_time()
+        now = time.time()
+        cursors = self._cursors
+        hook = self._log_changed
+        parts = []
+        for job_id, job in dirty.items():
+            if job_id in self.foreign:
+                continue
+            if job.log.terminal is None:
+                job.log.on_dirty = hook
+            parts.append(self._part(job, cursors.get(job_id), now_trio, now))
+        return parts
+
+    def _committed(self, part: _Part) -> None:
+        job, cursor = part.job, part.cursor
+        log = job.log
+        self.poisoned.pop(job.id, None)
+        if job.state.is_terminal and log.terminal is not None and cursor.events >= log.next_id - 1:
+            self._cursors.pop(job.id, None)
+            self._live.pop(job.id, None)
+            log.gate(_OPEN, hold=False)
+            return
+        self._cursors[job.id] = cursor
+        if job.state is JobState.QUEUED:
+            self._live.pop(job.id, None)
+        log.gate(cursor.reserved, hold=True)
+
+    @property
+    def pending(self) -> bool:
+        """True while something changed that is not stored yet."""
+        return bool(self._dirty or self._writing)
+
+    async def flush(self) -> None:
+        """Write what changed since the last flush; on failure keep it for the next.
+        Flushes run one at a time, in the order they are called."""
+        async with self._lock:
+            await self._flush()
+
+    async def _flush(self) -> None:
+        self.rounds += 1
+        done, self._round = self._round, _Round()
+        self._inflight = done
+        parts = self._collect()
+        batch = WriteBatch()
+        alone = []
+        for part in parts:
+            if part.job.id in self.poisoned:
+                alone.append(part)
+            else:
+                batch.extend(part.batch)
+        self._writing = {part.job.id: part.job for part in parts}
+        try:
+            if batch:
+                try:
+                    await self.store.write(batch)
+                except Exception as exc:
+                    if not self.store.row_error(exc):
+                        raise
+                    logger.warning("a batch was refused (%s); writing it job by job", exc)
+                    alone = parts
+            for part in alone:
+                await self._write_alone(part)
+        except BaseException as exc:
+            for part in parts:
+                self._dirty.setdefault(part.job.id, part.job)
+            if isinstance(exc, Exception):
+                self.health.failed(exc)
+            done.error = exc
+            raise
+        finally:
+            self._writing = {}
+            done.done.set()
+        self.health.succeeded()
+        for part in parts:
+            if part.job.id not in self.poisoned:
+                self._committed(part)
+        if batch or alone:
+            self.flushes += 1
+
+    async def _write_alone(self, part: _Part) -> None:
+        if not part.batch:
+            return
+        try:
+            await self.store.write(part.batch)
+        except Exception as exc:
+            if not self.store.row_error(exc):
+                raise
+            job_id = part.job.id
+            if job_id not in self.poisoned:
+                logger.error(
+                    "the store refused job %s; its writes are retried alone: %s", job_id, exc
+                )
+            self.rejected_rows += 1
+            self.poisoned[job_id] = f"{type(exc).__name__}: {exc}"
+            self._dirty.setdefault(job_id, part.job)
+
+    async def run(self, probe_interval: float = 1.0) -> None:
+        """Flush forever: at once when someone waits, else ``interval`` after a change;
+        asleep while nothing changed, but for a probe of the store every
+        ``probe_interval`` (so ``/health`` sees an outage). A failing store is retried
+        with exponential backoff (up to 5 s); nothing is dropped meanwhile."""
+        failing = 0
+        while True:
+            if not self._dirty:
+                with trio.move_on_after(probe_interval):
+                    await self._wake.park()
+                if not self._dirty:
+                    if trio.current_time() - self.health.last_ok >= probe_interval:
+                        await self._probe()
+                    continue
+            if failing:
+                await trio.sleep(min(5.0, self.interval * 2**failing))
+            elif not self._urgent and not self.poisoned:
+                with trio.move_on_after(self.interval):
+                    while not self._urgent and len(self._dirty) < self.max_batch:
+                        await self._wake.park()
+            try:
+                await self.flush()
+            except Exception:
+                self.failures += 1
+                failing = min(failing + 1, 16)
+                logger.debug("writing jobs to %r failed; retrying", self.store, exc_info=True)
+            else:
+                failing = 0 if not self.poisoned else failing
+                if self.poisoned:
+                    await trio.sleep(self.interval)
+
+    async def _probe(self) -> None:
+        try:
+            await self.store.ping()
+        except Exception as exc:
+            self.health.failed(exc)
+        else:
+            self.health.succeeded()
+
+    async def drain(self, grace: float) -> None:
+        """Final flushes on shutdown: shielded, until nothing is pending or running, or
+        ``grace`` seconds passed (jobs being cancelled, and a failing store, get that
+        long)."""
+        with trio.CancelScope(shield=True), trio.move_on_after(grace):
+            while True:
+                try:
+                    await self.flush()
+                except Exception:
+                    self.failures += 1
+                    logger.exception("final write of jobs to %r failed; retrying", self.store)
+                else:
+                    if not self._dirty and not self._live:
+                        return
+                await trio.sleep(self.interval)

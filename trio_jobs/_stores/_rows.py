@@ -1,0 +1,160 @@
+"""Rows: how a job, its history and its events are laid out in a store (JSON columns).
+
+Shared by the SQL stores and the in-memory one, which round-trips through the same rows
+so that what a test reads back is what a database would give.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
+
+from .._json import dumps, dumps_lenient, loads
+from .._models import JobRecord, JobState, NarrationEvent, Priority, Transition
+from ._base import JobWrite, StoredJob, retry_from_json, retry_to_json
+
+__all__ = [
+    "JOB_COLUMNS",
+    "MUTABLE_COLUMNS",
+    "N_JOB_COLUMNS",
+    "event_chunks",
+    "events_from_chunks",
+    "job_row",
+    "stored_job_from_row",
+    "upsert_set",
+]
+
+JOB_COLUMNS = (
+    "id, state, error, payload, timeout, priority, retry, tags, metadata, attempts, "
+    "created_at, started_at, finished_at, next_attempt_at, expires_at, history, reserved_id"
+)
+N_JOB_COLUMNS = 17
+MUTABLE_COLUMNS = (
+    "state",
+    "error",
+    "attempts",
+    "started_at",
+    "finished_at",
+    "next_attempt_at",
+    "expires_at",
+    "history",
+    "reserved_id",
+)
+
+
+def upsert_set(excluded: str, greatest: str) -> str:
+    """The ``DO UPDATE SET`` list of a job upsert (``reserved_id`` only ever grows)."""
+    return ", ".join(
+        f"reserved_id = {greatest}(jobs.reserved_id, {excluded}.reserved_id)"
+        if c == "reserved_id"
+        else f"{c} = {excluded}.{c}"
+        for c in MUTABLE_COLUMNS
+    )
+
+
+def job_row(write: JobWrite) -> tuple[Any, ...]:
+    rec = write.record
+    tags = dumps(dict(rec.tags)) if write.first and rec.tags else None
+    return (
+        rec.id,
+        rec.state.value,
+        None if rec.error is None else dumps(rec.error),
+        write.payload_json,
+        rec.timeout,
+        int(rec.priority),
+        retry_to_json(rec.retry) if write.first else None,
+        tags,
+        write.metadata_json,
+        rec.attempts,
+        rec.created_at,
+        rec.started_at,
+        rec.finished_at,
+        rec.next_attempt_at,
+        write.expires_at,
+        dumps([(t.state.value, t.at, t.reason) for t in write.history]),
+        write.reserved_id,
+    )
+
+
+def _loads(text: str | None) -> Any:
+    return None if text is None else loads(text)
+
+
+def stored_job_from_row(
+    row: Sequence[Any], owner: str | None = None, cancel_requested: bool = False
+) -> StoredJob:
+    """Rebuild a :class:`StoredJob` from a row in ``JOB_COLUMNS`` order."""
+    (
+        job_id,
+        state,
+        error,
+        payload,
+        timeout,
+        priority,
+        retry,
+        tags,
+        metadata,
+        attempts,
+        created_at,
+        started_at,
+        finished_at,
+        next_attempt_at,
+        expires_at,
+        history,
+        reserved_id,
+    ) = row
+    record = JobRecord(
+        id=job_id,
+        state=JobState(state),
+        error=_loads(error),
+        payload=_loads(payload),
+        timeout=timeout,
+        priority=Priority(priority),
+        tags=_loads(tags) or {},
+        metadata=_loads(metadata),
+        attempts=attempts,
+        created_at=created_at,
+        started_at=started_at,
+        finished_at=finished_at,
+        retry=retry_from_json(retry),
+        next_attempt_at=next_attempt_at,
+    )
+    transitions = tuple(
+        Transition(JobState(state), at, reason) for state, at, reason in _loads(history) or ()
+    )
+    return StoredJob(
+        record, transitions, expires_at, owner, bool(cancel_requested), reserved_id or 0
+    )
+
+
+def _plain(fields: Mapping[str, Any]) -> dict[str, Any]:
+    return fields if type(fields) is dict else dict(fields)
+
+
+def event_chunks(events: Iterable[NarrationEvent]) -> list[tuple[str, int, int, str]]:
+    """Rows ``(job_id, first_id, last_id, events_json)``: one per run of a job's events."""
+    rows: list[tuple[str, int, int, str]] = []
+    for job_id, run in itertools.groupby(events, key=lambda e: e.job_id):
+        events = list(run)
+        items = [
+            (e.id, e.ts, e.actor, e.action, e.human, _plain(e.fields) if e.fields else None)
+            for e in events
+        ]
+        rows.append((job_id, events[0].id, events[-1].id, dumps_lenient(items)))
+    return rows
+
+
+def events_from_chunks(
+    job_id: str, chunks: Iterable[str], after: int, limit: int | None
+) -> list[NarrationEvent]:
+    """The events with id > ``after`` (the newest ``limit``) in chunks, oldest first."""
+    out: dict[int, NarrationEvent] = {}
+    for chunk in chunks:
+        for event_id, ts, actor, action, human, fields in loads(chunk):
+            if event_id > after:
+                out[event_id] = NarrationEvent(
+                    event_id, job_id, ts, actor, action, human, fields or {}
+                )
+    events = [out[i] for i in sorted(out)]
+    return events[-limit:] if limit is not None else events

@@ -1,0 +1,205 @@
+"""ThreadedSQLStore: the SQL stores' common part (one blocking connection, used from
+worker threads, reconnected after the database went away)."""
+
+from __future__ import annotations
+
+import abc
+import contextlib
+import logging
+import time
+from collections.abc import Callable, Sequence
+from typing import Any, ClassVar, Generic, Protocol, TypeVar
+
+import trio
+
+from .._models import NarrationEvent
+from ._base import JobStore, StoredJob
+from ._rows import JOB_COLUMNS, events_from_chunks, stored_job_from_row
+
+__all__ = ["Connection", "ThreadedSQLStore"]
+
+logger = logging.getLogger("trio_jobs.store")
+
+
+class Connection(Protocol):
+    """What the SQL stores use of a DB-API connection (sqlite3's, psycopg's)."""
+
+    def execute(self, query: Any, params: Any = ..., /) -> Any: ...
+
+    def close(self) -> None: ...
+
+
+ConnT = TypeVar("ConnT", bound=Connection)
+T = TypeVar("T")
+
+
+class ThreadedSQLStore(JobStore, Generic[ConnT]):
+    """A store on one blocking database connection, used from worker threads.
+
+    Every call runs in a worker thread through ``trio.to_thread.run_sync`` behind a
+    one-slot ``CapacityLimiter``, so the event loop never blocks on the database and the
+    connection is never used by two threads at once (``threaded=False`` runs calls in the
+    event loop's thread instead: only for tests under an autojumping ``MockClock``, where
+    a task waiting for a thread would let virtual time jump).
+
+    A dialect gives its placeholder, float column type and migrations, opens the
+    connection (:meth:`_connect`) and brings the schema up to date inside its own kind of
+    transaction (:meth:`_prepare`, which calls :meth:`_migrate`).
+    """
+
+    param: ClassVar[str] = "?"
+    """The driver's query placeholder."""
+    float_type: ClassVar[str] = "REAL"
+    migrations: ClassVar[Sequence[tuple[int, Sequence[str]]]] = ()
+    """Schema versions, applied in order; each version's statements in one transaction."""
+    job_columns: ClassVar[str] = JOB_COLUMNS
+    """What the job queries select (:meth:`_stored` reads a row of them back)."""
+
+    def __init__(self, *, threaded: bool = True) -> None:
+        self._conn: ConnT | None = None
+        self._opened = False
+        self._limiter = trio.CapacityLimiter(1)
+        self.threaded = threaded
+        self.reconnects = 0
+        """Connections opened again after the database went away."""
+
+    async def _run(self, fn: Callable[[ConnT], T]) -> T:
+        if not self._opened:
+            raise trio.ClosedResourceError("store is not open")
+        return await self._offload(lambda: self._call(fn))
+
+    def _call(self, fn: Callable[[ConnT], T]) -> T:
+        """Run ``fn`` on the connection (in the worker thread), opening it again first if
+        an earlier call found the database gone; a failure that is not about the rows
+        drops the connection, so the next call reconnects."""
+        conn = self._conn
+        if conn is None:
+            conn = self._conn = self._open_connection()
+            self.reconnects += 1
+            logger.info("%r: reconnected", self)
+        try:
+            return fn(conn)
+        except BaseException as exc:
+            if not self.row_error(exc):
+                self._conn = None
+                with contextlib.suppress(Exception):  # a broken one may not close cleanly
+                    conn.close()
+            raise
+
+    async def _offload(self, fn: Callable[[], T]) -> T:
+        if not self.threaded:
+            await trio.lowlevel.checkpoint()
+            return fn()
+        return await trio.to_thread.run_sync(fn, limiter=self._limiter)
+
+    # ---- opening and migrating ---------------------------------------------------------
+
+    @abc.abstractmethod
+    def _connect(self) -> ConnT:
+        """A new connection (in a worker thread)."""
+
+    @abc.abstractmethod
+    def _prepare(self, conn: ConnT) -> None:
+        """Set the connection up and call :meth:`_migrate` in a transaction."""
+
+    def _open_connection(self) -> ConnT:
+        conn = self._connect()
+        try:
+            self._prepare(conn)
+        except BaseException:
+            conn.close()
+            raise
+        return conn
+
+    def _migrate(self, conn: ConnT) -> None:
+        """Apply the migrations newer than the schema's version (the caller holds the
+        transaction, and any lock that keeps two processes from migrating at once)."""
+        p = self.param
+        conn.execute(
+            "CREATE TABLE IF NOT EXISTS schema_migrations "
+            f"(version INTEGER PRIMARY KEY, applied_at {self.float_type} NOT NULL)"
+        )
+        current = self._version(conn)
+        for version, statements in self.migrations:
+            if version <= current:
+                continue
+            for statement in statements:
+                conn.execute(statement)
+            conn.execute(
+                f"INSERT INTO schema_migrations (version, applied_at) VALUES ({p}, {p})",
+                (version, time.time()),
+            )
+
+    @staticmethod
+    def _version(conn: ConnT) -> int:
+        row = conn.execute("SELECT MAX(version) FROM schema_migrations").fetchone()
+        return int(row[0] or 0) if row else 0
+
+    async def open(self) -> None:
+        if self._opened:
+            await trio.lowlevel.checkpoint()
+            return
+        self._conn = await self._offload(self._open_connection)
+        self._opened = True
+
+    async def aclose(self) -> None:
+        self._opened = False
+        conn, self._conn = self._conn, None
+        if conn is None:
+            await trio.lowlevel.checkpoint()
+            return
+        await self._offload(conn.close)
+
+    async def schema_version(self) -> int:
+        return await self._run(self._version)
+
+    # ---- reading -------------------------------------------------------------------------
+
+    def _stored(self, row: Sequence[Any]) -> StoredJob:
+        return stored_job_from_row(row)
+
+    async def load_jobs(self, *, finished_since: float | None = None) -> list[StoredJob]:
+        cols, p = self.job_columns, self.param
+
+        def load(conn: ConnT) -> list[StoredJob]:
+            if finished_since is None:
+                rows = conn.execute(f"SELECT {cols} FROM jobs ORDER BY created_at").fetchall()
+            else:
+                rows = conn.execute(
+                    f"SELECT {cols} FROM jobs WHERE finished_at IS NULL "
+                    f"OR finished_at >= {p} ORDER BY created_at",
+                    (finished_since,),
+                ).fetchall()
+            return [self._stored(row) for row in rows]
+
+        return await self._run(load)
+
+    async def load_job(self, job_id: str) -> StoredJob | None:
+        cols, p = self.job_columns, self.param
+
+        def load(conn: ConnT) -> StoredJob | None:
+            row = conn.execute(f"SELECT {cols} FROM jobs WHERE id = {p}", (job_id,)).fetchone()
+            return None if row is None else self._stored(row)
+
+        return await self._run(load)
+
+    async def load_events(
+        self, job_id: str, *, after: int = 0, limit: int | None = None
+    ) -> list[NarrationEvent]:
+        p = self.param
+
+        def load(conn: ConnT) -> list[NarrationEvent]:
+            lower = after
+            if limit is not None:
+                top = conn.execute(
+                    f"SELECT COALESCE(MAX(last_id), 0) FROM events WHERE job_id = {p}",
+                    (job_id,),
+                ).fetchone()
+                lower = max(after, (top[0] if top else 0) - limit)
+            rows = conn.execute(
+                f"SELECT events FROM events WHERE job_id = {p} AND last_id > {p} ORDER BY first_id",
+                (job_id, lower),
+            ).fetchall()
+            return events_from_chunks(job_id, [r[0] for r in rows], after, limit)
+
+        return await self._run(load)
