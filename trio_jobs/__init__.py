@@ -19,6 +19,7 @@ from ._exceptions import JobCancelled as JobCancelled
 from ._exceptions import JobFailed as JobFailed
 from ._exceptions import JobNotFound as JobNotFound
 from ._exceptions import JobTimeout as JobTimeout
+from ._exceptions import StoreUnavailable as StoreUnavailable
 from ._exceptions import StreamEndedWithoutSignal as StreamEndedWithoutSignal
 from ._exceptions import TransportError as TransportError
 from ._exceptions import TrioJobsError as TrioJobsError
@@ -32,22 +33,23 @@ from ._narration import current_job_id as current_job_id
 from ._narration import job_nursery as job_nursery
 from ._narration import narrate as narrate
 from ._persist import SharedRunner as SharedRunner
-from ._persist import open_registry as open_registry
 from ._persist import run_persistence as run_persistence
-from ._persist import run_shared_jobs as run_shared_jobs
-from ._pg_store import PostgresStore as PostgresStore
 from ._registry import JobRegistry as JobRegistry
+from ._run import open_job_runner as open_job_runner
+from ._run import open_registry as open_registry
+from ._run import run_jobs as run_jobs
+from ._run import run_shared_jobs as run_shared_jobs
 from ._runner import Executor as Executor
-from ._runner import open_job_runner as open_job_runner
 from ._runner import run_job as run_job
-from ._runner import run_jobs as run_jobs
 from ._signals import Signal as Signal
 from ._signals import TerminalSignal as TerminalSignal
 from ._signals import timeout_message as timeout_message
-from ._sqlite_store import SQLiteStore as SQLiteStore
-from ._store import JobStore as JobStore
-from ._store import MemoryStore as MemoryStore
-from ._store import StoredJob as StoredJob
+from ._stores import JobStore as JobStore
+from ._stores import MemoryStore as MemoryStore
+from ._stores import PostgresStore as PostgresStore
+from ._stores import SQLiteStore as SQLiteStore
+from ._stores import SharedStore as SharedStore
+from ._stores import StoredJob as StoredJob
 from ._stream import WireLines as WireLines
 from ._stream import execute_and_stream as execute_and_stream
 
@@ -107,7 +109,9 @@ __all__ = [
     "RetryPolicy",
     "SQLiteStore",
     "SharedRunner",
+    "SharedStore",
     "Signal",
+    "StoreUnavailable",
     "StoredJob",
     "StreamEndedWithoutSignal",
     "StreamItem",
