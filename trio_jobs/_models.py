@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import enum
 import json
+import math
 import random
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -26,7 +27,10 @@ def iso_time(ts: float | None) -> str | None:
     """UTC ISO-8601 text for an epoch timestamp."""
     if ts is None:
         return None
-    return datetime.fromtimestamp(ts, UTC).isoformat().replace("+00:00", "Z")
+    try:
+        return datetime.fromtimestamp(ts, UTC).isoformat().replace("+00:00", "Z")
+    except (OverflowError, ValueError, OSError):  # not a date (validation keeps them out)
+        return "9999-12-31T23:59:59Z" if ts > 0 else "0001-01-01T00:00:00Z"
 
 
 class JobState(enum.Enum):
@@ -81,6 +85,11 @@ class Priority(enum.IntEnum):
         return self.name.lower()
 
 
+MAX_RETRY_DELAY_S = 30 * 86400.0
+"""The longest a retry may wait (``backoff_base`` and ``cap``): every time a job can carry
+stays a valid date."""
+
+
 @dataclass(frozen=True, slots=True)
 class RetryPolicy:
     """How often and how soon a failed job runs again.
@@ -102,14 +111,23 @@ class RetryPolicy:
     def __post_init__(self) -> None:
         if self.max_attempts < 1:
             raise ValueError("max_attempts must be >= 1")
+        for name in ("backoff_base", "factor", "cap", "jitter"):
+            if not math.isfinite(getattr(self, name)):
+                raise ValueError(f"{name} must be a finite number")
         if self.backoff_base < 0 or self.factor < 1 or self.cap < 0:
             raise ValueError("backoff_base and cap must be >= 0 and factor >= 1")
+        if self.backoff_base > MAX_RETRY_DELAY_S or self.cap > MAX_RETRY_DELAY_S:
+            raise ValueError(f"backoff_base and cap must be at most {MAX_RETRY_DELAY_S:g} s")
         if not 0 <= self.jitter <= 1:
             raise ValueError("jitter must be between 0 and 1")
 
     def delay(self, attempt: int, rng: random.Random | None = None) -> float:
         """Seconds to wait after failed attempt ``attempt`` (1-based)."""
-        base = min(self.cap, self.backoff_base * self.factor ** (attempt - 1))
+        try:
+            grown = self.backoff_base * self.factor ** (attempt - 1)
+        except OverflowError:
+            grown = math.inf if self.backoff_base else 0.0
+        base = min(self.cap, grown)
         if self.jitter:
             spread = base * self.jitter
             base += (rng or random).uniform(-spread, spread)

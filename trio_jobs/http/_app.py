@@ -29,7 +29,7 @@ from ._fastpath import CancelFastPath, wraps_quart_directly
 from ._guard import ConnectionGuard
 from ._metrics import CONTENT_TYPE
 from ._openapi import openapi_document
-from ._options import OPTION_KEYS, JobOptions
+from ._options import OPTION_KEYS, JobOptions, non_finite_at
 from ._service import JobService, PayloadParser, not_found
 from ._sse import SSE_HEADERS, sse_body, ws_follow
 
@@ -273,6 +273,9 @@ def jobs_blueprint(
         data = _parse_json_body(await _read_body())
         if not isinstance(data, dict):
             raise _one_error([], "the body must be a JSON object", "dict_type")
+        bad_number = non_finite_at(data)
+        if bad_number is not None:
+            raise _one_error(bad_number, "must be a finite number", "finite_number")
         options_raw = {key: data.pop(key) for key in OPTION_KEYS if key in data}
         try:
             options = JobOptions.model_validate(options_raw)
@@ -286,11 +289,7 @@ def jobs_blueprint(
                 raise _loc_errors(validation_detail(exc.errors())) from None
             except (ValueError, TypeError) as exc:
                 raise _one_error([], str(exc) or type(exc).__name__) from None
-        try:
-            job_id = registry.create_job(payload, **options.create_kwargs())
-        except ValueError as exc:
-            raise _one_error([], str(exc)) from None
-        service.metrics.submitted.inc()
+        job_id = await service.submit(payload, options.create_kwargs())
         if options.on_disconnect == "cancel":
             service.mark_cancel_on_disconnect(job_id)
         location = f"/v1/jobs/{job_id}"
@@ -379,17 +378,8 @@ def jobs_blueprint(
 
     @bp.get("/health")
     async def health() -> Response:
-        counts = registry.counts()
-        return _json(
-            {
-                "status": "draining" if service.draining else "ok",
-                "name": service.name,
-                "jobs": len(registry),
-                "running": registry.running,
-                "queued": counts[JobState.QUEUED],
-                "open_streams": sum(service._watchers.values()),
-            }
-        )
+        status, body = service.health()
+        return _json(body, status)
 
     @bp.get("/metrics")
     async def metrics() -> Response:

@@ -11,7 +11,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
 
-from .._models import Priority, RetryPolicy
+from .._models import MAX_RETRY_DELAY_S, Priority, RetryPolicy
 
 __all__ = [
     "OPTION_KEYS",
@@ -35,6 +35,7 @@ def _integral(value: Any) -> Any:
 
 PositiveSeconds = Annotated[float, Field(gt=0, allow_inf_nan=False, strict=True)]
 NonNegative = Annotated[float, Field(ge=0, allow_inf_nan=False, strict=True)]
+RetryDelay = Annotated[float, Field(ge=0, le=MAX_RETRY_DELAY_S, allow_inf_nan=False, strict=True)]
 
 
 class RetryOptions(BaseModel):
@@ -43,9 +44,9 @@ class RetryOptions(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     max_attempts: Annotated[int, Field(ge=1, le=1000, strict=True), BeforeValidator(_integral)] = 3
-    backoff_base: NonNegative = 1.0
+    backoff_base: RetryDelay = 1.0
     factor: Annotated[float, Field(ge=1, le=1000, allow_inf_nan=False, strict=True)] = 2.0
-    cap: NonNegative = 60.0
+    cap: RetryDelay = 60.0
     jitter: Annotated[float, Field(ge=0, le=1, allow_inf_nan=False, strict=True)] = 0.0
     retry_timeouts: Annotated[bool, Field(strict=True)] = False
 
@@ -94,15 +95,22 @@ OPTION_KEYS = frozenset(JobOptions.model_fields)
 """Top-level keys of a POST body that are job options, not payload."""
 
 
-def finite_json(value: Any) -> bool:
-    """True when ``value`` holds no NaN/Infinity (they are not JSON)."""
+def non_finite_at(value: Any, path: tuple[str | int, ...] = ()) -> list[str | int] | None:
+    """Where ``value`` holds a number JSON cannot (``1e999`` decodes to infinity), as a
+    location list; None when it holds none."""
     if isinstance(value, float):
-        return math.isfinite(value)
+        return None if math.isfinite(value) else list(path)
     if isinstance(value, dict):
-        return all(finite_json(v) for v in value.values())
-    if isinstance(value, list):
-        return all(finite_json(v) for v in value)
-    return True
+        items: Any = value.items()
+    elif isinstance(value, list):
+        items = enumerate(value)
+    else:
+        return None
+    for key, item in items:
+        found = non_finite_at(item, (*path, key))
+        if found is not None:
+            return found
+    return None
 
 
 class ErrorBody(BaseModel):

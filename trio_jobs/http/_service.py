@@ -20,9 +20,10 @@ from typing import Any
 
 import trio
 
-from .._exceptions import JobNotFound
+from .._exceptions import JobNotFound, StoreUnavailable
 from .._job import Job
 from .._models import JobRecord, JobState, Transition
+from .._persist import persister_of
 from .._registry import JobRegistry
 from .._run import run_jobs
 from .._runner import Executor
@@ -173,6 +174,50 @@ class JobService:
         if state.is_terminal:
             raise ApiError(409, "conflict", f"the job is already {state.value}")
         raise ApiError(409, "conflict", "the job is already being cancelled")
+
+    # ---- submitting and health ----------------------------------------------------------
+
+    def store_health(self) -> dict[str, Any] | None:
+        """The store's health while the registry is persisted (None without a store)."""
+        persister = persister_of(self.registry)
+        return None if persister is None else persister.health.to_dict()
+
+    async def submit(self, payload: Any, options: dict[str, Any]) -> str:
+        """``POST /v1/jobs``: create the job and answer once it is stored (with a store,
+        the 201 is a promise the job survives a crash). 503 when the store cannot take it,
+        422 for an option out of range."""
+        try:
+            job_id = await self.registry.submit(payload, **options)
+        except StoreUnavailable as exc:
+            raise ApiError(
+                503, "store unavailable", str(exc), headers={"Retry-After": "1"}
+            ) from None
+        except ValueError as exc:
+            detail = [{"loc": [], "msg": str(exc), "type": "value_error"}]
+            raise ApiError(422, "invalid request", detail) from None
+        self.metrics.submitted.inc()
+        return job_id
+
+    def health(self) -> tuple[int, dict[str, Any]]:
+        """``GET /health``: 200 while the server can take jobs; 503 (saying why) while
+        its store is unreachable."""
+        registry = self.registry
+        counts = registry.counts()
+        store = self.store_health()
+        status = "draining" if self.draining else "ok"
+        if store is not None and not store["ok"]:
+            status = "store unavailable"
+        body: dict[str, Any] = {
+            "status": status,
+            "name": self.name,
+            "jobs": len(registry),
+            "running": registry.running,
+            "queued": counts[JobState.QUEUED],
+            "open_streams": sum(self._watchers.values()),
+        }
+        if store is not None:
+            body["store"] = store
+        return (503 if status == "store unavailable" else 200), body
 
     # ---- runner ----------------------------------------------------------------------
 
