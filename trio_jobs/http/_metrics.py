@@ -10,11 +10,12 @@ from collections.abc import Iterator
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from .._job import Job
 from .._models import JobState, Transition
+from .._persist import persister_of
 from .._registry import JobRegistry
 
 __all__ = ["CONTENT_TYPE", "ServerMetrics"]
@@ -30,7 +31,7 @@ class _JobsCollector(Collector):
     def __init__(self, registry: JobRegistry) -> None:
         self._registry = registry
 
-    def collect(self) -> Iterator[GaugeMetricFamily]:
+    def collect(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
         jobs = GaugeMetricFamily(
             "trio_jobs_jobs", "Jobs held in memory, by state.", labels=["state"]
         )
@@ -41,6 +42,29 @@ class _JobsCollector(Collector):
             "trio_jobs_running_jobs",
             "Jobs that are running or waiting to retry.",
             value=self._registry.running,
+        )
+        persister = persister_of(self._registry)
+        if persister is None:
+            return
+        yield GaugeMetricFamily(
+            "trio_jobs_store_up",
+            "1 while the job store answered the last time it was used, else 0.",
+            value=1 if persister.health.ok else 0,
+        )
+        yield CounterMetricFamily(
+            "trio_jobs_store_rejected_writes",
+            "Job writes the store refused, each isolated from the rest of its batch.",
+            value=persister.rejected_rows,
+        )
+        yield GaugeMetricFamily(
+            "trio_jobs_store_isolated_jobs",
+            "Jobs whose writes the store refuses (retried alone).",
+            value=len(persister.poisoned),
+        )
+        yield CounterMetricFamily(
+            "trio_jobs_store_failed_flushes",
+            "Flushes that failed because the store did (retried with backoff).",
+            value=persister.failures,
         )
 
     def describe(self) -> Iterator[Any]:
