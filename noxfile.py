@@ -4,14 +4,26 @@ from __future__ import annotations
 
 import glob
 import os
+import platform
 import shutil
+import sys
 
 import nox
 
 nox.options.sessions = ["tests", "lint", "typing"]
 nox.options.reuse_existing_virtualenvs = True
+nox.options.error_on_missing_interpreters = True
 
-PYTHON = "3.11"
+#: Every session's venv is made from the interpreter nox runs on (whatever python3 started
+#: it), so no session looks for a pinned version that is missing: nox would only say
+#: "skipped" and exit 0. An older Python stops here, loudly.
+PYTHON = sys.executable
+if sys.version_info < (3, 11):  # noqa: UP036 (nox may run on any Python)
+    sys.exit(
+        f"trio-jobs needs Python 3.11 or newer; nox runs on Python "
+        f"{platform.python_version()} ({sys.executable}). Make the venv with a newer one: "
+        "python3.11 -m venv .venv && .venv/bin/pip install nox && .venv/bin/nox -s tests"
+    )
 
 
 def _have_postgres_server() -> bool:
