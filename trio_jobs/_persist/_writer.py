@@ -368,6 +368,7 @@ class Persister:
         parts = self._collect()
         batch = WriteBatch()
         alone = []
+        refused: set[str] = set()
         for part in parts:
             if part.job.id in self.poisoned:
                 alone.append(part)
@@ -383,8 +384,7 @@ class Persister:
                         raise
                     logger.warning("a batch was refused (%s); writing it job by job", exc)
                     alone = parts
-            for part in alone:
-                await self._write_alone(part)
+            refused = {part.job.id for part in alone if not await self._write_alone(part)}
         except BaseException as exc:
             for part in parts:
                 self._dirty.setdefault(part.job.id, part.job)
@@ -397,14 +397,15 @@ class Persister:
             done.done.set()
         self.health.succeeded()
         for part in parts:
-            if part.job.id not in self.poisoned:
+            if part.job.id not in refused:
                 self._committed(part)
         if batch or alone:
             self.flushes += 1
 
-    async def _write_alone(self, part: _Part) -> None:
+    async def _write_alone(self, part: _Part) -> bool:
+        """Write one job's part in a transaction of its own; False when refused."""
         if not part.batch:
-            return
+            return True
         try:
             await self.store.write(part.batch)
         except Exception as exc:
@@ -418,6 +419,8 @@ class Persister:
             self.rejected_rows += 1
             self.poisoned[job_id] = f"{type(exc).__name__}: {exc}"
             self._dirty.setdefault(job_id, part.job)
+            return False
+        return True
 
     async def run(self, probe_interval: float = 1.0) -> None:
         """Flush forever: at once when someone waits, else ``interval`` after a change;
