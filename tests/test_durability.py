@@ -26,7 +26,7 @@ from trio_jobs import (
     run_shared_jobs,
 )
 from trio_jobs._persist import INTERRUPTED, persister_of
-from trio_jobs._stores import JobStore, WriteBatch
+from trio_jobs._stores import WriteBatch
 
 from . import pg
 from .helpers import collect
