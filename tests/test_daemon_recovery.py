@@ -95,7 +95,14 @@ async def test_a_killed_queen_restarted_on_its_sqlite_file_recovers_every_job(
                 _, replay, end = await _read(client, infer_id)
                 assert end is not None and end.wire == "[ERROR] interrupted"
                 assert replay[: len(seen)] == seen
-                assert [e.id for e in replay] == list(range(1, len(replay) + 1))
+                # then one event announcing the ids the first queen had reserved past its
+                # last stored event (any of them may have reached a reader): never reused
+                stored = [e for e in replay if e.action != "events_lost"]
+                assert [e.id for e in stored] == list(range(1, len(stored) + 1))
+                (lost,) = [e for e in replay if e.action == "events_lost"]
+                assert lost.fields["lost"]["first"] == len(stored) + 1
+                assert lost.id == lost.fields["lost"]["last"] + 1 == replay[-1].id
+                assert end.id == lost.id + 1
                 _, done_replay, done_end = await _read(client, done_id)
                 assert done_replay == done_events
                 assert done_end is not None and done_end.wire == "[DONE]"
