@@ -427,6 +427,42 @@ def _daemon_common(parser: argparse.ArgumentParser, port: int) -> None:
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
 
 
+def _web_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--cors-origin",
+        action="append",
+        default=None,
+        metavar="ORIGIN",
+        help="an origin (https://host[:port]) whose web pages may use the API (repeatable; "
+        "config key cors_origins; default: none, no cross-origin use)",
+    )
+    parser.add_argument(
+        "--allowed-host",
+        action="append",
+        default=None,
+        metavar="NAME",
+        help="a Host name answered besides localhost and loopback addresses, e.g. a reverse "
+        "proxy's (repeatable; config key allowed_hosts)",
+    )
+
+
+def _web_policy(args: argparse.Namespace, data: dict[str, Any]) -> tuple[list[str], list[str]]:
+    """``--cors-origin`` and ``--allowed-host`` (or the config's lists), validated."""
+    from trio_jobs.http import SitePolicy
+
+    lists: list[list[str]] = []
+    for flag, key in ((args.cors_origin, "cors_origins"), (args.allowed_host, "allowed_hosts")):
+        value = _pick(flag, data, key, [])
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            raise SystemExit(f"trio-jobs {args.command}: {key} must be a list of strings")
+        lists.append(value)
+    try:
+        SitePolicy(*lists)
+    except ValueError as exc:
+        raise SystemExit(f"trio-jobs {args.command}: {exc}") from None
+    return lists[0], lists[1]
+
+
 def _store_options(parser: argparse.ArgumentParser, schema: str) -> None:
     from ._store import STORE_HELP
 
@@ -461,6 +497,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     queen = sub.add_parser("queen", help="run the queen daemon (default port 7833)")
     _daemon_common(queen, 7833)
+    _web_options(queen)
     queen.add_argument(
         "--hive",
         action="append",
@@ -489,6 +526,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     hive = sub.add_parser("hive", help="run a hive daemon (default port 7834)")
     _daemon_common(hive, 7834)
+    _web_options(hive)
     hive.add_argument("--hive-id", default=None, help="this hive's alias (default localhost)")
     hive.add_argument("--models-dir", default=None, help="where models are stored")
     hive.add_argument("--model-source", default=None, help="base URL for model_download")
@@ -692,6 +730,7 @@ def run_queen(args: argparse.Namespace) -> int:
         raise SystemExit(f"trio-jobs queen: {exc}") from None
     if not hives:
         hives["localhost"] = parse_hive_flag("localhost=http://127.0.0.1:7834")
+    cors_origins, allowed_hosts = _web_policy(args, data)
     config = QueenConfig(
         hives=hives,
         token=token,
@@ -704,6 +743,8 @@ def run_queen(args: argparse.Namespace) -> int:
         lease_s=float(_pick(args.lease, data, "lease_s", 10.0)),
         retention_s=float(_pick(args.retention, data, "retention_s", 600.0)),
         max_concurrent=_max_concurrent(args, data),
+        cors_origins=cors_origins,
+        allowed_hosts=allowed_hosts,
     )
     trio.run(lambda: serve_queen(config, host=host, port=int(port)))
     return EXIT_OK
@@ -732,6 +773,7 @@ def run_hive(args: argparse.Namespace) -> int:
     config.pg_schema = _pick(args.pg_schema, data, "pg_schema", "trio_jobs_hive")
     config.retention_s = float(_pick(args.retention, data, "retention_s", 600.0))
     config.max_concurrent = _max_concurrent(args, data)
+    config.cors_origins, config.allowed_hosts = _web_policy(args, data)
     trio.run(lambda: serve_hive(config, host=host, port=int(port)))
     return EXIT_OK
 

@@ -508,11 +508,17 @@ async def test_worker_with_an_openai_upstream_through_the_chain(env: Env) -> Non
 
 
 async def test_queen_routes_reject_bad_bodies_with_json_errors(env: Env) -> None:
-    """The queen's own routes answer like the job endpoints: 400/422 JSON, nothing kept."""
+    """The queen's own routes answer like the job endpoints: 400/415/422 JSON, nothing kept."""
     with trio.fail_after(15):
         async with httpx.AsyncClient(base_url=env.queen) as http:
             for path in ("/v1/workers/heartbeat", "/v1/hives"):
-                bad = await http.post(path, content=b"{not json")
+                as_text = await http.post(
+                    path, content=b"{}", headers={"Content-Type": "text/plain"}
+                )
+                assert as_text.status_code == 415
+                assert as_text.json()["error"] == "unsupported media type"
+                json_type = {"Content-Type": "application/json"}
+                bad = await http.post(path, content=b"{not json", headers=json_type)
                 assert bad.status_code == 400
                 assert bad.json()["error"] == "malformed JSON"
                 wrong = await http.post(path, json={"nothing": "useful"})

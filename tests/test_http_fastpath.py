@@ -126,17 +126,34 @@ async def test_fast_path_auth_matches_the_route() -> None:
     assert accepted.json()["state"] == "cancelled"
 
 
-async def test_a_delete_with_a_body_goes_through_quart() -> None:
+async def test_a_delete_with_a_body_or_a_foreign_origin_is_refused_before_either_path() -> None:
+    """The cross-site rules stand in front of the fast path and of Quart alike."""
     registry = JobRegistry()
     app = create_app(registry, hold)
     with trio.fail_after(CAP):
         async with running(app) as client:
             job_id = await running_job(client, registry)
+            path = f"/v1/jobs/{job_id}"
             with quart_requests(app) as seen:
-                response = await client.request("DELETE", f"/v1/jobs/{job_id}", content=b"{}")
-    assert response.status_code == 200
-    assert response.json()["state"] == "cancelled"
-    assert seen == [f"DELETE /v1/jobs/{job_id}"]
+                with_body = await client.request(
+                    "DELETE", path, content=b"{}", headers={"Content-Type": "application/json"}
+                )
+                as_text = await client.request(
+                    "DELETE", path, headers={"Content-Type": "text/plain"}
+                )
+                foreign = await client.delete(path, headers={"Origin": "http://evil.example"})
+                rebound = await client.delete(path, headers={"Host": "evil.example"})
+            assert registry.get(job_id).state is JobState.RUNNING
+            assert (await client.delete(path)).status_code == 200
+    assert with_body.status_code == 400
+    assert with_body.json() == {"error": "bad request", "detail": "a DELETE takes no body"}
+    assert as_text.status_code == 415
+    assert foreign.status_code == 403
+    assert rebound.status_code == 421
+    for refused in (with_body, as_text, foreign, rebound):
+        assert refused.headers["content-type"] == "application/json"
+        assert set(refused.json()) == {"error", "detail"}
+    assert seen == []
 
 
 async def test_fast_path_follows_the_blueprint_prefix() -> None:

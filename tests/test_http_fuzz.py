@@ -105,7 +105,8 @@ def test_post_bodies_never_500_and_bad_ones_create_nothing(
     before = len(registry)
     with httpx.Client(base_url=url, timeout=10) as client:
         response = client.post("/v1/jobs", content=body, headers=headers)
-    assert response.status_code in {201, 400, 413, 422}, response.text
+    assert response.status_code in {201, 400, 413, 415, 422}, response.text
+    assert (response.status_code == 415) == (content_type != "application/json")
     data = response.json()
     if response.status_code == 201:
         assert data["job_id"].startswith("job-")

@@ -474,7 +474,9 @@ async def test_body_over_the_limit_is_413(nursery: trio.Nursery) -> None:
                     yield b"x" * 200
                 yield b'"}'
 
-            response = await c.post("/v1/jobs", content=chunks())
+            response = await c.post(
+                "/v1/jobs", content=chunks(), headers={"Content-Type": "application/json"}
+            )
             assert response.status_code == 413
             assert len(srv.registry) == 0
             ok = await c.post("/v1/jobs", json={"n": 1})
@@ -524,7 +526,7 @@ async def test_sse_stream_format(server: Server, client: httpx.AsyncClient) -> N
             assert response.headers["x-accel-buffering"] == "no"
             body = (await response.aread()).decode()
         events = server.registry.events(job_id)
-        expected = "retry: 2000\n\n" + "".join(f"id: {e.id}\ndata: {e.wire}\n\n" for e in events)
+        expected = "retry: 2000\n" + "".join(f"id: {e.id}\ndata: {e.wire}\n\n" for e in events)
         assert body == expected + "id: 4\ndata: [DONE]\n\n"
 
 
@@ -551,7 +553,7 @@ async def test_ready_events_are_written_as_one_chunk(server: Server) -> None:
         sock = await trio.open_tcp_stream(host, int(port))
         async with sock:
             await sock.send_all(
-                f"GET /v1/jobs/{job_id}/stream HTTP/1.1\r\nHost: x\r\n\r\n".encode()
+                f"GET /v1/jobs/{job_id}/stream HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n".encode()
             )
             raw = b""
             while not raw.endswith(b"\r\n0\r\n\r\n"):
@@ -570,7 +572,7 @@ async def test_ready_events_are_written_as_one_chunk(server: Server) -> None:
             body = rest[size + 2 :]
         assert len(chunks) == 1
         text = chunks[0].decode()
-        assert text.startswith("retry: 2000\n\nid: 1\n")
+        assert text.startswith("retry: 2000\nid: 1\n")
         assert text.endswith("id: 51\ndata: [DONE]\n\n")
         assert len(data_frames(text)) == 51
 
@@ -655,10 +657,13 @@ async def test_keepalive_comment_while_idle(nursery: trio.Nursery) -> None:
         async with httpx.AsyncClient(base_url=srv.url, timeout=httpx.Timeout(5, read=None)) as c:
             job_id = await submit(c, {"n": 1, "gate": True})
             async with RawStream(srv.url, f"/v1/jobs/{job_id}/stream") as raw:
-                await raw.until(": keep-alive\n\n: keep-alive\n\n")
+                await raw.until(": keep-alive\n: keep-alive\n")
                 srv.gates.open(job_id)
                 text = await raw.rest()
-        assert text.startswith("retry: 2000\n\n")
+        assert text.startswith("retry: 2000\nid: 1\n")
+        # Lone comment lines: no data-less block ends with a blank line.
+        assert "\n\n: keep-alive\n: keep-alive\n" in text
+        assert ": keep-alive\n\n" not in text
         assert [f.data for f in data_frames(text)][-1] == "[DONE]"
 
 
@@ -970,7 +975,7 @@ async def test_graceful_shutdown_ends_open_streams_cleanly() -> None:
         stopped_after = trio.current_time() - stop_began
         assert stopped_after < 0.4 + 2.0
         assert data_frames(bodies[soon])[-1].data == "[DONE]"
-        assert bodies[forever].endswith(": server shutting down\n\n")
+        assert bodies[forever].endswith("\n\n: server shutting down\n")
         assert [f.data for f in data_frames(bodies[forever])][-1] != "[DONE]"
         # The runner stopped with the app: the blocked job ended cancelled.
         assert srv.registry.get(forever).state is JobState.CANCELLED
@@ -1062,11 +1067,14 @@ async def _h11_exchange(
     path: str,
     body: bytes,
     token: str = "t",
+    content_type: str = "application/json",
 ) -> tuple[int, dict[bytes, bytes]]:
     """Send one request, its body a moment after its head (as http.client, under requests
     and schemathesis, writes them), and read its answer."""
-    headers = [("Host", "x"), ("Authorization", f"Bearer {token}")]
+    headers = [("Host", "127.0.0.1"), ("Authorization", f"Bearer {token}")]
     headers.append(("Content-Length", str(len(body))))
+    if body:
+        headers.append(("Content-Type", content_type))
     await stream.send_all(conn.send(h11.Request(method=method, target=path, headers=headers)))
     if body:
         await trio.sleep(0.005)
@@ -1086,24 +1094,27 @@ async def _h11_exchange(
 async def test_an_early_answer_to_a_request_with_a_body_does_not_stall_the_connection(
     nursery: trio.Nursery,
 ) -> None:
-    """A 401/404/405 given before the body is read says ``Connection: close``, so a client
-    that reuses connections opens a new one. Without it, hypercorn left the connection
-    unusable: the next request on it got no answer."""
+    """A 401/404/405/415 given before the body is read says ``Connection: close``, so a
+    client that reuses connections opens a new one. Without it, hypercorn left the
+    connection unusable: the next request on it got no answer."""
     srv = await start_server(nursery, token="t")
     port = int(srv.url.rsplit(":", 1)[1])
     body = json.dumps({"n": 1, "pad": "x" * 200}).encode()
     with trio.fail_after(CAP):
         for _ in range(10):
-            for method, path, token, status in (
-                ("PUT", "/v1/jobs/x", "t", 405),
-                ("POST", "/no/such/route", "t", 404),
-                ("POST", "/v1/jobs", "wrong", 401),
-                ("POST", "/v1/jobs", "t", 201),
+            for method, path, token, content_type, status in (
+                ("PUT", "/v1/jobs/x", "t", "application/json", 405),
+                ("POST", "/no/such/route", "t", "application/json", 404),
+                ("POST", "/v1/jobs", "wrong", "application/json", 401),
+                ("POST", "/v1/jobs", "t", "text/plain", 415),
+                ("POST", "/v1/jobs", "t", "application/json", 201),
             ):
                 stream = await trio.open_tcp_stream("127.0.0.1", port)
                 conn = h11.Connection(h11.CLIENT)
                 async with stream:
-                    answer, headers = await _h11_exchange(stream, conn, method, path, body, token)
+                    answer, headers = await _h11_exchange(
+                        stream, conn, method, path, body, token, content_type
+                    )
                     assert answer == status
                     if headers.get(b"connection") == b"close":
                         assert status != 201  # the body was read: the connection stays

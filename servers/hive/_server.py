@@ -42,7 +42,9 @@ class HiveConfig:
 
     ``store``: where the hive's jobs are kept (memory here; the CLI defaults to a SQLite
     file); ``pg_schema``: the schema for a PostgreSQL store (one per hive);
-    ``retention_s``: how long finished jobs stay in memory (a store keeps them longer).
+    ``retention_s``: how long finished jobs stay in memory (a store keeps them longer);
+    ``cors_origins``: origins whose web pages may use the API (CORS; none by default);
+    ``allowed_hosts``: ``Host`` names the hive answers on loopback besides its own.
     """
 
     hive_id: str = "localhost"
@@ -58,6 +60,8 @@ class HiveConfig:
     store: StoreSpec = field(default_factory=lambda: StoreSpec("memory"))
     pg_schema: str = "trio_jobs_hive"
     retention_s: float = 600.0
+    cors_origins: list[str] = field(default_factory=list)
+    allowed_hosts: list[str] = field(default_factory=list)
 
 
 def make_registry(store: JobStore | None = None, retention_s: float = 600.0) -> JobRegistry:
@@ -224,6 +228,8 @@ async def _serve(
             token=config.token,
             max_concurrent=config.max_concurrent,
             payload_schema=operation_schema(),
+            cors_origins=config.cors_origins,
+            allowed_hosts=config.allowed_hosts,
         )
         logger.info("hive %s: models in %s", config.hive_id, config.models_dir)
         await run_daemon(

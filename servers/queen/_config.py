@@ -38,7 +38,9 @@ class QueenConfig:
     PostgreSQL the queen shares the ``pg_schema`` tables with other queens as ``node``
     (default ``<hostname>-<pid>``), and takes over the jobs of a queen that renewed no
     lease for ``lease_s`` seconds. ``retention_s``: how long finished jobs stay in memory
-    (a store keeps them longer).
+    (a store keeps them longer). ``cors_origins``: origins whose web pages may use the
+    API (CORS; none by default); ``allowed_hosts``: ``Host`` names the queen answers on
+    loopback besides its own (a reverse proxy's).
     """
 
     hives: dict[str, HiveEntry] = field(default_factory=dict)
@@ -54,6 +56,8 @@ class QueenConfig:
     node: str | None = None
     lease_s: float = 10.0
     retention_s: float = 600.0
+    cors_origins: list[str] = field(default_factory=list)
+    allowed_hosts: list[str] = field(default_factory=list)
 
 
 def parse_hive_flag(value: str) -> HiveEntry:
@@ -71,8 +75,9 @@ def load_config_file(path: str | Path) -> dict[str, Any]:
     """Read a TOML (``.toml``) or JSON file into a dict.
 
     Recognised keys: ``token``, ``advertise_url``, ``heartbeat_ttl_s``, ``schedule_wait_s``,
-    ``host``, ``port`` and a ``hives`` table of ``alias = "URL"`` or
-    ``alias = {url = ..., ssh_host = ..., token = ...}``; the hive daemon reads its own
+    ``host``, ``port``, ``cors_origins`` and ``allowed_hosts`` (lists of strings) and a
+    ``hives`` table of ``alias = "URL"`` or ``alias = {url = ..., ssh_host = ...,
+    token = ...}``; the hive daemon reads its own
     keys (``models_dir``, ``model_source``, ...) from the same kind of file.
     """
     path = Path(path)

@@ -502,6 +502,8 @@ async def serve_queen(
             token=config.token,
             max_concurrent=config.max_concurrent,
             payload_schema=operation_schema(),
+            cors_origins=config.cors_origins,
+            allowed_hosts=config.allowed_hosts,
         )
         queen.add_routes(app)
 

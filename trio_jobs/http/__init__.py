@@ -9,6 +9,7 @@ from ._app import JobsBlueprint as JobsBlueprint
 from ._app import create_app as create_app
 from ._app import job_service as job_service
 from ._app import jobs_blueprint as jobs_blueprint
+from ._cross_site import SitePolicy as SitePolicy
 from ._errors import ApiError as ApiError
 from ._errors import error_response as error_response
 from ._errors import validation_detail as validation_detail
@@ -31,6 +32,7 @@ __all__ = [
     "PayloadParser",
     "RetryOptions",
     "SSE_HEADERS",
+    "SitePolicy",
     "WireEncoder",
     "create_app",
     "error_response",

@@ -3,14 +3,15 @@
 ``jobs_blueprint(...)`` is the one implementation of the SPEC §3 endpoints; the daemons
 mount it on their own app (or call :func:`create_app` and add routes to the result). Mounted
 on an app, the blueprint also brings app-wide behaviour: JSON errors for every status (also
-Quart's own 404/405), bearer-token auth for every route except ``/health``, and the job
-runner (``run_jobs`` in ``app.nursery`` from ``before_serving`` to ``after_serving``).
+Quart's own 404/405), bearer-token auth for every route except ``/health``, the cross-site
+rules and opt-in CORS (``_cross_site``), and the job runner (``run_jobs`` in
+``app.nursery`` from ``before_serving`` to ``after_serving``).
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 import trio
@@ -19,19 +20,21 @@ from quart import Blueprint, Response, request, websocket
 from quart_trio import QuartTrio
 from werkzeug.exceptions import RequestEntityTooLarge
 
-from .._channel import JobStream
+from .._channel import JobStream, StreamItem
 from .._exceptions import JobNotFound
 from .._models import JobState
 from .._registry import JobRegistry
 from .._runner import Executor
+from .._signals import TerminalSignal
+from ._cross_site import CrossSiteGuard, SitePolicy, content_refusal
 from ._errors import ApiError, install_error_handlers, json_bytes, validation_detail
 from ._fastpath import CancelFastPath, wraps_quart_directly
-from ._guard import ConnectionGuard
+from ._guard import ConnectionGuard, on_request_end
 from ._metrics import CONTENT_TYPE
 from ._openapi import openapi_document
 from ._options import OPTION_KEYS, JobOptions, non_finite_at
 from ._service import JobService, PayloadParser, not_found
-from ._sse import SSE_HEADERS, sse_body, ws_follow
+from ._sse import SSE_HEADERS, SseBody, ws_follow
 
 __all__ = ["JobsBlueprint", "create_app", "jobs_blueprint", "job_service"]
 
@@ -63,11 +66,24 @@ def _no_constants(name: str) -> Any:
 
 
 def _parse_json_body(body: bytes) -> Any:
-    """Decode a request body as strict JSON (no NaN/Infinity, no lone surrogates)."""
+    """Decode a request body as strict JSON: UTF-8 without a byte order mark (``json``
+    itself would also take UTF-16 and UTF-32), no NaN/Infinity, no lone surrogates."""
     if not body.strip():
         raise ApiError(400, "malformed JSON", "the request body is empty; send a JSON object")
+    if body.startswith(b"\xef\xbb\xbf"):
+        raise ApiError(
+            400, "malformed JSON", "the body starts with a byte order mark; send UTF-8 without one"
+        )
+    if b"\x00" in body or body.startswith((b"\xff\xfe", b"\xfe\xff")):
+        raise ApiError(
+            400, "malformed JSON", "the body looks like UTF-16 or UTF-32; send UTF-8 JSON"
+        )
     try:
-        data = json.loads(body, parse_constant=_no_constants)
+        text = body.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ApiError(400, "malformed JSON", f"the body is not valid UTF-8: {exc}") from None
+    try:
+        data = json.loads(text, parse_constant=_no_constants)
         # Lone surrogates decode fine but cannot be written back as UTF-8 later.
         json.dumps(data, ensure_ascii=False).encode("utf-8")
     except (ValueError, RecursionError) as exc:
@@ -104,8 +120,14 @@ def _resume_point(headers: Any, args: Any) -> int | None:
     return after if after is not None else query
 
 
-def _sse_response(service: JobService, stream: JobStream, status: int = 200) -> Response:
-    response = Response(sse_body(service, stream), status=status)
+def _sse_response(
+    service: JobService, stream: JobStream, pending: list[StreamItem] | None = None
+) -> Response:
+    """The SSE response of ``stream``; the stream counts as open from here on, and as
+    abandoned if the request ends before its signal was written, however early."""
+    body = SseBody(service, stream, pending)
+    on_request_end(request.scope, body.close)
+    response = Response(body, status=200)
     for key, value in SSE_HEADERS.items():
         response.headers[key] = value
     response.headers["X-Job-Id"] = stream.job_id
@@ -126,6 +148,8 @@ def jobs_blueprint(
     max_concurrent: int | None = None,
     require_token_off_loopback: bool = True,
     payload_schema: Mapping[str, Any] | None = None,
+    cors_origins: Iterable[str] = (),
+    allowed_hosts: Iterable[str] = (),
 ) -> JobsBlueprint:
     """The job API (SPEC §3) as a blueprint, for one app (a second mount raises).
 
@@ -145,7 +169,16 @@ def jobs_blueprint(
             address (``serve`` raises; requests that arrive anyway get 401).
         payload_schema: JSON schema of the payload part of a POST body, for the OpenAPI
             document (default: any JSON object).
+        cors_origins: origins (``https://host[:port]``) whose pages may use the API
+            cross-origin (CORS); none by default. Requests from any other foreign
+            ``Origin`` get 403.
+        allowed_hosts: ``Host`` names a loopback-bound server answers besides its own
+            (a reverse proxy's); others get 421.
+
+    Raises:
+        ValueError: a bad option (a CORS origin with a path, a host name with a port...).
     """
+    policy = SitePolicy(cors_origins, allowed_hosts)
     service = JobService(
         registry,
         executor,
@@ -173,18 +206,19 @@ def jobs_blueprint(
         app.extensions[EXTENSION_KEY] = service
         handlers = install_error_handlers(app)
         guarded = ConnectionGuard(app.asgi_app)
+        inner: Any = guarded
         if wraps_quart_directly(app) and not state.subdomain:
-            app.asgi_app = CancelFastPath(  # type: ignore[method-assign]  # Quart's middleware hook
+            inner = CancelFastPath(
                 app,
                 guarded,
                 service,
                 state.url_prefix,
-                hooks=[_auth_request],
+                hooks=[_check_request],
                 error_handlers=handlers,
                 endpoint=f"{state.name_prefix}.{state.name}.{cancel_job.__name__}".lstrip("."),
             )
-        else:
-            app.asgi_app = guarded  # type: ignore[method-assign]
+        # Outermost: every request, the fast path's included, meets the cross-site rules.
+        app.asgi_app = CrossSiteGuard(inner, policy)  # type: ignore[method-assign]  # Quart's middleware hook
 
     bp.record_once(_register)
 
@@ -206,10 +240,14 @@ def jobs_blueprint(
         return str(server[0]) if server else None
 
     @bp.before_app_request
-    async def _auth_request() -> None:
-        if request.path == "/health" and request.method in ("GET", "HEAD"):
-            return
-        service.check_auth(request.headers.get("Authorization"), _server_host(request.scope))
+    async def _check_request() -> None:
+        """Auth (every route but ``/health``); a routed POST/DELETE's content type."""
+        if not (request.path == "/health" and request.method in ("GET", "HEAD")):
+            service.check_auth(request.headers.get("Authorization"), _server_host(request.scope))
+        if request.routing_exception is None:
+            refused = content_refusal(request.method, request.scope["headers"])
+            if refused is not None:
+                raise refused
 
     @bp.before_app_websocket
     async def _auth_websocket() -> Response | None:
@@ -315,13 +353,22 @@ def jobs_blueprint(
         after = _resume_point(request.headers, request.args)
         await service.known(job_id)
         stream = _open_stream(job_id, after)
+        pending: list[StreamItem] = []
+        if after is not None:
+            pending = stream.receive_batch(service.batch_limit)
+            first = pending[0] if pending else None
+            if type(first) is TerminalSignal and first.id is not None and first.id <= after:
+                # A resume at or after the signal: the stream is over. 204 is what makes
+                # an EventSource stop reconnecting (WHATWG HTML, server-sent events).
+                stream.close()
+                return Response(b"", status=204)
         if request.method == "HEAD":
             stream.close()
             response = Response(b"", status=200)
             for key, value in SSE_HEADERS.items():
                 response.headers[key] = value
             return response
-        return _sse_response(service, stream)
+        return _sse_response(service, stream, pending)
 
     @bp.websocket("/v1/jobs/<job_id>/ws")
     async def stream_job_ws(job_id: str) -> Response | None:
@@ -411,6 +458,8 @@ def create_app(
     max_concurrent: int | None = None,
     require_token_off_loopback: bool = True,
     payload_schema: Mapping[str, Any] | None = None,
+    cors_origins: Iterable[str] = (),
+    allowed_hosts: Iterable[str] = (),
 ) -> QuartTrio:
     """A quart-trio app serving the job API (see :func:`jobs_blueprint` for the arguments).
 
@@ -434,6 +483,8 @@ def create_app(
             max_concurrent=max_concurrent,
             require_token_off_loopback=require_token_off_loopback,
             payload_schema=payload_schema,
+            cors_origins=cors_origins,
+            allowed_hosts=allowed_hosts,
         )
     )
     return app

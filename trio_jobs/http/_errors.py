@@ -30,6 +30,7 @@ _SHORT = {
     409: "conflict",
     413: "request body too large",
     415: "unsupported media type",
+    421: "misdirected request",
     422: "invalid request",
     426: "upgrade required",
     500: "internal server error",

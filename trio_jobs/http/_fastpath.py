@@ -3,7 +3,8 @@
 A client cancelling a job waits for ``[CANCELLED]`` on its open stream, and Quart's
 per-request work (request and app contexts, hooks, routing, a response object) costs
 about as much as the cancel itself. The fast path answers with the same
-:meth:`JobService.cancel`, auth check and JSON bodies as the blueprint's route.
+:meth:`JobService.cancel`, auth and content-type checks and JSON bodies as the blueprint's
+route (and the cross-site rules of ``_cross_site.CrossSiteGuard`` stand in front of both).
 
 It answers only when Quart would do nothing else than run that route, checked on every
 request (a few dictionary lookups): the app serves (``JobService.fast_paths``); nothing
@@ -21,6 +22,7 @@ from typing import Any
 import quart
 from hypercorn.typing import ASGIReceiveCallable, ASGISendCallable, HTTPScope, Scope
 
+from ._cross_site import content_refusal
 from ._errors import ApiError, error_body, json_bytes, logger
 from ._guard import has_body
 from ._service import JobService
@@ -146,6 +148,9 @@ class CancelFastPath:
         try:
             server = scope.get("server")
             service.check_auth(authorization, str(server[0]) if server else None)
+            refused = content_refusal("DELETE", scope["headers"])
+            if refused is not None:
+                raise refused
             status, body = 200, json_bytes(await service.cancel(job_id))
         except ApiError as exc:
             status, body = exc.status, error_body(exc.error, exc.detail)

@@ -12,11 +12,16 @@ Two interactions of hypercorn's HTTP/1.1 connections with quart-trio need it:
   cancelled with them, so idle connections were never closed, neither after
   ``keep_alive_timeout`` nor on shutdown (where they held the stop for the whole grace
   period). The final send is shielded from that cancellation.
+
+It also runs the request's end callbacks (:func:`on_request_end`) when the request is over,
+however it ended: a client that leaves before Quart starts a response body never runs
+that body's ``finally``.
 """
 
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable, Iterable
+from typing import Any, cast
 
 import trio
 from hypercorn.typing import (
@@ -27,9 +32,21 @@ from hypercorn.typing import (
     Scope,
 )
 
-__all__ = ["ConnectionGuard", "has_body"]
+__all__ = ["ConnectionGuard", "has_body", "on_request_end"]
 
 ASGIApp = Callable[[Scope, ASGIReceiveCallable, ASGISendCallable], Awaitable[None]]
+
+_ON_END = "trio_jobs.on_request_end"
+
+
+def on_request_end(scope: Any, callback: Callable[[], None]) -> bool:
+    """Call ``callback`` (synchronously, so also under cancellation) once the HTTP request
+    of ``scope`` is over; False when the app runs without :class:`ConnectionGuard`."""
+    callbacks = scope.get(_ON_END)
+    if callbacks is None:
+        return False
+    callbacks.append(callback)
+    return True
 
 
 def has_body(headers: Iterable[tuple[bytes, bytes]]) -> bool:
@@ -71,4 +88,11 @@ class ConnectionGuard:
                 return
             await send(message)
 
-        await self.app(scope, receive_and_note, guarded_send)
+        callbacks: list[Callable[[], None]] = []
+        try:
+            await self.app(
+                cast(Scope, {**scope, _ON_END: callbacks}), receive_and_note, guarded_send
+            )
+        finally:
+            for callback in callbacks:
+                callback()

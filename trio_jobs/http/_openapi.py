@@ -147,9 +147,16 @@ def openapi_document(
     }
     components["SubmitBody"] = submit_schema
     unauthorized = {"401": _error("Missing or wrong bearer token.")} if token else {}
+    cross_site = {
+        "403": _error("A foreign Origin: neither the server's own nor an allowed one."),
+        "421": _error("A loopback server asked for a Host name that is not its own."),
+    }
 
     def op(summary: str, responses: dict[str, Any], **extra: Any) -> dict[str, Any]:
-        body: dict[str, Any] = {"summary": summary, "responses": {**responses, **unauthorized}}
+        body: dict[str, Any] = {
+            "summary": summary,
+            "responses": {**responses, **unauthorized, **cross_site},
+        }
         body.update(extra)
         return body
 
@@ -181,8 +188,9 @@ def openapi_document(
                         "content": _SSE,
                         "headers": {"X-Job-Id": {"schema": {"type": "string"}}},
                     },
-                    "400": _error("Malformed JSON."),
+                    "400": _error("Malformed JSON, or not UTF-8 (a byte order mark, UTF-16)."),
                     "413": _error("Body over the size limit."),
+                    "415": _error("Not Content-Type: application/json."),
                     "422": _error("Invalid option or operation; detail names the field."),
                 },
                 operationId="submitJob",
@@ -238,8 +246,10 @@ def openapi_document(
                         "description": "Cancelled; the record.",
                         "content": _json_content("JobRecordBody"),
                     },
+                    "400": _error("A DELETE with a body."),
                     "404": _error("Unknown job."),
                     "409": _error("The job already finished (or is being cancelled)."),
+                    "415": _error("A Content-Type other than application/json."),
                 },
                 operationId="cancelJob",
                 parameters=[_JOB_ID],
@@ -250,6 +260,10 @@ def openapi_document(
                 "A job's events as Server-Sent Events",
                 {
                     "200": {"description": "The stream.", "content": _SSE},
+                    "204": {
+                        "description": "A resume (Last-Event-ID or last_event_id) at or after "
+                        "the terminal signal of a finished job: the stream is over."
+                    },
                     "404": _error("Unknown job."),
                     "422": _error("Bad Last-Event-ID or last_event_id."),
                 },

@@ -16,12 +16,12 @@ from typing import Any
 
 import trio
 
-from .._channel import JobStream
+from .._channel import JobStream, StreamItem
 from .._signals import TerminalSignal
 from ._service import JobService
-from ._wire import KEEPALIVE, SHUTDOWN_COMMENT, WireEncoder, retry_preamble
+from ._wire import KEEPALIVE, SHUTDOWN_COMMENT, WireEncoder, retry_line
 
-__all__ = ["SSE_HEADERS", "sse_body", "ws_follow"]
+__all__ = ["SSE_HEADERS", "SseBody", "ws_follow"]
 
 SSE_HEADERS = {
     "Content-Type": "text/event-stream",
@@ -35,59 +35,95 @@ _ENCODING = "utf-8"
 _ERRORS = "backslashreplace"
 
 
-async def sse_body(service: JobService, stream: JobStream) -> AsyncIterator[bytes]:
+class SseBody:
     """The body of a job's SSE response: ``retry:``, the events, the signal, the end.
+
+    The stream counts as open (``on_disconnect``, metrics) from construction, that is from
+    the moment the route accepted the request, not from the first chunk: a client that
+    leaves before the body starts has still left. :meth:`close` ends that (idempotent);
+    the route arranges for it to run when the request is over, however it ended.
+
+    ``pending``: items already taken from ``stream`` (written first).
 
     Ends early only when the server drains (shutdown): whatever is ready is written,
     then ``: server shutting down`` and the end of the body. A client that disconnects
-    closes this generator at its ``yield`` or wait; the job's ``on_disconnect`` policy
-    is then applied.
+    closes the body at its ``yield`` or wait; the job's ``on_disconnect`` policy is then
+    applied.
     """
-    job_id = stream.job_id
-    sse = WireEncoder().sse
-    limit = service.batch_limit
-    keepalive = service.keepalive_s
-    counter = service.metrics.sse_events
-    gauge = service.metrics.sse_open
-    head = retry_preamble(service.retry_ms)
-    finished = False
-    ended_by_server = False
-    service.stream_opened(job_id)
-    gauge.inc()
-    try:
-        while True:
-            items = stream.receive_batch(limit)
-            if items:
-                text = sse(items)
-                if head:
-                    text = head + text
-                    head = ""
-                counter.inc(len(items))
-                if type(items[-1]) is TerminalSignal:
-                    finished = True
+
+    __slots__ = ("_open", "_pending", "service", "stream")
+
+    def __init__(
+        self, service: JobService, stream: JobStream, pending: list[StreamItem] | None = None
+    ) -> None:
+        self.service = service
+        self.stream = stream
+        self._pending = pending or []
+        self._open = True
+        service.stream_opened(stream.job_id)
+        service.metrics.sse_open.inc()
+
+    def close(self, *, abandoned: bool = True) -> None:
+        """The stream is over; ``abandoned``: its client left before the signal."""
+        if not self._open:
+            return
+        self._open = False
+        self.service.metrics.sse_open.dec()
+        self.stream.close()
+        self.service.stream_closed(self.stream.job_id, abandoned=abandoned)
+
+    def __aiter__(self) -> AsyncIterator[bytes]:
+        return self._chunks()
+
+    async def _chunks(self) -> AsyncIterator[bytes]:
+        service = self.service
+        stream = self.stream
+        sse = WireEncoder().sse
+        limit = service.batch_limit
+        keepalive = service.keepalive_s
+        counter = service.metrics.sse_events
+        # No data-less block may end with a blank line (some decoders dispatch an empty
+        # event for it): ``retry:`` is a line of the first event's block, keep-alives and
+        # the shutdown note are lone comment lines.
+        head = retry_line(service.retry_ms)
+        items = self._pending
+        self._pending = []
+        finished = False
+        ended_by_server = False
+        try:
+            while True:
+                if not items:
+                    items = stream.receive_batch(limit)
+                if items:
+                    text = sse(items)
+                    if head:
+                        text = head + text
+                        head = ""
+                    counter.inc(len(items))
+                    if type(items[-1]) is TerminalSignal:
+                        finished = True
+                        yield text.encode(_ENCODING, _ERRORS)
+                        return
+                    items = []
                     yield text.encode(_ENCODING, _ERRORS)
-                    return
-                yield text.encode(_ENCODING, _ERRORS)
-                if service.draining and service.drain_expired():
+                    if service.draining and service.drain_expired():
+                        ended_by_server = True
+                        yield SHUTDOWN_COMMENT.encode()
+                        return
+                    continue
+                if head:
+                    yield head.encode()
+                    head = ""
+                    continue
+                if service.drain_expired():
                     ended_by_server = True
                     yield SHUTDOWN_COMMENT.encode()
                     return
-                continue
-            if head:
-                yield head.encode()
-                head = ""
-                continue
-            if service.drain_expired():
-                ended_by_server = True
-                yield SHUTDOWN_COMMENT.encode()
-                return
-            ready = await service.wait_ready(stream, trio.current_time() + keepalive)
-            if not ready and not service.drain_expired():
-                yield KEEPALIVE
-    finally:
-        gauge.dec()
-        stream.close()
-        service.stream_closed(job_id, abandoned=not (finished or ended_by_server))
+                ready = await service.wait_ready(stream, trio.current_time() + keepalive)
+                if not ready and not service.drain_expired():
+                    yield KEEPALIVE
+        finally:
+            self.close(abandoned=not (finished or ended_by_server))
 
 
 _CANCEL_HINT = 'the only message a client may send is {"cancel": true}'

@@ -18,10 +18,12 @@ from .._channel import StreamItem
 from .._models import NarrationEvent, iso_time
 from .._signals import TerminalSignal
 
-__all__ = ["KEEPALIVE", "SHUTDOWN_COMMENT", "WireEncoder", "retry_preamble"]
+__all__ = ["KEEPALIVE", "SHUTDOWN_COMMENT", "WireEncoder", "retry_line"]
 
-KEEPALIVE = b": keep-alive\n\n"
-SHUTDOWN_COMMENT = ": server shutting down\n\n"
+# Lone comment lines, never a block of their own: a blank line after a data-less block
+# makes httpx-sse and the openai SDK's decoder dispatch an empty event.
+KEEPALIVE = b": keep-alive\n"
+SHUTDOWN_COMMENT = ": server shutting down\n"
 
 _BASE_KEYS = frozenset({"id", "job_id", "ts", "actor", "action", "human"})
 _dumps = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False, default=str).encode
@@ -43,9 +45,10 @@ def _encode_fields(fields: dict[str, Any]) -> str:
     return "".join(_c_encode(fields, 0))
 
 
-def retry_preamble(retry_ms: int) -> str:
-    """The first frame of every SSE body: the client's reconnection delay."""
-    return f"retry: {retry_ms}\n\n"
+def retry_line(retry_ms: int) -> str:
+    """The first line of every SSE body, the client's reconnection delay; it belongs to
+    the first event's block (it ends with no blank line of its own)."""
+    return f"retry: {retry_ms}\n"
 
 
 class WireEncoder:
