@@ -824,6 +824,18 @@ async def test_resume_from_a_given_event_id() -> None:
         assert [item.id async for item in events] == [6, 7]
 
 
+async def test_a_204_answer_ends_the_stream_without_a_signal() -> None:
+    """A resume at or past the signal's id gets 204: nothing more comes, nothing is retried."""
+    client, seen = client_for(lambda r: httpx.Response(204))
+    async with client:
+        async with client.stream(JOB, last_event_id=7) as events:
+            assert [item async for item in events] == []
+            assert events.terminal is None and events.reconnects == 0
+        with pytest.raises(StreamEndedWithoutSignal):
+            await client.wait(JOB, last_event_id=7)
+    assert len(seen) == 2
+
+
 def test_client_options_are_checked() -> None:
     with pytest.raises(ValueError, match="max_reconnects"):
         JobClient(BASE, max_reconnects=-1)

@@ -37,7 +37,9 @@ class JobEventStream(Resumable, ItemChannel):
     up to ``max_reconnects`` attempts in a row without a new event; events the server sends
     again are dropped, so the channel has no duplicate. ``last_event_id`` and ``reconnects``
     tell what happened. After the signal the channel reads the body to its end (so the
-    connection goes back to the pool) and then raises ``trio.EndOfChannel``.
+    connection goes back to the pool) and then raises ``trio.EndOfChannel``. A ``204 No
+    Content`` answer (the server has nothing after ``last_event_id``: a resume from the
+    signal's id or later) ends the channel there, without a signal.
     """
 
     def __init__(
@@ -87,6 +89,11 @@ class JobEventStream(Resumable, ItemChannel):
                     job_id=self.job_id,
                     reason=response.reason_phrase,
                 )
+            if response.status_code == 204 and self.job_id is not None:
+                # Nothing comes after ``last_event_id``: the stream ended there, or before.
+                await response.aclose()
+                self._ended = True
+                return
             if self.job_id is None:
                 self.job_id = response.headers.get("x-job-id")
             ctype = response.headers.get("content-type", "")
@@ -169,8 +176,8 @@ class JobEventStream(Resumable, ItemChannel):
             if self._closed:
                 raise trio.ClosedResourceError("the stream was closed")
             if self._chunks is None:
-                await self._reconnect()
-                assert self._chunks is not None
+                await self._reconnect()  # a connection, or the end (204)
+                continue
             try:
                 chunk = await self._chunks.__anext__()
             except StopAsyncIteration:
