@@ -284,7 +284,7 @@ async def idle_streams(target: Target, count: int, gated: bool) -> tuple[float, 
             await trio.sleep(0.5)
             after = _rss_kb(target.pid)
             if gated:
-                await client.post("/bench/release")
+                await client.post("/bench/release", json={})
     return (after - before) / count, done
 
 

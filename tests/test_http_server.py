@@ -161,10 +161,12 @@ class RawStream:
         method: str = "GET",
         headers: dict[str, str] | None = None,
         body: bytes = b"",
+        wait_for_answer: bool = True,
     ) -> None:
         self._host, port = url.removeprefix("http://").split(":")
         self._port = int(port)
         self._request = (method, path, headers or {}, body)
+        self._wait_for_answer = wait_for_answer
         self._conn = h11.Connection(h11.CLIENT)
         self._sock: trio.SocketStream | None = None
         self.status = 0
@@ -179,13 +181,16 @@ class RawStream:
     async def __aenter__(self) -> RawStream:
         self._sock = await trio.open_tcp_stream(self._host, self._port)
         method, path, headers, body = self._request
-        all_headers = [("Host", self._host), *headers.items()]
+        all_headers = [("Host", self._host)] if "Host" not in headers else []
+        all_headers += headers.items()
         if body:
             all_headers.append(("Content-Length", str(len(body))))
         data = self._conn.send(h11.Request(method=method, target=path, headers=all_headers))
         data += self._conn.send(h11.Data(data=body)) if body else b""
         data += self._conn.send(h11.EndOfMessage())
         await self._sock.send_all(data)
+        if not self._wait_for_answer:
+            return self
         event = await self._next()
         assert isinstance(event, h11.Response), event
         self.status = event.status_code
@@ -253,7 +258,9 @@ async def open_ws(url: str, **options: Any) -> AsyncIterator[trio_websocket.WebS
             await ws._stream.aclose()
 
 
-async def ws_handshake_rejection(url: str, path: str) -> tuple[int, Any]:
+async def ws_handshake_rejection(
+    url: str, path: str, extra: dict[str, str] | None = None
+) -> tuple[int, Any]:
     """Send a WebSocket upgrade request that the server should refuse with an HTTP error.
 
     (trio-websocket's client leaks its socket on a rejected handshake, so the upgrade is
@@ -264,6 +271,7 @@ async def ws_handshake_rejection(url: str, path: str) -> tuple[int, Any]:
         "Upgrade": "websocket",
         "Sec-WebSocket-Key": "dGhlIHNhbXBsZSBub25jZQ==",
         "Sec-WebSocket-Version": "13",
+        **(extra or {}),
     }
     async with RawStream(url, path, headers=headers) as raw:
         body = await raw.rest()
