@@ -55,10 +55,42 @@ def _ensure_postgres(session: nox.Session) -> None:
         session.error("CI needs a PostgreSQL server for the PostgreSQL tests")
 
 
+def _have_chromium() -> bool:
+    names = (os.environ.get("TRIO_JOBS_CHROMIUM") or "chromium", "chromium-browser")
+    return any(shutil.which(name) for name in names)
+
+
+def _ensure_chromium(session: nox.Session) -> None:
+    """Install Debian's Chromium when it is missing and we may (root + apt-get).
+
+    The browser tests (tests/test_http_browser.py) drive it headless; without it they
+    skip with a message, except in CI, where a missing browser is an error.
+    """
+    if _have_chromium():
+        return
+    if os.geteuid() == 0 and shutil.which("apt-get"):
+        env = {"DEBIAN_FRONTEND": "noninteractive"}
+        session.run("apt-get", "update", "-qq", external=True, env=env)
+        session.run(
+            "apt-get",
+            "install",
+            "-y",
+            "-qq",
+            "--no-install-recommends",
+            "chromium",
+            external=True,
+            env=env,
+        )
+    if not _have_chromium() and os.environ.get("CI"):
+        session.error("CI needs Chromium for the browser tests")
+
+
 @nox.session(python=PYTHON)
 def tests(session: nox.Session) -> None:
-    """The whole test suite; installs PostgreSQL (apt-get) when it can, for its tests."""
+    """The whole test suite; installs PostgreSQL and Chromium (apt-get) when it can, for
+    its tests."""
     _ensure_postgres(session)
+    _ensure_chromium(session)
     session.install("-e", ".[test,postgres]")
     env = {"TRIO_JOBS_REQUIRE_PG": "1"} if os.environ.get("CI") else {}
     session.run("pytest", *session.posargs, env=env)
