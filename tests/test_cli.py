@@ -375,3 +375,58 @@ async def test_detach_then_follow(env: Env) -> None:
     assert "".join(tiny_tokens("tiny", "later", max_tokens=5)) in out.splitlines()
     code, out, _ = await keeper(env, "follow", "job-nope")
     assert (code, out) == (1, "[ERROR] unknown job job-nope\n")
+
+
+async def test_queen_and_hive_cors_and_allowed_host_flags(tmp_path: Path) -> None:
+    """``--cors-origin`` and ``--allowed-host`` (or the config's lists) reach the server:
+    the allowed origin reads cross-origin, another is refused, the allowed name answers."""
+    config = tmp_path / "hive.toml"
+    config.write_text('cors_origins = ["https://dash.example"]\nallowed_hosts = ["jobs.lan"]\n')
+    cluster = Cluster(tmp_path)
+    try:
+        queen = cluster.start(
+            "queen",
+            [
+                *("queen", "--port", "0", "--store", "memory"),
+                *("--cors-origin", "https://app.example", "--allowed-host", "jobs.example.com"),
+            ],
+        )
+        hive = cluster.start(
+            "hive", ["hive", "--port", "0", "--store", "memory", "--config", str(config)]
+        )
+        async with httpx.AsyncClient(timeout=5) as http:
+            for url, origin, host in (
+                (queen, "https://app.example", "jobs.example.com"),
+                (hive, "https://dash.example", "jobs.lan"),
+            ):
+                allowed = await http.get(f"{url}/v1/jobs", headers={"Origin": origin})
+                assert allowed.headers["access-control-allow-origin"] == origin
+                other = await http.get(f"{url}/v1/jobs", headers={"Origin": "https://x.example"})
+                assert other.status_code == 403
+                assert (await http.get(f"{url}/health", headers={"Host": host})).status_code == 200
+                rebound = await http.get(f"{url}/health", headers={"Host": "evil.example"})
+                assert rebound.status_code == 421
+    finally:
+        codes = cluster.close()
+    assert codes == {"queen": 0, "hive": 0}
+
+
+@pytest.mark.parametrize(
+    ("flags", "says"),
+    [
+        (["--cors-origin", "app.example"], "must look like http(s)://host[:port]"),
+        (["--allowed-host", "jobs.example.com:8080"], "must be a host name"),
+    ],
+)
+async def test_bad_cors_and_host_flags_fail_clearly(flags: list[str], says: str) -> None:
+    with trio.fail_after(20):
+        result = await trio.run_process(
+            [sys.executable, "-m", "servers", "queen", "--port", "0", "--store", "memory", *flags],
+            capture_stdout=True,
+            capture_stderr=True,
+            check=False,
+        )
+    assert result.returncode != 0
+    assert result.stdout == b""
+    assert b"trio-jobs queen: " in result.stderr
+    assert says.encode() in result.stderr
