@@ -2,14 +2,15 @@
 
 A web page can make a browser send requests to any server the browser reaches, loopback
 ones included, and a DNS name the page controls can be pointed at 127.0.0.1 (DNS
-rebinding). :class:`CrossSiteGuard` runs before everything else of the app (Quart, its
-hooks and routes, and the ``DELETE`` fast path), so every request meets the same rules,
-checked by one function (:meth:`SitePolicy.refusal`):
+rebinding). Every request of a job app, the ``DELETE`` fast path's included, meets these
+rules, each checked by one function:
 
 * a server bound to loopback answers only ``Host`` names of its own (``localhost``,
   loopback addresses, the bound address, and the configured ``allowed_hosts``): 421;
 * a request whose ``Origin`` is neither the server's own (``scheme://host:port`` of the
-  request) nor one of ``cors_origins`` gets 403, WebSocket handshakes included;
+  request) nor one of ``cors_origins`` gets 403, WebSocket handshakes included. These two
+  are :meth:`SitePolicy.refusal`, applied by :class:`CrossSiteGuard` in front of
+  everything else (Quart, its hooks and routes, and the fast path);
 * a state-changing request (``POST``, ``DELETE``) to a route that takes it must say
   ``Content-Type: application/json`` (a ``DELETE`` without a body may say nothing; one
   with a body is refused): 415. A page can send a ``POST`` with a "simple" content type
