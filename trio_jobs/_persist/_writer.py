@@ -103,6 +103,8 @@ class _Part:
     job: Job
     cursor: _Cursor
     batch: WriteBatch
+    final: bool
+    """The job had ended when the part was taken: committing it stores the end."""
 
 
 class Persister:
@@ -316,7 +318,7 @@ class Persister:
             if last > cap:
                 batch.prune.append((job.id, last - cap))
             cursor.events = last
-        return _Part(job, cursor, batch)
+        return _Part(job, cursor, batch, job.state.is_terminal and log.terminal is not None)
 
     def _collect(self) -> list[_Part]:
         """Snapshot everything changed since the last flush (synchronously), and re-arm
@@ -340,7 +342,9 @@ class Persister:
         job, cursor = part.job, part.cursor
         log = job.log
         self.poisoned.pop(job.id, None)
-        if job.state.is_terminal and log.terminal is not None and cursor.events >= log.next_id - 1:
+        # What was captured decides, not the job as it is now: it may have ended while
+        # this part was being written, and its end is not stored yet.
+        if part.final and cursor.events >= log.next_id - 1:
             self._cursors.pop(job.id, None)
             self._live.pop(job.id, None)
             log.gate(_OPEN, hold=False)
