@@ -47,8 +47,8 @@ from ._signals import timeout_message as timeout_message
 from ._stores import JobStore as JobStore
 from ._stores import MemoryStore as MemoryStore
 from ._stores import PostgresStore as PostgresStore
-from ._stores import SQLiteStore as SQLiteStore
 from ._stores import SharedStore as SharedStore
+from ._stores import SQLiteStore as SQLiteStore
 from ._stores import StoredJob as StoredJob
 from ._stream import WireLines as WireLines
 from ._stream import execute_and_stream as execute_and_stream
