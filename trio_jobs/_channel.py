@@ -50,6 +50,7 @@ class JobLog:
         "limit",
         "next_id",
         "on_dirty",
+        "on_held",
         "terminal",
     )
 
@@ -72,6 +73,9 @@ class JobLog:
         """The highest event id readers may see."""
         self.held = False
         """True while the terminal signal, once set, is kept from readers."""
+        self.on_held: Callable[[JobLog], None] | None = None
+        """Called when an append first goes past :attr:`limit` (readers now wait for the
+        gate to widen): persistence then writes at once instead of after its interval."""
         self.on_dirty: Callable[[JobLog], None] | None = None
         """One-shot hook: the next append (or the terminal signal) clears it and calls it
         with the log; persistence sets it to learn which logs changed since a flush."""
@@ -167,6 +171,8 @@ class JobLog:
             lot = self._lot
             if lot is not None and lot:
                 lot.unpark_all()
+        elif event_id == self.limit + 1 and self.on_held is not None:
+            self.on_held(self)
         hook = self.on_dirty
         if hook is not None:
             self.on_dirty = None

@@ -115,7 +115,9 @@ class Persister:
         store: an open store.
         interval: seconds a change may wait for its flush when nobody waits for it.
         max_batch: flush early once this many jobs changed.
-        headroom: event ids reserved ahead of need, at least (it grows with the rate).
+        headroom: event ids reserved ahead of need, at least (it grows with the rate);
+            0 reserves none, so readers see only events already stored (slower, and the
+            ring may overwrite events a reader was not yet allowed to see).
         ack_timeout: seconds a durable submission waits for its commit.
     """
 
@@ -183,6 +185,7 @@ class Persister:
         if job.id not in self._cursors and job.id not in self._dirty:
             job.log.gate(0, hold=True)  # a new job: nothing is reserved yet
             job.log.on_dirty = self._log_changed
+            job.log.on_held = self._log_held
         if transition.state is JobState.RUNNING:
             self._live[job.id] = job
         self._mark(job, transition.state.is_terminal or transition.state is JobState.RUNNING)
@@ -194,6 +197,12 @@ class Persister:
         job = self.registry.job(log.job_id)
         if job is not None and job.log is log:
             self._mark(job, log.next_id - 1 > log.limit or log.terminal is not None)
+
+    def _log_held(self, log: JobLog) -> None:
+        """A log's ``on_held`` hook: it went past its reservation; readers wait."""
+        job = self.registry.job(log.job_id)
+        if job is not None and job.log is log and log.job_id not in self.foreign:
+            self._mark(job, True)
 
     def disown(self, job_id: str) -> None:
         """Stop writing a job: another node owns it now (its log is the store's)."""
@@ -215,6 +224,7 @@ class Persister:
         if log.terminal is None:
             log.gate(reserved, hold=True)
             log.on_dirty = self._log_changed
+            log.on_held = self._log_held
             if log.next_id - 1 > reserved:
                 self._mark(job, True)
         elif stored.record.state.is_terminal:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import sqlite3
 from collections.abc import Callable
+from typing import Any
 
 import trio
 
@@ -73,10 +74,16 @@ class SQLiteStore(ThreadedSQLStore[sqlite3.Connection]):
         _transaction(conn, self._migrate, "BEGIN IMMEDIATE")
 
     async def write(self, batch: WriteBatch) -> None:
-        if batch:
-            await self._run(lambda conn: _transaction(conn, lambda c: _write(c, batch)))
-        else:
+        if not batch:
             await trio.lowlevel.checkpoint()
+            return
+        # Rows are encoded here, in the event loop's thread: the worker thread then only
+        # runs SQLite, which releases the GIL, instead of contending for it with a busy
+        # loop on every row (a narrating job starved its writes for hundreds of ms).
+        jobs = [job_row(w) for w in batch.jobs]
+        chunks = event_chunks(batch.events)
+        prune = batch.prune
+        await self._run(lambda conn: _transaction(conn, lambda c: _write(c, jobs, chunks, prune)))
 
 
 def _transaction(
@@ -91,10 +98,15 @@ def _transaction(
         raise
 
 
-def _write(conn: sqlite3.Connection, batch: WriteBatch) -> None:
-    if batch.jobs:
-        conn.executemany(_UPSERT, [job_row(w) for w in batch.jobs])
-    if batch.events:
-        conn.executemany(_EVENTS, event_chunks(batch.events))
-    if batch.prune:
-        conn.executemany(_PRUNE, batch.prune)
+def _write(
+    conn: sqlite3.Connection,
+    jobs: list[tuple[Any, ...]],
+    chunks: list[tuple[str, int, int, str]],
+    prune: list[tuple[str, int]],
+) -> None:
+    if jobs:
+        conn.executemany(_UPSERT, jobs)
+    if chunks:
+        conn.executemany(_EVENTS, chunks)
+    if prune:
+        conn.executemany(_PRUNE, prune)
