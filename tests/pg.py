@@ -94,6 +94,7 @@ class Cluster:
             )
 
     def start(self) -> str:
+        """Create the cluster and start its server; the DSN."""
         self._run(
             "initdb",
             "-D",
@@ -106,6 +107,10 @@ class Cluster:
             "--no-sync",
             "--locale=C",
         )
+        return self.up()
+
+    def up(self) -> str:
+        """Start the server (again, after :meth:`down`); the DSN."""
         options = (
             f"-k {self.root} -p {self.port} -c listen_addresses='' -c fsync=off "
             "-c synchronous_commit=off -c full_page_writes=off -c max_connections=50"
@@ -123,9 +128,13 @@ class Cluster:
         )
         return f"host={self.root} port={self.port} user=postgres dbname=postgres"
 
+    def down(self, mode: str = "fast") -> None:
+        """Stop the server, keeping its data (an outage): connections are closed."""
+        self._run("pg_ctl", "-D", str(self.data), "-m", mode, "-w", "stop")
+
     def stop(self) -> None:
         with contextlib.suppress(Exception):
-            self._run("pg_ctl", "-D", str(self.data), "-m", "immediate", "-w", "stop")
+            self.down("immediate")
         shutil.rmtree(self.root, ignore_errors=True)
 
 
