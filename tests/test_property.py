@@ -5,9 +5,12 @@ its job. Random executors run under an autojump MockClock."""
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
+import pytest
 import trio
 import trio.testing
 from hypothesis import HealthCheck, given, settings
@@ -15,7 +18,24 @@ from hypothesis import strategies as st
 
 from trio_jobs import JobRegistry, JobState, RetryPolicy, narrate, open_job_runner
 
+from . import pg
 from .helpers import assert_one_signal_last
+
+
+@pytest.fixture(params=["no store", "memory", "sqlite", "postgres"])
+def store_kind(
+    request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> str:
+    """Run the property on every store: each registry it makes is persisted to a new
+    store of this kind (the nox ``tests_store`` sessions pick one for the whole suite)."""
+    chosen = os.environ.get("TRIO_JOBS_TEST_STORE")
+    if chosen:
+        if request.param != chosen:
+            pytest.skip(f"TRIO_JOBS_TEST_STORE={chosen}")
+        return chosen
+    if request.param != "no store":
+        pg.persist_every_registry(request.param, monkeypatch, tmp_path)
+    return str(request.param)
 
 
 @dataclass(frozen=True)
@@ -85,7 +105,7 @@ async def run_program(program: tuple[Step, ...], name: str, tracker: Tracker) ->
 @settings(
     max_examples=500,
     deadline=None,
-    suppress_health_check=[HealthCheck.too_slow],
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
     derandomize=True,
 )
 @given(
@@ -96,6 +116,7 @@ async def run_program(program: tuple[Step, ...], name: str, tracker: Tracker) ->
     late_subscriber_at=st.floats(0, 12),
 )
 def test_every_stream_ends_with_one_honest_signal(
+    store_kind: str,
     program: tuple[Step, ...],
     cancel_at: float | None,
     timeout: float | None,
