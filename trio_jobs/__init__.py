@@ -7,6 +7,20 @@ the job's narration channel closes.
 
 The client's names (:class:`JobClient`, its streams, :func:`raise_for_signal`) are loaded on
 first use (PEP 562), so that ``import trio_jobs`` does not import httpx.
+
+Floors, bottom up; a module imports only from its own floor or below (``tests/test_layers.py``
+keeps it so, and keeps the lifecycle floors free of httpx, quart, hypercorn, trio-websocket,
+``servers``, the client, persistence and the stores):
+
+0. values and errors: ``_exceptions``, ``_models``, ``_signals``, ``_json``, ``_receive``
+1. channel and narration: ``_channel``, ``_narration``
+2. the job's state machine: ``_job``
+3. the registry: ``_registry`` (its store is reached through one typed ``backing`` slot)
+4. running: ``_runner``, ``_stream``
+5. stores: ``_stores/``
+6. persistence: ``_persist/`` (writer, recovery, shared mode)
+7. composition: ``_run`` (``run_jobs``, ``open_registry``, ``run_shared_jobs``)
+8. the HTTP layer, the client and the pytest plugin: ``http/``, ``_client/``, ``testing``
 """
 
 import typing as _typing
