@@ -69,45 +69,39 @@ async def _start(db: Path, nursery: trio.Nursery) -> tuple[trio.Process, str]:
     return proc, buf.decode().strip()
 
 
+async def _items_into(response: httpx.Response, out: list[tuple[int, str]]) -> None:
+    """Append ``(id, data)`` of every SSE item of the body to ``out`` as it arrives."""
+    event_id: int | None = None
+    data: list[str] = []
+    async for line in response.aiter_lines():
+        if line.startswith("id:"):
+            event_id = int(line[3:].strip())
+        elif line.startswith("data:"):
+            data.append(line[5:].strip())
+        elif not line and data:
+            assert event_id is not None
+            out.append((event_id, "\n".join(data)))
+            data, event_id = [], None
+
+
 async def _read_stream(
     client: httpx.AsyncClient, url: str, after: int | None = None
 ) -> list[tuple[int, str]]:
     """``(id, data)`` of every SSE item, in order, until the server ends the body."""
     headers = {"Last-Event-ID": str(after)} if after is not None else {}
     items: list[tuple[int, str]] = []
-    event_id: int | None = None
-    data: list[str] = []
     async with client.stream("GET", url, headers=headers) as response:
-        if response.status_code == 204:
-            return items
-        assert response.status_code == 200, response.status_code
-        async for line in response.aiter_lines():
-            if line.startswith("id:"):
-                event_id = int(line[3:].strip())
-            elif line.startswith("data:"):
-                data.append(line[5:].strip())
-            elif not line and data:
-                assert event_id is not None
-                items.append((event_id, "\n".join(data)))
-                data, event_id = [], None
+        if response.status_code != 204:
+            assert response.status_code == 200, response.status_code
+            await _items_into(response, items)
     return items
 
 
 async def _follow(client: httpx.AsyncClient, url: str, seen: list[tuple[int, str]]) -> None:
     """Read a stream into ``seen`` until the server dies."""
-    event_id: int | None = None
-    data: list[str] = []
     try:
         async with client.stream("GET", url) as response:
-            async for line in response.aiter_lines():
-                if line.startswith("id:"):
-                    event_id = int(line[3:].strip())
-                elif line.startswith("data:"):
-                    data.append(line[5:].strip())
-                elif not line and data:
-                    assert event_id is not None
-                    seen.append((event_id, "\n".join(data)))
-                    data, event_id = [], None
+            await _items_into(response, seen)
     except httpx.HTTPError:
         pass
 
