@@ -245,3 +245,44 @@ async def test_a_node_dying_between_claim_and_first_write_never_runs_the_job_twi
     reasons = [t.reason or "" for t in history]
     assert any("on dead" in r for r in reasons) and any("on survivor" in r for r in reasons)
     assert json.dumps(reasons)  # plain text
+
+
+async def test_numbers_no_json_can_hold_are_refused_and_retry_delays_bounded() -> None:
+    """Through a real socket: ``1e999`` anywhere in a body is 422 naming where it is; a
+    retry delay no date can hold is 422; nothing is created; reads keep working."""
+    import httpx
+
+    from trio_jobs.http import create_app, serve
+
+    async def work(job_id: str, payload: Any) -> None:
+        await trio.lowlevel.checkpoint()
+
+    registry = JobRegistry()
+    with trio.fail_after(CAP):
+        async with trio.open_nursery() as nursery:
+            url = await nursery.start(serve, create_app(registry, work))
+            async with httpx.AsyncClient(base_url=url) as client:
+                headers = {"content-type": "application/json"}
+                bodies = {
+                    '{"metadata": {"x": [1, 1e999]}}': ["metadata", "x", 1],
+                    '{"n": -1e999}': ["n"],
+                    '{"timeout_s": 1e999}': ["timeout_s"],
+                    '{"retry": {"backoff_base": 1e12, "cap": 1e12}}': ["retry", "backoff_base"],
+                }
+                for body, where in bodies.items():
+                    response = await client.post("/v1/jobs", content=body, headers=headers)
+                    assert response.status_code == 422, (body, response.text)
+                    detail = response.json()["detail"]
+                    assert [d["loc"] for d in detail][0] == where, (body, detail)
+                assert (await client.get("/v1/jobs")).json()["jobs"] == []
+                ok = await client.post(
+                    "/v1/jobs", json={"retry": {"backoff_base": 2592000, "cap": 2592000}}
+                )
+                assert ok.status_code == 201
+                assert (await client.get("/v1/jobs")).status_code == 200
+            nursery.cancel_scope.cancel()
+    with pytest.raises(ValueError, match="finite"):
+        RetryPolicy(backoff_base=float("inf"))
+    with pytest.raises(ValueError, match="at most"):
+        RetryPolicy(cap=1e12)
+    assert RetryPolicy(max_attempts=5000, factor=1000.0, cap=60).delay(4000) == 60
