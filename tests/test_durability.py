@@ -286,3 +286,50 @@ async def test_numbers_no_json_can_hold_are_refused_and_retry_delays_bounded() -
     with pytest.raises(ValueError, match="at most"):
         RetryPolicy(cap=1e12)
     assert RetryPolicy(max_attempts=5000, factor=1000.0, cap=60).delay(4000) == 60
+
+
+async def test_a_locked_sqlite_file_is_an_outage_the_writer_rides_out(tmp_path: Path) -> None:
+    """Another process's exclusive lock on the SQLite file (``database is locked``): a
+    submission is not acknowledged, a running job goes on, and everything is written once
+    the lock is gone."""
+    import sqlite3
+
+    from trio_jobs import SQLiteStore
+
+    path = tmp_path / "jobs.db"
+    release = trio.Event()
+
+    async def work(job_id: str, payload: Any) -> None:
+        if payload.get("wait"):
+            await release.wait()
+        narrate("done", "finished")
+
+    registry = JobRegistry(store=SQLiteStore(path))
+    with trio.fail_after(40):
+        async with trio.open_nursery() as nursery:
+            await nursery.start(run_jobs, registry, work)
+            running = await registry.submit({"wait": True})
+            while registry.running < 1:
+                await trio.sleep(0.01)
+            await trio.sleep(0.1)  # its RUNNING state is written
+            other = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+            other.execute("BEGIN EXCLUSIVE")
+            try:
+                with pytest.raises(StoreUnavailable):
+                    await registry.submit({})
+                release.set()
+                await trio.sleep(0.5)
+                assert registry.get(running).state is JobState.COMPLETED
+                job = registry.job(running)
+                assert job is not None and not job.log.settled  # its end is not stored
+            finally:
+                other.execute("ROLLBACK")
+                other.close()
+            assert (await registry.wait(running)).state is JobState.COMPLETED
+            persister = persister_of(registry)
+            assert persister is not None and persister.health.ok
+            assert (await registry.wait(await registry.submit({}))).state is JobState.COMPLETED
+            nursery.cancel_scope.cancel()
+    async with SQLiteStore(path) as store:
+        stored = await store.load_job(running)
+    assert stored is not None and stored.record.state is JobState.COMPLETED
