@@ -30,6 +30,24 @@ def _have_postgres_server() -> bool:
     return bool(shutil.which("initdb") or glob.glob("/usr/lib/postgresql/*/bin/initdb"))
 
 
+def _apt_install(session: nox.Session, package: str) -> None:
+    """``apt-get install package`` when we may (root and apt-get); nothing otherwise."""
+    if os.geteuid() != 0 or not shutil.which("apt-get"):
+        return
+    env = {"DEBIAN_FRONTEND": "noninteractive"}
+    session.run("apt-get", "update", "-qq", external=True, env=env)
+    session.run(
+        "apt-get",
+        "install",
+        "-y",
+        "-qq",
+        "--no-install-recommends",
+        package,
+        external=True,
+        env=env,
+    )
+
+
 def _ensure_postgres(session: nox.Session) -> None:
     """Install Debian's PostgreSQL server when it is missing and we may (root + apt-get).
 
@@ -38,19 +56,7 @@ def _ensure_postgres(session: nox.Session) -> None:
     """
     if os.environ.get("TRIO_JOBS_PG_DSN") or _have_postgres_server():
         return
-    if os.geteuid() == 0 and shutil.which("apt-get"):
-        env = {"DEBIAN_FRONTEND": "noninteractive"}
-        session.run("apt-get", "update", "-qq", external=True, env=env)
-        session.run(
-            "apt-get",
-            "install",
-            "-y",
-            "-qq",
-            "--no-install-recommends",
-            "postgresql",
-            external=True,
-            env=env,
-        )
+    _apt_install(session, "postgresql")
     if not _have_postgres_server() and os.environ.get("CI"):
         session.error("CI needs a PostgreSQL server for the PostgreSQL tests")
 
@@ -68,19 +74,7 @@ def _ensure_chromium(session: nox.Session) -> None:
     """
     if _have_chromium():
         return
-    if os.geteuid() == 0 and shutil.which("apt-get"):
-        env = {"DEBIAN_FRONTEND": "noninteractive"}
-        session.run("apt-get", "update", "-qq", external=True, env=env)
-        session.run(
-            "apt-get",
-            "install",
-            "-y",
-            "-qq",
-            "--no-install-recommends",
-            "chromium",
-            external=True,
-            env=env,
-        )
+    _apt_install(session, "chromium")
     if not _have_chromium() and os.environ.get("CI"):
         session.error("CI needs Chromium for the browser tests")
 
