@@ -233,3 +233,80 @@ async def test_a_full_or_read_only_disk_refuses_submissions_and_loses_nothing_ac
         events = [e for e in await store.load_events(long_id) if e.action == "tick"]
     assert [e.id for e in events] == [e.id for e in narrated]
     assert [e.human for e in events] == [f"tick {i}" for i in range(len(narrated))]
+
+
+@pytest.mark.parametrize("on_disconnect", ["detach", "cancel"])
+async def test_a_client_leaving_during_its_durable_submit_gets_its_job_failed_never_run(
+    tmp_path: Path, on_disconnect: str
+) -> None:
+    """``POST /v1/jobs`` waits for its commit while another connection holds the SQLite
+    write lock; the client closes its socket. The job is recorded FAILED ``not
+    acknowledged: the submission was cancelled`` (once the lock is gone, in the file too)
+    and never runs, here or after a restart, whatever its ``on_disconnect``."""
+    db = tmp_path / "jobs.db"
+    ran: list[str] = []
+
+    async def work(job_id: str, payload: Any) -> None:
+        ran.append(job_id)
+        await trio.lowlevel.checkpoint()
+
+    registry = JobRegistry(store=SQLiteStore(db))
+    with trio.fail_after(CAP):
+        async with trio.open_nursery() as nursery:
+            url = await nursery.start(serve, create_app(registry, work))
+            other = sqlite3.connect(db, isolation_level=None, check_same_thread=False)
+            other.execute("BEGIN IMMEDIATE")  # the store's writes wait for the lock
+            try:
+                host, port = url.removeprefix("http://").split(":")
+                sock = await trio.open_tcp_stream(host, int(port))
+                body = f'{{"on_disconnect": "{on_disconnect}"}}'.encode()
+                await sock.send_all(
+                    b"POST /v1/jobs HTTP/1.1\r\nHost: %s\r\n"
+                    b"Content-Type: application/json\r\nContent-Length: %d\r\n\r\n%s"
+                    % (url.removeprefix("http://").encode(), len(body), body)
+                )
+                while not registry.list_jobs():
+                    await trio.sleep(0.01)
+                (job_id,) = [job.id for job in registry.list_jobs()]
+                persister = persister_of(registry)
+                assert persister is not None
+                while not persister.unstored(registry.job(job_id)):  # type: ignore[arg-type]
+                    await trio.sleep(0.01)
+                await trio.sleep(0.2)  # the commit is waiting for the lock
+                assert registry.get(job_id).state is JobState.QUEUED
+                await sock.aclose()  # the client leaves before any answer
+                with trio.fail_after(3):  # well before the lock's busy timeout (5 s)
+                    while registry.get(job_id).state is JobState.QUEUED:
+                        await trio.sleep(0.01)
+                record = registry.get(job_id)
+                assert record.state is JobState.FAILED
+                assert record.error == "not acknowledged: the submission was cancelled"
+            finally:
+                other.execute("ROLLBACK")
+                other.close()
+            with trio.fail_after(10):
+                while persister.pending:
+                    await trio.sleep(0.01)
+            async with httpx.AsyncClient(base_url=url) as client:
+                response = await client.get(f"/v1/jobs/{job_id}")
+                assert response.json()["error"] == record.error
+                after = await client.post("/v1/jobs", json={})
+                assert after.status_code == 201
+                while response.json()["state"] != "completed":
+                    response = await client.get(f"/v1/jobs/{after.json()['job_id']}")
+            nursery.cancel_scope.cancel()
+    assert ran == [after.json()["job_id"]]
+    async with SQLiteStore(db) as store:
+        stored = await store.load_job(job_id)
+    assert stored is not None and stored.record.state is JobState.FAILED
+    assert stored.record.error == "not acknowledged: the submission was cancelled"
+    assert [t.state for t in stored.history] == [JobState.QUEUED, JobState.FAILED]
+    # restarted on the same file: the job stays failed and does not run
+    again = JobRegistry(store=SQLiteStore(db))
+    with trio.fail_after(CAP):
+        async with trio.open_nursery() as nursery:
+            await nursery.start(serve, create_app(again, work))
+            await trio.sleep(0.3)
+            assert again.get(job_id).state is JobState.FAILED
+            nursery.cancel_scope.cancel()
+    assert ran == [after.json()["job_id"]]
