@@ -310,3 +310,78 @@ async def test_a_client_leaving_during_its_durable_submit_gets_its_job_failed_ne
             assert again.get(job_id).state is JobState.FAILED
             nursery.cancel_scope.cancel()
     assert ran == [after.json()["job_id"]]
+
+
+class _CappedSQLiteStore(SQLiteStore):
+    """A SQLite store whose database may not grow past ``max_pages`` (SQLite's own
+    ``max_page_count``; None: no cap): its writes then fail with SQLITE_FULL, as on a full
+    disk, without needing a file system to fill."""
+
+    max_pages: int | None = None
+
+    def _call(self, fn: Any) -> Any:
+        def capped(conn: sqlite3.Connection) -> Any:
+            cap = self.max_pages if self.max_pages is not None else 1 << 30
+            conn.execute(f"PRAGMA max_page_count = {cap}")
+            return fn(conn)
+
+        return super()._call(capped)
+
+
+async def test_a_database_at_its_page_cap_is_an_outage_the_writer_rides_out(
+    tmp_path: Path,
+) -> None:
+    """SQLite's ``max_page_count`` reached (SQLITE_FULL without root): a durable submit
+    raises StoreUnavailable and is recorded not acknowledged, the store's health names
+    the full database, the running job goes on, and all of it is written once the cap is
+    lifted."""
+    from trio_jobs import StoreUnavailable, run_jobs
+
+    db = tmp_path / "jobs.db"
+    release = trio.Event()
+
+    async def work(job_id: str, payload: Any) -> None:
+        i = 0
+        while payload.get("long") and not release.is_set():
+            narrate("tick", f"tick {i}", pad=PAD * 4)
+            i += 1
+            with trio.move_on_after(0.01):
+                await release.wait()
+
+    store = _CappedSQLiteStore(db)
+    registry = JobRegistry(store=store)
+    with trio.fail_after(CAP):
+        async with trio.open_nursery() as nursery:
+            await nursery.start(run_jobs, registry, work)
+            persister = persister_of(registry)
+            assert persister is not None
+            long_id = await registry.submit({"long": True})
+            while registry.running < 1:
+                await trio.sleep(0.01)
+            await trio.sleep(0.1)
+            conn = sqlite3.connect(db)
+            store.max_pages = conn.execute("PRAGMA page_count").fetchone()[0]
+            conn.close()
+            with trio.fail_after(5):
+                while persister.health.ok:
+                    await trio.sleep(0.01)
+            assert "database or disk is full" in (persister.health.error or "")
+            with pytest.raises(StoreUnavailable):
+                await registry.submit({})
+            release.set()
+            while registry.get(long_id).state is not JobState.COMPLETED:
+                await trio.sleep(0.01)
+            store.max_pages = None
+            assert (await registry.wait(long_id)).state is JobState.COMPLETED
+            assert persister.health.ok
+            nursery.cancel_scope.cancel()
+    narrated = registry.events(long_id)
+    (refused,) = [r for r in registry.list_jobs() if r.id != long_id]
+    async with SQLiteStore(db) as again:
+        stored = await again.load_job(long_id)
+        assert stored is not None and stored.record.state is JobState.COMPLETED
+        assert await again.load_events(long_id) == narrated
+        stored = await again.load_job(refused.id)
+    assert stored is not None and stored.record.error == (
+        "not acknowledged: the store was unavailable"
+    )
