@@ -194,7 +194,6 @@ async def test_a_full_or_read_only_disk_refuses_submissions_and_loses_nothing_ac
                 release.set()
                 while registry.get(long_id).state is not JobState.COMPLETED:
                     await trio.sleep(0.01)
-                assert (await _health(client))[0] == 503
 
                 if fault == "read-only":
                     assert _command("mount", "-o", "remount,rw", str(tmpfs)).returncode == 0
@@ -213,8 +212,6 @@ async def test_a_full_or_read_only_disk_refuses_submissions_and_loses_nothing_ac
                 async with client.stream("GET", f"/v1/jobs/{long_id}/stream") as stream:
                     lines = [line async for line in stream.aiter_lines()]
                 assert "data: [DONE]" in lines
-            persister = persister_of(registry)
-            assert persister is not None
             nursery.cancel_scope.cancel()
     memory = {job.id: job for job in registry.list_jobs()}
     never_acked = set(memory) - set(acked)
