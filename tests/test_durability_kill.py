@@ -157,7 +157,7 @@ async def test_sigkill_of_a_queen_loses_no_acknowledged_job_and_reuses_no_id(
     timeout = httpx.Timeout(5, read=None)
     cluster = Cluster(tmp_path)
     try:
-        with trio.fail_after(CAP):
+        with trio.fail_after(1.5 * CAP):  # three daemons start
             queen = cluster.start("queen", _queen(ghost, 30))
             cluster.start(
                 "worker",
