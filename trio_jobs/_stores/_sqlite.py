@@ -6,6 +6,7 @@ event loop never blocks on the disk.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sqlite3
 from collections.abc import Callable
@@ -94,7 +95,11 @@ def _transaction(
         fn(conn)
         conn.execute("COMMIT")
     except BaseException:
-        conn.execute("ROLLBACK")
+        # SQLite may have rolled back already (disk full, I/O error): the error to report
+        # is the one that ended the transaction, not a failed ROLLBACK.
+        if conn.in_transaction:
+            with contextlib.suppress(sqlite3.Error):
+                conn.execute("ROLLBACK")
         raise
 
 
