@@ -241,8 +241,9 @@ def jobs_blueprint(
 
     @bp.before_app_request
     async def _check_request() -> None:
-        """Auth (every route but ``/health``); a routed POST/DELETE's content type."""
-        if not (request.path == "/health" and request.method in ("GET", "HEAD")):
+        """Auth (every route but ``service.public_paths``); a routed POST/DELETE's
+        content type."""
+        if not (request.path in service.public_paths and request.method in ("GET", "HEAD")):
             service.check_auth(request.headers.get("Authorization"), _server_host(request.scope))
         if request.routing_exception is None:
             refused = content_refusal(request.method, request.scope["headers"])
