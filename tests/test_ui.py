@@ -219,6 +219,43 @@ async def test_the_page_signs_in_with_a_token(ui_server: UiServer, page: Page) -
         assert await page.run("sessionStorage.length") == 0
 
 
+async def test_jobs_page_through_the_servers_cursor_or_without_one(
+    ui_server: UiServer, page: Page
+) -> None:
+    with trio.fail_after(CAP):
+        ids = [await ui_server.submit([], tags={"set": "paged"}) for _ in range(30)]
+        await ui_server.submit([], tags={"set": "other"})
+        for job_id in ids:
+            await ui_server.registry.wait(job_id)
+        async with ui_server.http() as http:
+            answer = (await http.get("/v1/jobs", params={"limit": 25})).json()
+        await sign_in(page, ui_server.url, "#/jobs?limit=25&tag=set:paged")
+        rows = "[...document.querySelectorAll('#jobs tbody tr')].map((tr) => tr.dataset.jobId)"
+        newest_first = ids[::-1]
+        await page.wait_for(f"{rows}.length === 25")
+        assert await page.run(rows) == newest_first[:25]
+        if "next_cursor" in answer:  # a server that pages: follow its cursor
+            await page.run("document.getElementById('page-next').click()")
+            await page.wait_for(f"{rows}.length === 5")
+            assert await page.run(rows) == newest_first[25:]
+            await page.run("document.getElementById('page-prev').click()")
+            await page.wait_for(f"{rows}.length === 25")
+        else:  # one that answers everything at once: cut here, say so, nothing to follow
+            info = "document.getElementById('page-info').textContent"
+            assert await page.run(info) == "showing 25 of 30"
+            assert await page.run("document.getElementById('page-next').disabled")
+        await page.run("document.querySelector('#filters [name=order]').value = 'asc'")
+        await page.run("document.getElementById('filters').requestSubmit()")
+        await page.wait_for(f"{rows}[0] === {js(ids[0])}")
+        # A time window after every job: nothing matches.
+        await page.run(
+            "location.hash = '#/jobs?since=' + "
+            "new Date(Date.now() + 3600e3 - new Date().getTimezoneOffset() * 60e3)"
+            ".toISOString().slice(0, 19)"
+        )
+        await page.wait_for("!document.getElementById('jobs-empty').hidden")
+
+
 # ---- one job ----------------------------------------------------------------------------------
 
 

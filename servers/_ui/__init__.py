@@ -21,6 +21,7 @@ requests from this origin only, no inline code, no framing, no form submissions.
 from __future__ import annotations
 
 import collections
+import json
 import time
 from collections.abc import Awaitable, Callable
 from importlib.resources import files
@@ -31,7 +32,6 @@ from quart import Response, request
 from quart_trio import QuartTrio
 
 from trio_jobs.http import job_service
-from trio_jobs.http._errors import json_bytes
 
 __all__ = ["CSP", "ThroughputSampler", "add_ui_routes"]
 
@@ -135,11 +135,13 @@ def add_ui_routes(
         return _respond(body, kind)
 
     async def throughput() -> Response:
-        return _respond(json_bytes(sampler.to_dict()), "application/json")
+        return _respond(json.dumps(sampler.to_dict()).encode(), "application/json")
 
     async def hives() -> Response:
         assert hive_health is not None
-        return _respond(json_bytes({"hives": await hive_health()}), "application/json")
+        return _respond(
+            json.dumps({"hives": await hive_health()}, default=str).encode(), "application/json"
+        )
 
     async def start_sampler() -> None:
         app.nursery.start_soon(sampler.run)

@@ -282,14 +282,24 @@
     return params;
   }
 
+  /** The tag filter's ``key:value`` words (several: a job must have them all). */
+  function tagsOf(params) {
+    return (params.get("tag") || "").split(/[\s,]+/).filter(Boolean);
+  }
+
   /** Filters the server does not apply itself (a server without pagination ignores them). */
   function filterLocally(jobs, params) {
     const operation = params.get("operation");
+    const tags = tagsOf(params).map((tag) => {
+      const at = tag.indexOf(":");
+      return [tag.slice(0, at), tag.slice(at + 1)];
+    });
     const since = params.get("since") ? new Date(params.get("since")).getTime() : null;
     const until = params.get("until") ? new Date(params.get("until")).getTime() : null;
     const order = params.get("order") === "asc" ? 1 : -1;
     return jobs
       .filter((job) => !operation || operationOf(job) === operation)
+      .filter((job) => tags.every(([key, value]) => (job.tags || {})[key] === value))
       .filter((job) => since === null || new Date(job.created_at).getTime() >= since)
       .filter((job) => until === null || new Date(job.created_at).getTime() < until)
       .sort((a, b) => order * (new Date(a.created_at) - new Date(b.created_at)));
@@ -307,9 +317,11 @@
 
   async function loadJobs(params) {
     const query = new URLSearchParams();
-    for (const name of ["state", "tag", "operation", "order", "cursor"]) {
+    for (const name of ["state", "operation", "cursor"]) {
       if (params.get(name)) query.set(name, params.get(name));
     }
+    for (const tag of tagsOf(params)) query.append("tag", tag);
+    query.set("order", params.get("order") === "asc" ? "asc" : "desc");
     for (const name of ["since", "until"]) {
       if (params.get(name)) query.set(name, localIso(params.get(name)));
     }
@@ -687,7 +699,7 @@
       list.append(
         el(
           "li",
-          { class: `state-${entry.state}` },
+          { class: `entry entry-${entry.state}` },
           el("time", { dateTime: entry.at || "", title: entry.at || "" }, fmtTime(entry.at)),
           " ",
           stateBadge(entry.state),
