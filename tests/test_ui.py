@@ -374,7 +374,9 @@ async def test_retry_resubmits_the_same_payload_and_options(
         await page.wait_for("document.getElementById('job-end').dataset.kind === 'ERROR'")
 
 
-async def test_throughput_chart_counts_finished_jobs(ui_server: UiServer, page: Page) -> None:
+async def test_throughput_chart_counts_finished_jobs(
+    ui_server: UiServer, page: Page, tmp_path: Path
+) -> None:
     with trio.fail_after(CAP):
         done = [await ui_server.submit([]) for _ in range(3)]
         failed = await ui_server.submit([["fail", "no"]])
@@ -385,6 +387,7 @@ async def test_throughput_chart_counts_finished_jobs(ui_server: UiServer, page: 
         await page.wait_for(f"{row.format('completed')}?.children[1].textContent === '3'")
         assert await page.run(f"{row.format('failed')}.children[1].textContent") == "1"
         assert await page.run("Number(document.getElementById('throughput').dataset.bins)") >= 1
+        await page.screenshot(artifacts_dir(tmp_path) / "ui-throughput.png")
 
 
 # ---- real daemons -------------------------------------------------------------------------------
@@ -513,7 +516,9 @@ async def test_cancel_from_the_page_ends_the_job_cancelled(daemons: Daemons, pag
         await page.wait_for("document.getElementById('job-cancel').disabled")
 
 
-async def test_cluster_page_shows_workers_and_hives_live(daemons: Daemons, page: Page) -> None:
+async def test_cluster_page_shows_workers_and_hives_live(
+    daemons: Daemons, page: Page, tmp_path: Path
+) -> None:
     with trio.fail_after(CAP):
         await sign_in(page, daemons.queen, "#/cluster")
         worker = f"document.querySelector('#workers tr[data-worker-id={js(daemons.worker['id'])}]')"
@@ -527,6 +532,7 @@ async def test_cluster_page_shows_workers_and_hives_live(daemons: Daemons, page:
         # Live: the heartbeat age changes without a reload.
         first = cells[4]
         await page.wait_for(f"{worker} && {worker}.children[4].textContent !== {js(first)}")
+        await page.screenshot(artifacts_dir(tmp_path) / "ui-cluster.png")
 
 
 async def test_the_hive_serves_the_same_dashboard(daemons: Daemons) -> None:
