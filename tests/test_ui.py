@@ -124,7 +124,7 @@ async def ui_server(nursery: trio.Nursery) -> UiServer:
     assert service is not None
     service.retry_ms = 200
     cutter = Cutter(app.asgi_app)
-    app.asgi_app = cutter
+    app.asgi_app = cutter  # type: ignore[method-assign]  # Quart's middleware hook
     url: str = await nursery.start(lambda task_status: serve(app, task_status=task_status))
     return UiServer(url, registry, service, script, cutter)
 
