@@ -181,6 +181,22 @@ async def test_ui_is_served_without_a_token_with_a_strict_csp(ui_server: UiServe
     assert sampled["interval_s"] == 0.2 and sampled["samples"]
 
 
+async def test_without_a_token_the_page_needs_no_sign_in(nursery: trio.Nursery, page: Page) -> None:
+    with trio.fail_after(CAP):
+        registry = JobRegistry()
+        app = create_app(registry, Script(), name="open")
+        add_ui_routes(app)
+        url: str = await nursery.start(lambda task_status: serve(app, task_status=task_status))
+        job_id = await registry.submit({"steps": [["say", "note", "hi"]]})
+        await page.open(f"{url}/ui")
+        await page.wait_for(f"document.querySelector('#jobs tr[data-job-id={js(job_id)}]')")
+        assert await page.run("document.getElementById('view-signin').hidden")
+        assert await page.run("document.getElementById('sign-out').hidden")
+        await page.wait_for(
+            "document.getElementById('server-name').textContent === 'trio-jobs open'"
+        )
+
+
 async def test_the_page_signs_in_with_a_token(ui_server: UiServer, page: Page) -> None:
     with trio.fail_after(CAP):
         job_id = await ui_server.submit([["say", "note", "hello"]])
@@ -340,6 +356,10 @@ async def test_the_stream_resumes_after_a_drop_without_gap_or_duplicate(
         )
         assert ids == [str(n) for n in range(1, 7)]
         assert humans == [f"event {n}" for n in range(1, 7)]
+        # An event the page already showed is dropped, whatever brings it again.
+        again = js(json.dumps({"id": 2, "action": "step", "human": "event 2"}))
+        await page.run(f"window.trioJobsUi.follower.dispatch({again}, '2')")
+        assert await page.run("document.querySelectorAll('#job-log li').length") == 6
         streams = [
             h
             for path, h in ui_server.cutter.seen
