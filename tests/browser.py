@@ -63,6 +63,8 @@ class Page:
         self._ids = itertools.count(1)
         self._events: list[dict[str, Any]] = []
         self.session: str | None = None
+        self.init_scripts: list[str] = []
+        """JavaScript run in every document :meth:`open` loads, before the page's own."""
 
     async def call(self, method: str, **params: Any) -> Any:
         ident = next(self._ids)
@@ -90,6 +92,8 @@ class Page:
         )
         self.session = attached["sessionId"]
         await self.call("Page.enable")
+        for source in self.init_scripts:
+            await self.call("Page.addScriptToEvaluateOnNewDocument", source=source)
         self._events.clear()
         await self.call("Page.navigate", url=url)
         await self.wait_event("Page.loadEventFired")
