@@ -15,6 +15,7 @@
 (() => {
   const TOKEN_KEY = "trio-jobs-token";
   const FILTERS = ["state", "tag", "operation", "since", "until", "limit", "order"];
+  const MAX_LOG_LINES = 5000;
   const TERMINAL = new Set(["completed", "failed", "cancelled"]);
   const STATE_COLOURS = { completed: "#2e7d32", failed: "#c62828", cancelled: "#8d6e63" };
 
@@ -488,8 +489,7 @@
               if (data.length) this.dispatch(data.join("\n"), id);
               data = [];
               id = null;
-              if (this.ended) return;
-              continue;
+              continue; // after the signal the server ends the body: read to its end
             }
             if (line.startsWith(":")) continue;
             const colon = line.indexOf(":");
@@ -535,7 +535,8 @@
 
   function showJob(jobId) {
     show("view-job");
-    const view = { jobId, record: null, history: [], signal: null, outText: null };
+    const view = { jobId, record: null, history: [], signal: null, outText: null, dropped: 0 };
+    $("job-log-note").hidden = true;
     ui.view = view;
     $("job-id").textContent = jobId;
     $("job-state").textContent = "";
@@ -593,6 +594,12 @@
       return;
     }
     const log = $("job-log");
+    if (log.children.length >= MAX_LOG_LINES) {
+      log.firstChild.remove();
+      view.dropped += 1;
+      $("job-log-note").textContent = `${view.dropped} earlier line(s) not shown`;
+      $("job-log-note").hidden = false;
+    }
     log.append(
       el(
         "li",
