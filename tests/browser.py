@@ -123,18 +123,12 @@ class Page:
             )
         return result.get("value")
 
-    async def screenshot(self, path: Path) -> Path:
-        """Save a PNG of the page (its full height) at ``path``."""
-        size = await self.run(
-            "({w: document.documentElement.scrollWidth, h: document.documentElement.scrollHeight})"
-        )
-        await self.call(
-            "Emulation.setDeviceMetricsOverride",
-            width=max(1200, size["w"]),
-            height=max(700, size["h"]),
-            deviceScaleFactor=1,
-            mobile=False,
-        )
+    async def screenshot(self, path: Path, width: int = 1200) -> Path:
+        """Save a PNG of the page at ``width`` CSS pixels and its full height at ``path``."""
+        metrics = {"width": width, "deviceScaleFactor": 1, "mobile": False}
+        await self.call("Emulation.setDeviceMetricsOverride", height=700, **metrics)
+        height = await self.run("document.documentElement.scrollHeight")
+        await self.call("Emulation.setDeviceMetricsOverride", height=max(700, height), **metrics)
         shot = await self.call("Page.captureScreenshot", format="png")
         path.write_bytes(base64.b64decode(shot["data"]))
         return path
