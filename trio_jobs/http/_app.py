@@ -3,7 +3,8 @@
 ``jobs_blueprint(...)`` is the one implementation of the SPEC §3 endpoints; the daemons
 mount it on their own app (or call :func:`create_app` and add routes to the result). Mounted
 on an app, the blueprint also brings app-wide behaviour: JSON errors for every status (also
-Quart's own 404/405), bearer-token auth for every route except ``/health``, the cross-site
+Quart's own 404/405), bearer-token auth for every route except ``/health`` (and the other
+``JobService.public_paths``, such as the dashboard's static page), the cross-site
 rules and opt-in CORS (``_cross_site``), and the job runner (``run_jobs`` in
 ``app.nursery`` from ``before_serving`` to ``after_serving``).
 """
