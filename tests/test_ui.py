@@ -129,21 +129,28 @@ async def ui_server(nursery: trio.Nursery) -> UiServer:
     return UiServer(url, registry, service, script, cutter)
 
 
-CSP_WATCH = """window.cspViolations = [];
+PAGE_WATCH = """window.cspViolations = [];
+window.pageErrors = [];
 document.addEventListener("securitypolicyviolation", (e) => {
   window.cspViolations.push(e.violatedDirective + " " + e.blockedURI);
-});"""
+});
+window.addEventListener("error", (e) => window.pageErrors.push(String(e.message)));
+window.addEventListener("unhandledrejection", (e) => window.pageErrors.push(String(e.reason)));
+"""
 
 
 @pytest.fixture
 async def page(tmp_path: Path) -> AsyncIterator[Page]:
-    """A browser tab; afterwards, the page must not have broken its own CSP."""
+    """A browser tab; afterwards, the page must not have broken its own CSP, thrown, or
+    shown an error the test did not expect (``trioJobsUi.errors``)."""
     browser = chromium()
     async with browser_page(browser, tmp_path / "profile") as opened:
-        opened.init_scripts.append(CSP_WATCH)
+        opened.init_scripts.append(PAGE_WATCH)
         yield opened
         if opened.session is not None:
             assert await opened.run("window.cspViolations") == []
+            assert await opened.run("window.pageErrors") == []
+            assert await opened.run("window.trioJobsUi.errors") == []
 
 
 async def sign_in(page: Page, url: str, hash_: str = "#/jobs") -> None:

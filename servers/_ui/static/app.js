@@ -47,6 +47,7 @@
     pageStack: [],
     lastStates: new Map(),
     view: null,
+    errors: [], // every error the page showed, newest last
   };
   window.trioJobsUi = ui; // for debugging from the console (and the browser tests)
 
@@ -109,6 +110,7 @@
     }
     box.textContent = error instanceof Error ? error.message : String(error);
     box.hidden = false;
+    ui.errors.push(box.textContent);
   }
 
   /** Run ``fn`` now and then every ``ms`` (5x slower while hidden) until the view changes. */
@@ -361,7 +363,10 @@
       const key = JSON.stringify([job.state, job.finished_at, job.attempts, job.error, job.tags]);
       if (!row || row.dataset.key !== key) {
         const fresh = jobRow(job);
-        if (row) row.replaceWith(fresh);
+        if (row) {
+          if (before === row) before = fresh;
+          row.replaceWith(fresh);
+        }
         row = fresh;
         if (previous && previous !== job.state) {
           row.classList.add("changed");
