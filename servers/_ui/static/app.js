@@ -95,7 +95,7 @@
       }
     }
     if (response.status === 401) {
-      needSignIn(token() ? "The server refused the token." : "");
+      needSignIn(refusal(data));
       throw new HttpError(401, data);
     }
     if (!response.ok) throw new HttpError(response.status, data);
@@ -179,6 +179,13 @@
       link.classList.toggle("active", `view-${link.id.slice(4)}` === viewId);
     }
     $("sign-out").hidden = !token();
+  }
+
+  /** What the sign-in form says after a 401: the server's own reason, when it gave one. */
+  function refusal(body) {
+    const detail = body && typeof body === "object" && typeof body.detail === "string" ? body.detail : "";
+    if (!token()) return detail === "a bearer token is required" ? "" : detail;
+    return `The server refused the token${detail ? ": " + detail : "."}`;
   }
 
   function needSignIn(message) {
@@ -449,7 +456,7 @@
             break;
           }
           if (response.status === 401) {
-            needSignIn(token() ? "The server refused the token." : "");
+            needSignIn(refusal(await response.json().catch(() => null)));
             return;
           }
           if (!response.ok || !response.body) {
