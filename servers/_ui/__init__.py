@@ -110,7 +110,10 @@ def add_ui_routes(
 
     Raises:
         RuntimeError: ``app`` has no job blueprint.
+        ValueError: ``sample_s`` not positive or fewer than two samples kept.
     """
+    if not sample_s > 0 or keep_samples < 2:
+        raise ValueError("sample_s must be > 0 and keep_samples >= 2")
     service = job_service(app)
     if service is None:
         raise RuntimeError("add_ui_routes needs an app with the job blueprint mounted")
@@ -137,12 +140,6 @@ def add_ui_routes(
     async def throughput() -> Response:
         return _respond(json.dumps(sampler.to_dict()).encode(), "application/json")
 
-    async def hives() -> Response:
-        assert hive_health is not None
-        return _respond(
-            json.dumps({"hives": await hive_health()}, default=str).encode(), "application/json"
-        )
-
     async def start_sampler() -> None:
         app.nursery.start_soon(sampler.run)
 
@@ -150,5 +147,11 @@ def add_ui_routes(
         app.add_url_rule(path, f"ui_asset{path.replace('/', '_')}", asset, methods=["GET"])
     app.add_url_rule("/ui/throughput", "ui_throughput", throughput, methods=["GET"])
     if hive_health is not None:
+        probe = hive_health
+
+        async def hives() -> Response:
+            body = json.dumps({"hives": await probe()}, default=str).encode()
+            return _respond(body, "application/json")
+
         app.add_url_rule("/ui/hives", "ui_hives", hives, methods=["GET"])
     app.before_serving(start_sampler)
