@@ -118,7 +118,7 @@ class UiServer:
 async def ui_server(nursery: trio.Nursery) -> UiServer:
     registry = JobRegistry()
     script = Script()
-    app = create_app(registry, script, name="ui-test", token=TOKEN)
+    app = create_app(registry, script, name="ui-test", token=TOKEN, max_concurrent=1)
     add_ui_routes(app, sample_s=0.2)
     service = job_service(app)
     assert service is not None
@@ -311,10 +311,18 @@ async def test_a_progress_event_draws_a_bar(ui_server: UiServer, page: Page) -> 
         )
         assert await page.run(f"{bar}.querySelector('.label').textContent") == "Copying files"
         assert await page.run("document.getElementById('job-log').children.length") == 0
+        # The header counts it running, and a second job queued behind it (one at a time).
+        behind = await ui_server.submit([])
+        await page.wait_for(
+            "document.getElementById('queued').textContent === '1'"
+            " && document.getElementById('running').textContent === '1'"
+        )
         ui_server.script.gate("more").set()
         await page.wait_for("document.getElementById('job-end').dataset.kind === 'DONE'")
         assert await page.run(f"{bar}.querySelector('progress').value") == 10
         assert await page.run("document.querySelectorAll('#job-progress .bar').length") == 1
+        await ui_server.registry.wait(behind)
+        await page.wait_for("document.getElementById('queued').textContent === '0'")
 
 
 async def test_narration_containing_html_shows_as_text(ui_server: UiServer, page: Page) -> None:
