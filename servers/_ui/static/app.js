@@ -117,12 +117,18 @@
   function every(ms, fn) {
     let stopped = false;
     let timer = null;
+    let failing = false;
     const tick = async () => {
       if (stopped) return;
       try {
         await fn();
+        if (failing && !stopped) showError(null); // the server answers again
+        failing = false;
       } catch (error) {
-        if (!(error instanceof HttpError && error.status === 401) && !stopped) showError(error);
+        if (!(error instanceof HttpError && error.status === 401) && !stopped) {
+          showError(error);
+          failing = true;
+        }
       }
       if (!stopped) timer = setTimeout(tick, document.hidden ? ms * 5 : ms);
     };
@@ -354,7 +360,6 @@
     $("page-prev").disabled = !params.get("cursor");
     $("page-first").disabled = !params.get("cursor");
     $("page-info").textContent = info || `${jobs.length} job(s) on this page`;
-    showError(null);
   }
 
   function renderJobs(jobs) {
@@ -824,7 +829,6 @@
       row.dataset.alias = hive.alias;
       hbody.append(row);
     }
-    showError(null);
   }
 
   // ---- throughput -----------------------------------------------------------------------------
@@ -837,7 +841,6 @@
   async function loadThroughput() {
     const data = await api("/ui/throughput");
     drawThroughput(data);
-    showError(null);
   }
 
   function drawThroughput(data) {
