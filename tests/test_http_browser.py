@@ -9,53 +9,28 @@ one reconnect, answered 204, or none); a ``no-cors`` ``text/plain`` POST creates
 anywhere, and a JSON POST to the server that does not allow the page is stopped by its
 preflight.
 
-Without a browser the tests skip with a message, except in CI (``CI`` set), where a
-missing browser is an error; ``python3 -m nox -s tests`` installs Debian's ``chromium``
-when it may (root and apt-get).
+The browser helpers live in ``tests/browser.py``.
 """
 
 from __future__ import annotations
 
-import itertools
 import json
-import os
-import shutil
-import signal
-import subprocess
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import pytest
 import trio
-import trio_websocket
 from quart import Response
 from quart_trio import QuartTrio
 
 from trio_jobs.http import serve
 
+from .browser import browser_page, chromium
 from .test_http_server import Server, start_server
 
 CAP = 60.0
 RETRY_MS = 200
 N = 3
-
-
-def chromium() -> str:
-    """The browser to drive, or a skip (an error in CI) saying how to get one."""
-    for candidate in (os.environ.get("TRIO_JOBS_CHROMIUM"), "chromium", "chromium-browser"):
-        found = candidate and shutil.which(candidate)
-        if found:
-            return found
-    message = (
-        "no Chromium for the browser tests: apt-get install chromium "
-        "(python3 -m nox -s tests installs it when run as root), or set TRIO_JOBS_CHROMIUM"
-    )
-    if os.environ.get("CI"):
-        pytest.fail(message)
-    pytest.skip(message)
 
 
 # ---- servers -------------------------------------------------------------------------------
@@ -111,104 +86,6 @@ async def page_server(nursery: trio.Nursery) -> str:
 
     url: str = await nursery.start(serve, app)
     return url
-
-
-# ---- the browser over CDP ---------------------------------------------------------------------
-
-
-class Page:
-    """One browser tab, attached over CDP (flat sessions on the browser's connection)."""
-
-    def __init__(self, ws: trio_websocket.WebSocketConnection) -> None:
-        self._ws = ws
-        self._ids = itertools.count(1)
-        self._events: list[dict[str, Any]] = []
-        self.session: str | None = None
-
-    async def call(self, method: str, **params: Any) -> Any:
-        ident = next(self._ids)
-        message: dict[str, Any] = {"id": ident, "method": method, "params": params}
-        if self.session is not None:
-            message["sessionId"] = self.session
-        await self._ws.send_message(json.dumps(message))
-        while True:
-            answer = json.loads(await self._ws.get_message())
-            if answer.get("id") != ident:
-                self._events.append(answer)
-                continue
-            if "error" in answer:
-                raise AssertionError(f"{method}: {answer['error']}")
-            return answer.get("result", {})
-
-    async def wait_event(self, method: str) -> None:
-        while not any(e.get("method") == method for e in self._events):
-            self._events.append(json.loads(await self._ws.get_message()))
-
-    async def open(self, url: str) -> None:
-        target = await self.call("Target.createTarget", url="about:blank")
-        attached = await self.call(
-            "Target.attachToTarget", targetId=target["targetId"], flatten=True
-        )
-        self.session = attached["sessionId"]
-        await self.call("Page.enable")
-        self._events.clear()
-        await self.call("Page.navigate", url=url)
-        await self.wait_event("Page.loadEventFired")
-
-    async def run(self, script: str) -> Any:
-        """The value of an async JavaScript expression evaluated in the page."""
-        result = await self.call(
-            "Runtime.evaluate", expression=script, awaitPromise=True, returnByValue=True
-        )
-        if "exceptionDetails" in result:
-            raise AssertionError(result["exceptionDetails"])
-        return result["result"].get("value")
-
-
-@asynccontextmanager
-async def browser_page(browser: str, profile: Path) -> AsyncIterator[Page]:
-    """Headless Chromium with a throw-away profile, one tab attached; killed on exit."""
-    profile.mkdir()
-    log = (profile.parent / "chromium.log").open("wb")
-    proc = await trio.lowlevel.open_process(
-        [
-            browser,
-            "--headless",
-            "--no-sandbox",
-            "--disable-gpu",
-            "--disable-quic",
-            "--no-first-run",
-            "--disable-background-networking",
-            "--disable-component-update",
-            "--disable-sync",
-            f"--user-data-dir={profile}",
-            "--remote-debugging-port=0",
-            "about:blank",
-        ],
-        stdin=subprocess.DEVNULL,
-        stdout=log,
-        stderr=log,
-        start_new_session=True,
-    )
-    try:
-        active = profile / "DevToolsActivePort"
-        with trio.fail_after(30):
-            while not (active.exists() and len(active.read_text().split("\n")) >= 2):
-                assert proc.poll() is None, (profile.parent / "chromium.log").read_text()
-                await trio.sleep(0.05)
-        port, path = active.read_text().split("\n")[:2]
-        url = f"ws://127.0.0.1:{port}{path}"
-        async with trio_websocket.open_websocket_url(url, max_message_size=1 << 24) as ws:
-            try:
-                yield Page(ws)
-            finally:
-                await ws._stream.aclose()
-    finally:
-        with trio.CancelScope(shield=True):
-            with suppress(ProcessLookupError):
-                os.killpg(proc.pid, signal.SIGKILL)
-            await proc.wait()
-            log.close()
 
 
 # ---- the tests -------------------------------------------------------------------------------

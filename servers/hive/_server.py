@@ -15,6 +15,7 @@ from trio_jobs.http import create_app
 
 from .._daemon import run_daemon
 from .._store import StoreSpec, make_store, start_store
+from .._ui import add_ui_routes
 from ..operations import (
     ModelDelete,
     ModelDownload,
@@ -231,6 +232,7 @@ async def _serve(
             cors_origins=config.cors_origins,
             allowed_hosts=config.allowed_hosts,
         )
+        add_ui_routes(app)
         logger.info("hive %s: models in %s", config.hive_id, config.models_dir)
         await run_daemon(
             app,

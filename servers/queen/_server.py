@@ -20,6 +20,7 @@ from trio_jobs.http import ApiError, create_app, validation_detail
 from .._daemon import is_loopback, run_daemon
 from .._proc import drain, read_first_line, terminate, wait_healthy
 from .._store import make_store, start_store
+from .._ui import add_ui_routes
 from ..operations import (
     HiveGet,
     HiveImportSsh,
@@ -506,6 +507,7 @@ async def serve_queen(
             allowed_hosts=config.allowed_hosts,
         )
         queen.add_routes(app)
+        add_ui_routes(app, hive_health=queen.hive_health)
 
         def started(url: str) -> None:
             if queen.url is None:

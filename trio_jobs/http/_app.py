@@ -3,7 +3,8 @@
 ``jobs_blueprint(...)`` is the one implementation of the SPEC §3 endpoints; the daemons
 mount it on their own app (or call :func:`create_app` and add routes to the result). Mounted
 on an app, the blueprint also brings app-wide behaviour: JSON errors for every status (also
-Quart's own 404/405), bearer-token auth for every route except ``/health``, the cross-site
+Quart's own 404/405), bearer-token auth for every route except ``/health`` (and the other
+``JobService.public_paths``, such as the dashboard's static page), the cross-site
 rules and opt-in CORS (``_cross_site``), and the job runner (``run_jobs`` in
 ``app.nursery`` from ``before_serving`` to ``after_serving``).
 """
@@ -241,8 +242,9 @@ def jobs_blueprint(
 
     @bp.before_app_request
     async def _check_request() -> None:
-        """Auth (every route but ``/health``); a routed POST/DELETE's content type."""
-        if not (request.path == "/health" and request.method in ("GET", "HEAD")):
+        """Auth (every route but ``service.public_paths``); a routed POST/DELETE's
+        content type."""
+        if not (request.path in service.public_paths and request.method in ("GET", "HEAD")):
             service.check_auth(request.headers.get("Authorization"), _server_host(request.scope))
         if request.routing_exception is None:
             refused = content_refusal(request.method, request.scope["headers"])

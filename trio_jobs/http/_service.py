@@ -93,6 +93,9 @@ class JobService:
         self.draining = False
         self.cancel_settle_s = 1.0
         """How long DELETE waits for a cancelled job to settle before answering."""
+        self.public_paths: set[str] = {"/health"}
+        """Paths answered to ``GET``/``HEAD`` without a token: ``/health`` and whatever
+        holds no data (the dashboard's static page, see ``servers._ui``)."""
         self.fast_paths = False
         """True while the app serves: ``DELETE /v1/jobs/{id}`` may then skip Quart's
         request machinery when nothing else would run (see ``_fastpath``)."""
