@@ -42,8 +42,9 @@ class UnknownWorker(LookupError):
 class WorkerProcess:
     """What the hive knows about one worker process.
 
-    ``state`` is ``starting``, ``ready``, ``stopping``, ``exited`` (stopped on request) or
-    ``crashed`` (it ended on its own).
+    ``state`` is ``starting``, ``ready``, ``stopping``, ``exited`` (stopped on request, or
+    it ended on its own with code 0, e.g. after a SIGTERM from elsewhere) or ``crashed``
+    (it ended on its own with another code).
     """
 
     id: str
@@ -247,7 +248,7 @@ class WorkerSupervisor:
             code = await terminate(process, self.grace_s)
             record.returncode = code
             record.ended_at = time.time()
-            record.state = "exited" if record.stop_requested else "crashed"
+            record.state = "exited" if record.stop_requested or code == 0 else "crashed"
             if record.state == "crashed":
                 logger.warning("worker %s (pid %s) ended with code %s", record.id, record.pid, code)
             else:

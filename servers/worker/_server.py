@@ -99,6 +99,8 @@ class Worker:
         self.problem: str | None = None
         """Why the backend cannot serve right now (its upstream is unreachable), or None."""
         self._generating: dict[str, trio.CancelScope] = {}
+        self.checking = False
+        """True once :meth:`readiness_loop` runs (a daemon; an app served alone does not)."""
         self.checked = trio.Event()
         """Set once the backend was checked (heartbeats and ``/health`` wait for it)."""
         self.app: Any = None
@@ -181,6 +183,7 @@ class Worker:
     async def readiness_loop(self, url: str) -> None:
         """Check the backend every ``heartbeat_s`` (an upstream that stops answering makes
         the worker ``not_ready``: the queen does not schedule on it until it answers)."""
+        self.checking = True
         while True:
             self._set_problem(await self.backend.check())
             self.checked.set()
@@ -417,7 +420,7 @@ class _ReadinessGuard:
                 body = {"error": "worker stopping", "detail": detail}
                 await _answer(send, 503, body, [(b"retry-after", b"1")])
                 return
-            if path == "/health" and method == "GET" and not worker.checked.is_set():
+            if path == "/health" and worker.checking and not worker.checked.is_set():
                 with trio.move_on_after(5.0):
                     await worker.checked.wait()
             if path == "/health" and method == "GET" and worker.state not in ("ready", "busy"):

@@ -1,0 +1,435 @@
+"""Workers that fail while they serve, as real processes: client -> queen -> hive -> worker.
+
+SIGSTOP (a hung worker), SIGKILL (a dead one), SIGTERM (a stopping one), a worker that
+answers heartbeats but whose stream goes mute, and OpenAI-backend workers whose upstream is
+down. One queen (heartbeat TTL 2 s) and one hive (heartbeats every 0.2 s, SIGKILL grace 3 s)
+serve the module; each test spawns the workers it needs under a model name of its own and
+checks that nothing is left running. Every test is bounded by ``trio.fail_after``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import trio
+
+from servers.worker import WorkerConfig, build_app
+from tests.daemons import Cluster, closed_port, collect, spawn_worker, wait_idle, wait_pid_gone
+from trio_jobs import NarrationEvent, TerminalSignal
+from trio_jobs._client import JobClient
+from trio_jobs.http import serve
+
+TTL_S = 2.0
+GRACE_S = 0.5  # the queen's lost_worker_grace_s (its default)
+
+
+@dataclass
+class Env:
+    queen: str
+    hive: str
+    cluster: Cluster
+    root: Path
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
+    root = tmp_path_factory.mktemp("faults")
+    cluster = Cluster(root)
+    try:
+        hive = cluster.start(
+            "hive",
+            [
+                *("hive", "--port", "0", "--models-dir", str(root / "models")),
+                *("--heartbeat-s", "0.2", "--worker-grace", "3"),
+            ],
+        )
+        queen = cluster.start(
+            "queen",
+            [
+                *("queen", "--port", "0", "--hive", f"localhost={hive}"),
+                *("--schedule-wait", "1.5", "--heartbeat-ttl", f"{TTL_S:g}"),
+            ],
+        )
+        yield Env(queen, hive, cluster, root)
+    finally:
+        codes = cluster.close()
+    assert codes == {"queen": 0, "hive": 0}, codes
+
+
+def _tokens(events: list[NarrationEvent]) -> list[str]:
+    return [str(e.fields["token"]) for e in events if e.action == "token"]
+
+
+async def _delete(client: JobClient, worker: dict[str, Any]) -> None:
+    _, _, terminal = await collect(client, {"operation": "worker_delete", "id": worker["id"]})
+    assert terminal is not None and terminal.wire == "[DONE]", terminal
+    await wait_pid_gone(worker["pid"])
+
+
+async def _follow(
+    client: JobClient, job_id: str, on_event: Any
+) -> tuple[list[NarrationEvent], TerminalSignal | None]:
+    """Read a job's stream to its end, calling ``await on_event(event)`` for each event."""
+    events: list[NarrationEvent] = []
+    terminal: TerminalSignal | None = None
+    async with client.stream(job_id) as stream:
+        async for item in stream:
+            if isinstance(item, NarrationEvent):
+                events.append(item)
+                await on_event(item)
+            else:
+                assert terminal is None, "a second terminal signal"
+                terminal = item
+    return events, terminal
+
+
+async def test_a_hung_worker_fails_its_job_within_ttl_and_grace(env: Env) -> None:
+    """SIGSTOP mid-infer: the job ends ``[ERROR] lost worker <id>`` within TTL + grace,
+    without waiting for the worker; after SIGCONT the orphaned worker job is cancelled."""
+    with trio.fail_after(30):
+        async with JobClient(env.queen) as client:
+            worker = await spawn_worker(client, "hung", token_delay_s=0.05)
+            body = {"operation": "infer", "model": "hung", "prompt": "p", "max_tokens": 2000}
+            job_id = await client.submit(body, timeout_s=60)
+            stopped_at = 0.0
+
+            async def on_event(event: NarrationEvent) -> None:
+                nonlocal stopped_at
+                if event.action == "token" and event.fields["index"] == 2:
+                    os.kill(worker["pid"], signal.SIGSTOP)
+                    stopped_at = time.monotonic()
+
+            try:
+                _, terminal = await _follow(client, job_id, on_event)
+                took = time.monotonic() - stopped_at
+            finally:
+                os.kill(worker["pid"], signal.SIGCONT)
+            assert terminal is not None
+            assert terminal.wire.startswith(f"[ERROR] lost worker {worker['id']} at ")
+            assert f"no heartbeat for over {TTL_S:g}s" in terminal.wire
+            assert TTL_S - 0.5 < took < TTL_S + GRACE_S + 1.0, took
+            assert (await client.get(job_id))["state"] == "failed"
+            # Woken up, the worker finds its stream gone and cancels the job (on_disconnect).
+            await wait_idle(env.queen, worker["url"], within_s=10)
+            await _delete(client, worker)
+
+
+async def test_a_hung_worker_job_is_retried_on_another_worker(env: Env) -> None:
+    """With a retry policy, the job of a worker that stops heartbeating runs again on the
+    other live worker of its model and completes."""
+    with trio.fail_after(40):
+        async with JobClient(env.queen) as client:
+            first = await spawn_worker(client, "twin", token_delay_s=0.05)
+            second = await spawn_worker(client, "twin", token_delay_s=0.01)
+            by_id = {first["id"]: first, second["id"]: second}
+            body = {"operation": "infer", "model": "twin", "prompt": "q", "max_tokens": 60}
+            retry = {"max_attempts": 2, "backoff_base": 0.0}
+            job_id = await client.submit(body, timeout_s=60, retry=retry)
+            stopped: dict[str, Any] = {}
+
+            async def on_event(event: NarrationEvent) -> None:
+                if event.action == "infer_worker" and not stopped:
+                    stopped.update(by_id[event.fields["worker_id"]])
+                if event.action == "token" and event.fields["index"] == 2 and "sent" not in stopped:
+                    stopped["sent"] = True
+                    os.kill(stopped["pid"], signal.SIGSTOP)
+
+            try:
+                events, terminal = await _follow(client, job_id, on_event)
+            finally:
+                os.kill(stopped["pid"], signal.SIGCONT)
+            assert terminal is not None and terminal.wire == "[DONE]", terminal
+            picks = [e.fields["worker_id"] for e in events if e.action == "infer_worker"]
+            other = second if stopped["id"] == first["id"] else first
+            assert picks == [stopped["id"], other["id"]]
+            retry_event = next(e for e in events if e.action == "retry")
+            assert f"lost worker {stopped['id']}" in retry_event.human
+            assert events[-1].action == "infer_complete" and events[-1].fields["tokens"] == 60
+            record = await client.get(job_id)
+            assert (record["state"], record["attempts"]) == ("completed", 2)
+            await wait_idle(env.queen, first["url"], second["url"], within_s=10)
+            await _delete(client, first)
+            await _delete(client, second)
+
+
+async def test_killing_the_picked_worker_fails_over_to_the_other(env: Env) -> None:
+    """Two idle workers; SIGKILL the one the scheduler picks (the lowest id) just before
+    ``infer``: the request never reached it, so it runs on the other; the dead one is not
+    picked again."""
+    with trio.fail_after(40):
+        async with JobClient(env.queen) as client:
+            workers = [await spawn_worker(client, "pair"), await spawn_worker(client, "pair")]
+            doomed, survivor = sorted(workers, key=lambda w: str(w["id"]))
+            os.kill(doomed["pid"], signal.SIGKILL)
+            await wait_pid_gone(doomed["pid"])
+            body = {"operation": "infer", "model": "pair", "prompt": "r", "max_tokens": 5}
+            _, events, terminal = await collect(client, body, timeout_s=20)
+            assert terminal is not None and terminal.wire == "[DONE]", terminal
+            picks = [e.fields["worker_id"] for e in events if e.action == "infer_worker"]
+            assert picks == [doomed["id"], survivor["id"]]
+            failover = next(e for e in events if e.action == "infer_failover")
+            assert failover.human.startswith(f"worker {doomed['id']} at {doomed['url']}")
+            assert "unreachable" in failover.human
+            assert len(_tokens(events)) == 5
+            _, events, terminal = await collect(client, body, timeout_s=20)
+            assert terminal is not None and terminal.wire == "[DONE]"
+            picks = [e.fields["worker_id"] for e in events if e.action == "infer_worker"]
+            assert picks == [survivor["id"]]
+            await _delete(client, survivor)
+            await collect(client, {"operation": "worker_delete", "id": doomed["id"]})
+
+
+@pytest.mark.parametrize("second_worker", [False, True])
+async def test_sigterm_on_a_busy_worker_ends_its_job_with_one_signal(
+    env: Env, second_worker: bool
+) -> None:
+    """SIGTERM while a job streams: the worker stops taking jobs, ends the job with one
+    ``[ERROR] worker shutting down`` after its grace (half the hive's: 1.5 s) and exits 0
+    (no SIGKILL). The queen job fails with that message, or with a retry policy and a
+    second worker completes there."""
+    model = f"term-{second_worker}"
+    with trio.fail_after(40):
+        async with JobClient(env.queen) as client:
+            workers = [await spawn_worker(client, model, token_delay_s=0.02)]
+            if second_worker:
+                workers.append(await spawn_worker(client, model, token_delay_s=0.02))
+            by_id = {w["id"]: w for w in workers}
+            body = {"operation": "infer", "model": model, "prompt": "s", "max_tokens": 150}
+            retry = {"max_attempts": 2, "backoff_base": 0.0} if second_worker else None
+            job_id = await client.submit(body, timeout_s=60, retry=retry)
+            picked: list[dict[str, Any]] = []
+            signalled_at = 0.0
+
+            async def on_event(event: NarrationEvent) -> None:
+                nonlocal signalled_at
+                if event.action == "infer_worker":
+                    picked.append(by_id[event.fields["worker_id"]])
+                if event.action == "token" and event.fields["index"] == 2 and not signalled_at:
+                    os.kill(picked[0]["pid"], signal.SIGTERM)
+                    signalled_at = time.time()
+
+            events, terminal = await _follow(client, job_id, on_event)
+            stopped = picked[0]
+            assert terminal is not None
+            if not second_worker:
+                assert terminal.wire.startswith("[ERROR] worker shutting down: "), terminal
+                assert stopped["id"] in terminal.wire
+                assert len(picked) == 1
+            else:
+                assert terminal.wire == "[DONE]", terminal
+                assert [w["id"] for w in picked] == [
+                    stopped["id"],
+                    workers[1 - workers.index(stopped)]["id"],
+                ]
+                retry_event = next(e for e in events if e.action == "retry")
+                assert "worker shutting down" in retry_event.human
+                assert events[-1].fields["tokens"] == 150
+            await wait_pid_gone(stopped["pid"], within_s=5)
+            _, got, _ = await collect(client, {"operation": "worker_get", "id": stopped["id"]})
+            record = got[-1].fields["worker"]
+            assert (record["state"], record["returncode"]) == ("exited", 0)
+            assert record["ended_at"] - signalled_at < 3.0  # within the hive's SIGKILL grace
+            assert "SIGKILL" not in env.cluster.log("hive")
+            await wait_idle(env.queen, within_s=5)
+            await collect(client, {"operation": "worker_delete", "id": stopped["id"]})
+            for worker in workers:
+                if worker is not stopped:
+                    await _delete(client, worker)
+
+
+async def test_a_stopping_worker_refuses_new_jobs_with_503(nursery: trio.Nursery) -> None:
+    """While it stops, a worker answers ``POST /v1/jobs`` with 503 (no job is created, so
+    a queen may send the request elsewhere) and ``/health`` says ``stopping``."""
+    app, worker = build_app(WorkerConfig(worker_id="w-stop", model="tiny", stop_grace_s=5))
+    url: str = await nursery.start(serve, app)
+    body = {"operation": "infer", "model": "tiny", "prompt": "x", "max_tokens": 3}
+    with trio.fail_after(10):
+        async with httpx.AsyncClient(base_url=url) as http:
+            worker.stopping = True
+            refused = await http.post("/v1/jobs", json=body)
+            health = await http.get("/health")
+    assert refused.status_code == 503
+    assert refused.json() == {
+        "error": "worker stopping",
+        "detail": "worker w-stop is shutting down",
+    }
+    assert refused.headers["retry-after"] == "1"
+    assert (health.status_code, health.json()["status"]) == (503, "stopping")
+    assert worker.registry.list_jobs() == []
+
+
+# ---- a worker whose stream goes mute ------------------------------------------------------
+
+
+class _MuteWorker:
+    """Looks like a worker to the queen (it heartbeats, accepts ``POST /v1/jobs``) but its
+    job stream sends the headers and then nothing at all, not even keep-alives."""
+
+    def __init__(self) -> None:
+        self.url = ""
+        self.deleted = trio.Event()
+
+    async def _handle(self, stream: trio.SocketStream) -> None:
+        async with stream:
+            request = b""
+            while b"\r\n\r\n" not in request:
+                chunk = await stream.receive_some(4096)
+                if not chunk:
+                    return
+                request += chunk
+            line = request.split(b"\r\n", 1)[0].decode()
+            if line.startswith("POST /v1/jobs"):
+                answer = json.dumps({"job_id": "job-mute", "sse_url": "/v1/jobs/job-mute/stream"})
+                await stream.send_all(
+                    b"HTTP/1.1 201 Created\r\nContent-Type: application/json\r\n"
+                    + f"Content-Length: {len(answer)}\r\nConnection: close\r\n\r\n".encode()
+                    + answer.encode()
+                )
+            elif line.startswith("GET /v1/jobs/job-mute/stream"):
+                await stream.send_all(
+                    b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\n"
+                    b"Transfer-Encoding: chunked\r\n\r\n"
+                )
+                await trio.sleep_forever()
+            elif line.startswith("DELETE /v1/jobs/job-mute"):
+                self.deleted.set()
+                answer = json.dumps({"id": "job-mute", "state": "cancelled"})
+                await stream.send_all(
+                    b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
+                    + f"Content-Length: {len(answer)}\r\nConnection: close\r\n\r\n".encode()
+                    + answer.encode()
+                )
+
+    async def run(self, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
+        self.url = f"http://127.0.0.1:{listeners[0].socket.getsockname()[1]}"
+        task_status.started()
+        await trio.serve_listeners(self._handle, listeners)
+
+    async def heartbeat(self, queen: str) -> None:
+        beat = {"worker_id": "mute-1", "url": self.url, "model": "mute", "state": "ready"}
+        async with httpx.AsyncClient() as http:
+            while True:
+                (await http.post(f"{queen}/v1/workers/heartbeat", json=beat)).raise_for_status()
+                await trio.sleep(0.2)
+
+
+async def test_a_mute_stream_ends_the_job_after_the_silence_bound(
+    nursery: trio.Nursery, tmp_path: Path
+) -> None:
+    """A worker that heartbeats but sends nothing on the job's stream: the job fails
+    ``lost worker ...: no event or keep-alive for 1s`` (``--stream-silence 1``) and the
+    queen cancels the job on the worker."""
+    mute = _MuteWorker()
+    await nursery.start(mute.run)
+    cluster = Cluster(tmp_path)
+    try:
+        ghost = f"http://127.0.0.1:{closed_port()}"
+        argv = ["queen", "--port", "0", "--hive", f"localhost={ghost}", "--stream-silence", "1"]
+        queen = cluster.start("queen", argv)
+        nursery.start_soon(mute.heartbeat, queen)
+        with trio.fail_after(15):
+            async with JobClient(queen) as client:
+                body = {"operation": "infer", "model": "mute", "prompt": "m", "max_tokens": 5}
+                started = time.monotonic()
+                _, events, terminal = await collect(client, body, timeout_s=30)
+                took = time.monotonic() - started
+                await mute.deleted.wait()
+        assert terminal is not None
+        assert terminal.wire == (
+            f"[ERROR] lost worker mute-1 at {mute.url}: no event or keep-alive for 1s"
+        )
+        assert "forward" in [e.action for e in events]
+        assert 1.0 <= took < 3.0, took
+    finally:
+        assert cluster.close() == {"queen": 0}
+
+
+def test_stream_silence_must_be_positive(tmp_path: Path) -> None:
+    cluster = Cluster(tmp_path)
+    try:
+        with pytest.raises(RuntimeError, match="stream_silence_s must be a positive number"):
+            cluster.start("queen", ["queen", "--port", "0", "--stream-silence", "0"], 20)
+    finally:
+        cluster.close()
+
+
+# ---- OpenAI-backend workers and their upstream ------------------------------------------
+
+
+async def test_a_worker_with_a_dead_upstream_is_not_ready_until_it_answers(
+    env: Env, nursery: trio.Nursery
+) -> None:
+    """The upstream is down: the worker comes up ``not_ready`` (heartbeat, ``/health``
+    503 naming the URL), the queen schedules nothing on it; once the upstream answers the
+    worker becomes ready and ``infer`` works through it."""
+    port = closed_port()
+    upstream = f"http://127.0.0.1:{port}"
+    with trio.fail_after(40):
+        async with JobClient(env.queen) as client:
+            spawn = {
+                "operation": "worker_spawn",
+                "model": "far",
+                "backend": "openai",
+                "upstream_url": upstream,
+            }
+            _, events, terminal = await collect(client, spawn, timeout_s=30)
+            assert terminal is not None and terminal.wire == "[DONE]", terminal
+            worker = events[-1].fields["worker"]
+            warning = next(e for e in events if e.action == "worker_not_ready")
+            assert f"upstream {upstream} is unreachable: ConnectError" in warning.human
+            async with httpx.AsyncClient() as http:
+                health = await http.get(f"{worker['url']}/health")
+                assert health.status_code == 503
+                assert health.json()["state"] == "not_ready"
+                assert health.json()["problem"].startswith(f"upstream {upstream} is unreachable")
+                listed = (await http.get(f"{env.queen}/v1/workers")).json()["workers"]
+                assert {w["worker_id"]: w["state"] for w in listed}[worker["id"]] == "not_ready"
+            infer = {"operation": "infer", "model": "far", "prompt": "hi", "max_tokens": 3}
+            _, _, terminal = await collect(client, infer)
+            assert terminal is not None
+            assert terminal.wire.startswith("[ERROR] no live worker serves model 'far'")
+            assert f"{worker['id']} (far, not_ready)" in terminal.wire
+            # Sent to the worker itself, the job fails naming the upstream.
+            async with JobClient(worker["url"]) as direct:
+                _, _, terminal = await collect(direct, infer)
+            assert terminal is not None
+            assert terminal.wire.startswith(f"[ERROR] upstream {upstream} is unreachable: ")
+            # The upstream comes up (a tiny worker's OpenAI route on that port).
+            app, _ = build_app(WorkerConfig(worker_id="upstream", model="far"))
+            await nursery.start(partial(serve, app, port=port))
+            async with httpx.AsyncClient() as http:
+                while (await http.get(f"{worker['url']}/health")).status_code != 200:
+                    await trio.sleep(0.05)
+            _, events, terminal = await collect(client, infer)
+            assert terminal is not None and terminal.wire == "[DONE]", terminal
+            assert len(_tokens(events)) == 3
+            await _delete(client, worker)
+
+
+def test_daemon_logs_show_no_heartbeat_chatter(env: Env) -> None:
+    """httpx request lines and heartbeats stay out of the INFO logs; workers joining do."""
+
+    async def spawn() -> dict[str, Any]:
+        async with JobClient(env.queen) as client:
+            worker = await spawn_worker(client, "chatty")
+            await trio.sleep(1.0)  # five heartbeats
+            await _delete(client, worker)
+            return worker
+
+    worker = trio.run(spawn)
+    queen, hive = env.cluster.log("queen"), env.cluster.log("hive")
+    for log in (queen, hive):
+        assert "HTTP Request:" not in log
+        assert "/v1/workers/heartbeat" not in log
+    assert f"worker {worker['id']} joined (ready): model chatty" in queen
