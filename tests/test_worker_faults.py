@@ -268,6 +268,45 @@ async def test_a_stopping_worker_refuses_new_jobs_with_503(nursery: trio.Nursery
     assert worker.registry.list_jobs() == []
 
 
+async def test_stop_ends_running_and_queued_jobs_with_one_error_each(
+    nursery: trio.Nursery,
+) -> None:
+    """``Worker.stop`` past its grace: the running job and the one queued behind it (one
+    slot) each end with exactly one ``[ERROR] worker shutting down``, and their streams
+    are closed before ``stop`` returns."""
+    config = WorkerConfig(
+        worker_id="w-busy", model="tiny", token_delay_s=0.05, max_concurrent=1, stop_grace_s=0.3
+    )
+    app, worker = build_app(config)
+    url: str = await nursery.start(serve, app)
+    body = {"operation": "infer", "model": "tiny", "prompt": "x", "max_tokens": 1000}
+    results: dict[str, TerminalSignal | None] = {}
+    with trio.fail_after(10):
+        async with JobClient(url) as client:
+            ids = [await client.submit(body), await client.submit(body)]
+
+            async def follow(job_id: str) -> None:
+                _, results[job_id] = await _follow(client, job_id, _ignore)
+
+            async with trio.open_nursery() as followers:
+                for job_id in ids:
+                    followers.start_soon(follow, job_id)
+                while not worker.tokens_total:
+                    await trio.sleep(0.01)
+                started = trio.current_time()
+                await worker.stop()
+                assert 0.3 <= trio.current_time() - started < 2.0
+    for job_id in ids:
+        terminal = results[job_id]
+        assert terminal is not None
+        assert terminal.wire.startswith("[ERROR] worker shutting down: w-busy stopped "), terminal
+    assert [worker.registry.get(j).state.value for j in ids] == ["failed", "failed"]
+
+
+async def _ignore(event: NarrationEvent) -> None:
+    await trio.lowlevel.checkpoint()
+
+
 # ---- a worker whose stream goes mute ------------------------------------------------------
 
 

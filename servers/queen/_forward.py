@@ -221,7 +221,7 @@ async def forward_job(
         finally:
             if terminal is None and remote_id is not None and not presumed_dead:
                 await _cancel_remote(client, remote_id, what, cancel_timeout_s)
-        if lost is not None:
+        if lost is not None and terminal is None:
             logger.warning("lost %s at %s: %s", what, base_url, lost)
             raise ForwardFailed(
                 f"lost {what} at {base_url}: {lost}",

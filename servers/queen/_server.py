@@ -250,7 +250,7 @@ class Queen:
                 await self._infer_on(worker, op)
                 return
             except ForwardFailed as exc:
-                if exc.lost_contact:  # do not schedule on it again until it heartbeats
+                if exc.lost_contact or exc.try_elsewhere:  # not again until it heartbeats
                     self.workers.forget(worker.worker_id)
                 if not exc.try_elsewhere:
                     raise

@@ -99,6 +99,7 @@ class Worker:
         self.problem: str | None = None
         """Why the backend cannot serve right now (its upstream is unreachable), or None."""
         self._generating: dict[str, trio.CancelScope] = {}
+        self._ending = False
         self.checking = False
         """True once :meth:`readiness_loop` runs (a daemon; an app served alone does not)."""
         self.checked = trio.Event()
@@ -124,6 +125,10 @@ class Worker:
         request = parse_operation(payload)
         if not isinstance(request, Infer):
             raise ValueError(f"a worker serves only infer, not {request.operation}")
+        if self._ending:
+            raise WorkerStopping(
+                f"worker shutting down: {self.config.worker_id} stopped before the job started"
+            )
         if request.model != self.config.model:
             raise ValueError(
                 f"worker {self.config.worker_id} serves model {self.config.model!r}, "
@@ -159,7 +164,7 @@ class Worker:
                 del self._generating[job_id]
         if scope.cancelled_caught:
             raise WorkerStopping(
-                f"worker shutting down: {self.config.worker_id} was stopped after "
+                f"worker shutting down: {self.config.worker_id} stopped after "
                 f"{count} token(s) (grace {self.config.stop_grace_s:g}s)"
             )
         elapsed = time.perf_counter() - started
@@ -191,8 +196,9 @@ class Worker:
 
     async def stop(self) -> None:
         """SIGTERM: refuse new jobs, tell the queen, let jobs in flight finish for
-        ``stop_grace_s``, then end the rest (running: ``[ERROR] worker shutting down``;
-        queued: ``[CANCELLED]``) and wait until their streams have carried the signal."""
+        ``stop_grace_s``, then end the rest with ``[ERROR] worker shutting down`` (one
+        that does not end within a second is cancelled) and wait until their streams have
+        carried the signal."""
         self.stopping = True
         await self.say_goodbye()
         grace = self.config.stop_grace_s
@@ -201,15 +207,18 @@ class Worker:
             logger.info("stopping: %d job(s) in flight, grace %gs", len(active), grace)
         with trio.move_on_after(grace):
             await self._wait_ended(active)
+        # Past the grace: generation stops (the job ends [ERROR] worker shutting down) and
+        # a job that starts now (a queued one, its slot just freed) fails at once.
+        self._ending = True
         left = self._active()
-        for job_id in left:
-            scope = self._generating.get(job_id)
-            if scope is not None:
-                scope.cancel()
-            else:
-                self.registry.cancel_job(job_id, "worker shutting down")
+        for scope in self._generating.values():
+            scope.cancel()
         if left:
-            logger.warning("stopping: ended %d job(s) still running after %gs", len(left), grace)
+            logger.warning("stopping: ending %d job(s) still in flight after %gs", len(left), grace)
+        with trio.move_on_after(1.0):
+            await self._wait_ended(left)
+        for job_id in self._active():  # whatever did not end by itself
+            self.registry.cancel_job(job_id, "worker shutting down")
         with trio.move_on_after(1.0):
             await self._wait_ended(left)
             # ... and until their streams have sent the signal and closed.
