@@ -753,6 +753,7 @@ def run_queen(args: argparse.Namespace) -> int:
             heartbeat_ttl_s=float(_pick(args.heartbeat_ttl, data, "heartbeat_ttl_s", 5.0)),
             schedule_wait_s=float(_pick(args.schedule_wait, data, "schedule_wait_s", 10.0)),
             stream_silence_s=float(_pick(args.stream_silence, data, "stream_silence_s", 60.0)),
+            lost_worker_grace_s=float(data.get("lost_worker_grace_s", 0.5)),
             store=_store(args, data, "queen"),
             pg_schema=_pick(args.pg_schema, data, "pg_schema", "trio_jobs"),
             node=_pick(args.node, data, "node", None),

@@ -355,12 +355,14 @@ class _MuteWorker:
         task_status.started()
         await trio.serve_listeners(self._handle, listeners)
 
-    async def heartbeat(self, queen: str) -> None:
-        beat = {"worker_id": "mute-1", "url": self.url, "model": "mute", "state": "ready"}
-        async with httpx.AsyncClient() as http:
-            while True:
-                (await http.post(f"{queen}/v1/workers/heartbeat", json=beat)).raise_for_status()
-                await trio.sleep(0.2)
+
+async def _heartbeat_as(queen: str, worker_id: str, url: str, model: str) -> None:
+    """Heartbeat to ``queen`` every 0.2 s for a fake worker at ``url``."""
+    beat = {"worker_id": worker_id, "url": url, "model": model, "state": "ready"}
+    async with httpx.AsyncClient() as http:
+        while True:
+            (await http.post(f"{queen}/v1/workers/heartbeat", json=beat)).raise_for_status()
+            await trio.sleep(0.2)
 
 
 async def test_a_mute_stream_ends_the_job_after_the_silence_bound(
@@ -376,7 +378,7 @@ async def test_a_mute_stream_ends_the_job_after_the_silence_bound(
         ghost = f"http://127.0.0.1:{closed_port()}"
         argv = ["queen", "--port", "0", "--hive", f"localhost={ghost}", "--stream-silence", "1"]
         queen = cluster.start("queen", argv)
-        nursery.start_soon(mute.heartbeat, queen)
+        nursery.start_soon(_heartbeat_as, queen, "mute-1", mute.url, "mute")
         with trio.fail_after(15):
             async with JobClient(queen) as client:
                 body = {"operation": "infer", "model": "mute", "prompt": "m", "max_tokens": 5}
@@ -392,6 +394,57 @@ async def test_a_mute_stream_ends_the_job_after_the_silence_bound(
         assert 1.0 <= took < 3.0, took
     finally:
         assert cluster.close() == {"queen": 0}
+
+
+class _SlammingWorker:
+    """Accepts a connection, reads the request and closes the socket without an answer."""
+
+    def __init__(self) -> None:
+        self.url = ""
+        self.requests = 0
+
+    async def _handle(self, stream: trio.SocketStream) -> None:
+        async with stream:
+            if await stream.receive_some(65536):
+                self.requests += 1
+
+    async def run(self, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
+        self.url = f"http://127.0.0.1:{listeners[0].socket.getsockname()[1]}"
+        task_status.started()
+        await trio.serve_listeners(self._handle, listeners)
+
+
+async def test_a_connection_reset_before_the_answer_fails_over(
+    env: Env, nursery: trio.Nursery
+) -> None:
+    """The first pick closes the connection without answering (no job id came back): the
+    request goes to the next live worker, and completes there."""
+    slam = _SlammingWorker()
+    await nursery.start(slam.run)
+    nursery.start_soon(_heartbeat_as, env.queen, "a-slam", slam.url, "slam")
+    config = WorkerConfig(worker_id="z-real", model="slam", queen_url=env.queen, heartbeat_s=0.2)
+    app, worker = build_app(config)
+    url: str = await nursery.start(serve, app)
+    nursery.start_soon(worker.heartbeat_loop, url)
+    nursery.start_soon(worker.readiness_loop, url)
+    with trio.fail_after(15):
+        async with httpx.AsyncClient() as http:
+            while True:
+                listed = (await http.get(f"{env.queen}/v1/workers")).json()["workers"]
+                if {"a-slam", "z-real"} <= {w["worker_id"] for w in listed}:
+                    break
+                await trio.sleep(0.05)
+        async with JobClient(env.queen) as client:
+            body = {"operation": "infer", "model": "slam", "prompt": "t", "max_tokens": 4}
+            _, events, terminal = await collect(client, body, timeout_s=10)
+    assert terminal is not None and terminal.wire == "[DONE]", terminal
+    picks = [e.fields["worker_id"] for e in events if e.action == "infer_worker"]
+    assert picks == ["a-slam", "z-real"]
+    failover = next(e for e in events if e.action == "infer_failover")
+    assert failover.human.startswith(f"worker a-slam at {slam.url} is unreachable: ")
+    assert slam.requests == 1
+    assert len(_tokens(events)) == 4
 
 
 def test_stream_silence_must_be_positive(tmp_path: Path) -> None:

@@ -283,7 +283,7 @@ async def _cancel_remote(client: JobClient, remote_id: str, what: str, timeout_s
     with trio.CancelScope(shield=True), trio.move_on_after(timeout_s) as scope:
         try:
             await client.cancel(remote_id)
-            logger.info("cancelled %s job %s", what, remote_id)
+            logger.debug("cancelled %s job %s", what, remote_id)
             narrate("forward_cancel", f"Cancelled job {remote_id} on {what}")
         except (InvalidJobState, JobNotFound):
             logger.debug("%s job %s had already finished", what, remote_id)
