@@ -90,8 +90,8 @@ def load_config_file(path: str | Path) -> dict[str, Any]:
 
     Recognised keys: ``token``, ``advertise_url``, ``heartbeat_ttl_s``, ``schedule_wait_s``,
     ``stream_silence_s``, ``lost_worker_grace_s``, ``host``, ``port``, ``cors_origins`` and
-    ``allowed_hosts`` (lists of strings) and a ``hives`` table of ``alias = "URL"`` or ``alias = {url = ..., ssh_host = ...,
-    token = ...}``; the hive daemon reads its own
+    ``allowed_hosts`` (lists of strings) and a ``hives`` table of ``alias = "URL"`` or
+    ``alias = {url = ..., ssh_host = ..., token = ...}``; the hive daemon reads its own
     keys (``models_dir``, ``model_source``, ...) from the same kind of file.
     """
     path = Path(path)
