@@ -126,7 +126,7 @@ class OpenAIBackend:
         try:
             async with httpx.AsyncClient(timeout=self.check_timeout_s) as client:
                 response = await client.get(url, headers=self._headers())
-        except httpx.HTTPError as exc:
+        except (httpx.HTTPError, httpx.InvalidURL) as exc:
             return f"upstream {self.base_url} is unreachable: {_describe(exc)}"
         if response.status_code >= 500:
             return f"upstream {self.base_url} answered {response.status_code} to GET {url}"
@@ -178,7 +178,7 @@ class OpenAIBackend:
                         if count >= request.max_tokens and not done:
                             await _close_early(response, lines)
                             return "length"
-        except httpx.HTTPError as exc:
+        except (httpx.HTTPError, httpx.InvalidURL) as exc:
             raise UpstreamError(
                 f"upstream {self.base_url} is unreachable: {_describe(exc)}",
                 unreachable=count == 0,
@@ -204,7 +204,7 @@ async def _close_early(response: httpx.Response, lines: AsyncGenerator[str, None
                 break
 
 
-def _describe(exc: httpx.HTTPError) -> str:
+def _describe(exc: Exception) -> str:
     """``ConnectError: All connection attempts failed`` (the type alone when it says nothing)."""
     text = str(exc)
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
