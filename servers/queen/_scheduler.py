@@ -57,6 +57,7 @@ class WorkerTable:
         self.ttl_s = ttl_s
         self._workers: dict[str, WorkerEntry] = {}
         self._changed = trio.Event()
+        self._forgotten: set[str] = set()
         self.assigned: dict[str, int] = {}
 
     def beat(self, data: dict[str, Any]) -> WorkerEntry | None:
@@ -74,17 +75,20 @@ class WorkerTable:
             last_seen=trio.current_time(),
         )
         self._workers[worker_id] = entry
+        self._forgotten.discard(worker_id)
         self._changed.set()
         self._changed = trio.Event()
         return entry
 
     def forget(self, worker_id: str) -> None:
-        """Stop scheduling on ``worker_id`` until its next heartbeat."""
-        self._workers.pop(worker_id, None)
+        """Stop scheduling on ``worker_id`` until its next heartbeat (one job could not
+        reach it; :meth:`is_live` still follows its heartbeats, so its other jobs go on)."""
+        if worker_id in self._workers:
+            self._forgotten.add(worker_id)
 
     def status(self, worker_id: str) -> str | None:
         """The state a heartbeating worker reports, None once its heartbeat is older than
-        the TTL (or it was forgotten)."""
+        the TTL."""
         entry = self._workers.get(worker_id)
         if entry is None or entry.last_seen < trio.current_time() - self.ttl_s:
             return None
@@ -100,6 +104,8 @@ class WorkerTable:
         out = []
         for entry in list(self._workers.values()):
             if entry.last_seen < cutoff or entry.state == "stopping":
+                continue
+            if entry.worker_id in self._forgotten:
                 continue
             if model is not None and entry.model != model:
                 continue
