@@ -381,8 +381,9 @@ async def _heartbeat_as(queen: str, worker_id: str, url: str, model: str) -> Non
             await trio.sleep(0.2)
 
 
+@pytest.mark.parametrize("where", ["flag", "config"])
 async def test_a_mute_stream_ends_the_job_after_the_silence_bound(
-    nursery: trio.Nursery, tmp_path: Path
+    nursery: trio.Nursery, tmp_path: Path, where: str
 ) -> None:
     """A worker that heartbeats but sends nothing on the job's stream: the job fails
     ``lost worker ...: no event or keep-alive for 1s`` (``--stream-silence 1``) and the
@@ -392,8 +393,12 @@ async def test_a_mute_stream_ends_the_job_after_the_silence_bound(
     cluster = Cluster(tmp_path)
     try:
         ghost = f"http://127.0.0.1:{closed_port()}"
-        argv = ["queen", "--port", "0", "--hive", f"localhost={ghost}", "--stream-silence", "1"]
-        queen = cluster.start("queen", argv)
+        config = tmp_path / "queen.toml"
+        config.write_text("[queen]\nstream_silence_s = 1\n")
+        extra = ["--stream-silence", "1"] if where == "flag" else ["--config", str(config)]
+        queen = cluster.start(
+            "queen", ["queen", "--port", "0", "--hive", f"localhost={ghost}", *extra]
+        )
         nursery.start_soon(_heartbeat_as, queen, "mute-1", mute.url, "mute")
         with trio.fail_after(15):
             async with JobClient(queen) as client:
@@ -463,11 +468,17 @@ async def test_a_connection_reset_before_the_answer_fails_over(
     assert len(_tokens(events)) == 4
 
 
-def test_stream_silence_must_be_positive(tmp_path: Path) -> None:
+@pytest.mark.parametrize("where", ["flag", "config"])
+def test_stream_silence_must_be_positive(tmp_path: Path, where: str) -> None:
+    """``--stream-silence`` / config ``stream_silence_s``: a bad value stops the queen with
+    a message naming the key."""
+    config = tmp_path / "queen.toml"
+    config.write_text("[queen]\nstream_silence_s = 0\n")
+    extra = ["--stream-silence", "0"] if where == "flag" else ["--config", str(config)]
     cluster = Cluster(tmp_path)
     try:
         with pytest.raises(RuntimeError, match="stream_silence_s must be a positive number"):
-            cluster.start("queen", ["queen", "--port", "0", "--stream-silence", "0"], 20)
+            cluster.start("queen", ["queen", "--port", "0", *extra], 20)
     finally:
         cluster.close()
 
