@@ -25,12 +25,20 @@ Background = Callable[[str], Awaitable[None]]
 
 
 def setup_logging(verbose: bool = False) -> None:
-    """Log to stderr (stdout carries only the ``listening on`` line)."""
+    """Log to stderr (stdout carries only the ``listening on`` line).
+
+    INFO is for what an operator acts on (daemons starting and stopping, workers joining,
+    going not ready or lost, jobs failed over or ended by a stop); heartbeats and
+    per-request chatter are DEBUG. httpx logs every request at INFO (a heartbeat per worker
+    per second): its loggers stay at WARNING, or INFO with ``verbose``.
+    """
     logging.basicConfig(
         level=logging.DEBUG if verbose else logging.INFO,
         stream=sys.stderr,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+    logging.getLogger("httpx").setLevel(logging.INFO if verbose else logging.WARNING)
+    logging.getLogger("httpcore").setLevel(logging.WARNING)
 
 
 def is_loopback(host: str) -> bool:

@@ -510,6 +510,13 @@ def build_parser() -> argparse.ArgumentParser:
     queen.add_argument(
         "--schedule-wait", type=float, default=None, help="seconds infer waits for a worker"
     )
+    queen.add_argument(
+        "--stream-silence",
+        type=float,
+        default=None,
+        help="seconds a forwarded job's daemon may send nothing (not even a keep-alive) "
+        "before the job fails 'lost worker' (default 60)",
+    )
     _store_options(queen, "trio_jobs")
     queen.add_argument(
         "--node",
@@ -548,6 +555,13 @@ def build_parser() -> argparse.ArgumentParser:
     worker.add_argument("--token-delay", type=float, default=None, help="tiny: s per token")
     worker.add_argument("--heartbeat-s", type=float, default=None)
     worker.add_argument("--parent-pid", type=int, default=None, help="stop when it exits")
+    worker.add_argument(
+        "--stop-grace",
+        type=float,
+        default=None,
+        help="on SIGTERM, seconds jobs in flight may finish before they end "
+        "'[ERROR] worker shutting down' (default 2)",
+    )
 
     p = _keeper(sub, "submit", "submit any operation given as JSON ('-' stdin, @file)")
     p.add_argument("body")
@@ -731,21 +745,26 @@ def run_queen(args: argparse.Namespace) -> int:
     if not hives:
         hives["localhost"] = parse_hive_flag("localhost=http://127.0.0.1:7834")
     cors_origins, allowed_hosts = _web_policy(args, data)
-    config = QueenConfig(
-        hives=hives,
-        token=token,
-        advertise_url=_pick(args.advertise_url, data, "advertise_url", None),
-        heartbeat_ttl_s=float(_pick(args.heartbeat_ttl, data, "heartbeat_ttl_s", 5.0)),
-        schedule_wait_s=float(_pick(args.schedule_wait, data, "schedule_wait_s", 10.0)),
-        store=_store(args, data, "queen"),
-        pg_schema=_pick(args.pg_schema, data, "pg_schema", "trio_jobs"),
-        node=_pick(args.node, data, "node", None),
-        lease_s=float(_pick(args.lease, data, "lease_s", 10.0)),
-        retention_s=float(_pick(args.retention, data, "retention_s", 600.0)),
-        max_concurrent=_max_concurrent(args, data),
-        cors_origins=cors_origins,
-        allowed_hosts=allowed_hosts,
-    )
+    try:
+        config = QueenConfig(
+            hives=hives,
+            token=token,
+            advertise_url=_pick(args.advertise_url, data, "advertise_url", None),
+            heartbeat_ttl_s=float(_pick(args.heartbeat_ttl, data, "heartbeat_ttl_s", 5.0)),
+            schedule_wait_s=float(_pick(args.schedule_wait, data, "schedule_wait_s", 10.0)),
+            stream_silence_s=float(_pick(args.stream_silence, data, "stream_silence_s", 60.0)),
+            lost_worker_grace_s=float(data.get("lost_worker_grace_s", 0.5)),
+            store=_store(args, data, "queen"),
+            pg_schema=_pick(args.pg_schema, data, "pg_schema", "trio_jobs"),
+            node=_pick(args.node, data, "node", None),
+            lease_s=float(_pick(args.lease, data, "lease_s", 10.0)),
+            retention_s=float(_pick(args.retention, data, "retention_s", 600.0)),
+            max_concurrent=_max_concurrent(args, data),
+            cors_origins=cors_origins,
+            allowed_hosts=allowed_hosts,
+        )
+    except ValueError as exc:
+        raise SystemExit(f"trio-jobs queen: {exc}") from None
     trio.run(lambda: serve_queen(config, host=host, port=int(port)))
     return EXIT_OK
 
@@ -795,6 +814,7 @@ def run_worker(args: argparse.Namespace) -> int:
         upstream_model=_pick(args.upstream_model, data, "upstream_model", None),
         token_delay_s=float(_pick(args.token_delay, data, "token_delay_s", 0.0)),
         heartbeat_s=float(_pick(args.heartbeat_s, data, "heartbeat_s", 1.0)),
+        stop_grace_s=float(_pick(args.stop_grace, data, "stop_grace_s", 2.0)),
         parent_pid=args.parent_pid,
         token=token,
     )

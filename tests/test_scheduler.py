@@ -75,3 +75,26 @@ async def test_no_worker_names_the_live_ones(autojump_clock: trio.abc.Clock) -> 
         "no live worker serves model 'tiny' on hive 'gpu' (live workers: w9 (llama); "
         "spawn one with worker_spawn)"
     )
+
+
+async def test_liveness_of_stopping_and_not_ready_workers(autojump_clock: trio.abc.Clock) -> None:
+    """``is_live`` follows heartbeats only: a stopping worker (whose jobs are ending with
+    their own signals) stays live while it beats, but neither it nor a ``not_ready`` one is
+    picked; a forgotten worker is not picked until its next heartbeat (but stays live for
+    the jobs it runs)."""
+    table = WorkerTable(ttl_s=5)
+    beat(table, "w1", state="stopping")
+    beat(table, "w2", state="not_ready")
+    assert (table.is_live("w1"), table.status("w1")) == (True, "stopping")
+    assert (table.is_live("w2"), table.status("w2")) == (True, "not_ready")
+    with pytest.raises(NoWorker, match=r"live workers: w2 \(tiny, not_ready\)"):
+        await table.pick("tiny", None, wait_s=1)
+    await trio.sleep(5.1)
+    assert not table.is_live("w1") and table.status("w2") is None
+    beat(table, "w3")
+    table.forget("w3")
+    assert table.is_live("w3") and table.live() == []
+    with pytest.raises(NoWorker):
+        await table.pick("tiny", None, wait_s=0)
+    beat(table, "w3", state="busy")
+    assert (await table.pick("tiny", None, wait_s=0)).worker_id == "w3"

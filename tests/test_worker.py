@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+from collections.abc import AsyncIterator
+from functools import partial
 from typing import Any
 
 import httpx
@@ -95,7 +98,8 @@ async def test_openai_backend_reports_upstream_errors(nursery: trio.Nursery) -> 
             _, _, terminal = await collect(
                 client, {"operation": "infer", "model": "tiny", "prompt": "x"}
             )
-    assert terminal is not None and terminal.wire.startswith("[ERROR] ")
+    assert terminal is not None
+    assert terminal.wire.startswith(f"[ERROR] upstream {dead} is unreachable: ConnectError")
 
 
 async def test_chat_completions_validates_its_body(nursery: trio.Nursery) -> None:
@@ -119,3 +123,78 @@ async def test_chat_completions_without_streaming_and_models(nursery: trio.Nurse
     )
     assert answer["usage"]["completion_tokens"] == 4
     assert models["data"] == [{"id": "tiny", "object": "model", "owned_by": "trio-jobs"}]
+
+
+class _GreedyUpstream:
+    """An OpenAI-compatible upstream (quart-trio on hypercorn) that ignores ``max_tokens``:
+    it streams 50 content chunks whatever it is asked, and records the request bodies."""
+
+    def __init__(self) -> None:
+        from quart import Response, request
+        from quart_trio import QuartTrio
+
+        self.bodies: list[dict[str, Any]] = []
+        self.app = QuartTrio("greedy")
+
+        async def chat() -> Response:
+            self.bodies.append(await request.get_json())
+
+            async def chunks() -> AsyncIterator[bytes]:
+                for n in range(50):
+                    delta = {"content": f" w{n}"}
+                    chunk = {"choices": [{"index": 0, "delta": delta, "finish_reason": None}]}
+                    yield f"data: {json.dumps(chunk)}\n\n".encode()
+                    await trio.sleep(0)
+                yield b"data: [DONE]\n\n"
+
+            response = Response(chunks(), mimetype="text/event-stream")
+            response.timeout = None
+            return response
+
+        self.app.add_url_rule("/v1/chat/completions", "chat", chat, methods=["POST"])
+
+
+async def test_openai_backend_honours_max_tokens(nursery: trio.Nursery) -> None:
+    """``max_tokens`` goes upstream, and the worker stops after that many tokens even when
+    the upstream ignores it."""
+    upstream = _GreedyUpstream()
+    upstream_url: str = await nursery.start(serve, upstream.app)
+    config = WorkerConfig(worker_id="px", model="m", backend="openai", upstream_url=upstream_url)
+    url, _ = await _serve(nursery, config)
+    body = {"operation": "infer", "model": "m", "prompt": "p", "max_tokens": 7}
+    with trio.fail_after(10):
+        async with JobClient(url) as client:
+            _, events, terminal = await collect(client, body)
+    assert terminal is not None and terminal.wire == "[DONE]"
+    assert _tokens(events) == [f" w{n}" for n in range(7)]
+    assert events[-1].fields["finish_reason"] == "length"
+    assert upstream.bodies[0]["max_tokens"] == 7
+
+
+async def test_openai_backend_readiness_follows_its_upstream(nursery: trio.Nursery) -> None:
+    """With its upstream down, a worker's ``/health`` is 503 naming the upstream and its
+    state is ``not_ready``; once the upstream answers it is ready again."""
+    port = closed_port()
+    upstream = f"http://127.0.0.1:{port}"
+    config = WorkerConfig(
+        worker_id="px", model="tiny", backend="openai", upstream_url=upstream, heartbeat_s=0.05
+    )
+    url, worker = await _serve(nursery, config)
+    nursery.start_soon(worker.readiness_loop, url)
+    with trio.fail_after(10):
+        async with httpx.AsyncClient(base_url=url) as http:
+            down = await http.get("/health")
+            assert down.status_code == 503
+            assert down.json()["state"] == "not_ready"
+            problem = down.json()["problem"]
+            assert problem.startswith(f"upstream {upstream} is unreachable: ConnectError: ")
+            assert worker.health()["ready"] is False
+            await _serve_on(nursery, port)
+            while (await http.get("/health")).status_code != 200:
+                await trio.sleep(0.02)
+    assert (worker.state, worker.problem) == ("ready", None)
+
+
+async def _serve_on(nursery: trio.Nursery, port: int) -> None:
+    app, _ = build_app(WorkerConfig(worker_id="up", model="tiny"))
+    await nursery.start(partial(serve, app, port=port))

@@ -12,12 +12,13 @@ from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlsplit
 
+import httpx
 import trio
 
 from trio_jobs import narrate
 
 from .._daemon import LISTENING_PREFIX
-from .._proc import drain, read_first_line, terminate, wait_healthy
+from .._proc import drain, read_first_line, terminate
 from ..operations import WorkerSpawn
 
 __all__ = ["WorkerProcess", "WorkerStartError", "WorkerSupervisor", "UnknownWorker"]
@@ -41,8 +42,9 @@ class UnknownWorker(LookupError):
 class WorkerProcess:
     """What the hive knows about one worker process.
 
-    ``state`` is ``starting``, ``ready``, ``stopping``, ``exited`` (stopped on request) or
-    ``crashed`` (it ended on its own).
+    ``state`` is ``starting``, ``ready``, ``stopping``, ``exited`` (stopped on request, or
+    it ended on its own with code 0, e.g. after a SIGTERM from elsewhere) or ``crashed``
+    (it ended on its own with another code).
     """
 
     id: str
@@ -76,6 +78,23 @@ class WorkerProcess:
             "started_at": self.started_at,
             "ended_at": self.ended_at,
         }
+
+
+async def _wait_up(url: str, *, interval_s: float = 0.05) -> dict[str, Any]:
+    """Poll the worker's ``GET /health`` until it answers for itself: 200 (ready) or 503
+    with its state (up, but e.g. its upstream is unreachable). The caller bounds the time."""
+    async with httpx.AsyncClient(timeout=httpx.Timeout(2.0)) as client:
+        while True:
+            try:
+                response = await client.get(f"{url}/health")
+                data = response.json()
+                if response.status_code == 200 or (
+                    response.status_code == 503 and isinstance(data, dict) and "state" in data
+                ):
+                    return dict(data)
+            except (httpx.HTTPError, ValueError) as exc:
+                logger.debug("%s/health not answering yet: %s", url, exc)
+            await trio.sleep(interval_s)
 
 
 class WorkerSupervisor:
@@ -141,6 +160,9 @@ class WorkerSupervisor:
             str(os.getpid()),
             "--heartbeat-s",
             f"{self.heartbeat_s:g}",
+            # Half the SIGKILL grace for its jobs, the rest to end their streams and exit.
+            "--stop-grace",
+            f"{self.grace_s / 2:g}",
         ]
         queen = op.queen_url or self.queen_url
         if queen:
@@ -205,7 +227,13 @@ class WorkerSupervisor:
                 record.url = url
                 record.port = urlsplit(url).port
                 narrate("worker_listening", f"Worker {record.id} listening on {url}", url=url)
-                await wait_healthy(url)
+                health = await _wait_up(url)
+                if health.get("problem"):
+                    narrate(
+                        "worker_not_ready",
+                        f"Worker {record.id} is up but not ready: {health['problem']}",
+                        problem=health["problem"],
+                    )
             if startup.cancelled_caught:
                 raise WorkerStartError(
                     f"worker {record.id} not healthy within {self.startup_timeout_s:g}s"
@@ -220,7 +248,7 @@ class WorkerSupervisor:
             code = await terminate(process, self.grace_s)
             record.returncode = code
             record.ended_at = time.time()
-            record.state = "exited" if record.stop_requested else "crashed"
+            record.state = "exited" if record.stop_requested or code == 0 else "crashed"
             if record.state == "crashed":
                 logger.warning("worker %s (pid %s) ended with code %s", record.id, record.pid, code)
             else:

@@ -34,6 +34,12 @@ class QueenConfig:
     ``schedule_wait_s``: how long an ``infer`` waits for a live worker of its model.
     ``cancel_timeout_s``: bound on the DELETE sent to a hive or worker when a forwarded
     job is cancelled or times out.
+    ``stream_silence_s``: a forwarded job whose daemon sends nothing at all (no event, no
+    keep-alive comment) for this long fails ``lost worker ...``/``lost hive ...`` (workers
+    send a keep-alive every 5 s of quiet, hives every 15 s, so keep it above that).
+    ``lost_worker_grace_s``: after a worker's heartbeat is older than ``heartbeat_ttl_s``,
+    its in-flight ``infer`` jobs fail ``lost worker ...`` within this many seconds (or are
+    retried on another worker when their retry policy allows).
     ``store``: where jobs are kept (memory here; the CLI defaults to a SQLite file); with
     PostgreSQL the queen shares the ``pg_schema`` tables with other queens as ``node``
     (default ``<hostname>-<pid>``), and takes over the jobs of a queen that renewed no
@@ -49,6 +55,8 @@ class QueenConfig:
     heartbeat_ttl_s: float = 5.0
     schedule_wait_s: float = 10.0
     cancel_timeout_s: float = 3.0
+    stream_silence_s: float = 60.0
+    lost_worker_grace_s: float = 0.5
     ssh_timeout_s: float = 15.0
     max_concurrent: int | None = None
     store: StoreSpec = field(default_factory=lambda: StoreSpec("memory"))
@@ -58,6 +66,12 @@ class QueenConfig:
     retention_s: float = 600.0
     cors_origins: list[str] = field(default_factory=list)
     allowed_hosts: list[str] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        for name in ("stream_silence_s", "lost_worker_grace_s"):
+            value = getattr(self, name)
+            if not (isinstance(value, int | float) and 0 < value < float("inf")):
+                raise ValueError(f"{name} must be a positive number of seconds, got {value!r}")
 
 
 def parse_hive_flag(value: str) -> HiveEntry:
@@ -75,9 +89,9 @@ def load_config_file(path: str | Path) -> dict[str, Any]:
     """Read a TOML (``.toml``) or JSON file into a dict.
 
     Recognised keys: ``token``, ``advertise_url``, ``heartbeat_ttl_s``, ``schedule_wait_s``,
-    ``host``, ``port``, ``cors_origins`` and ``allowed_hosts`` (lists of strings) and a
-    ``hives`` table of ``alias = "URL"`` or ``alias = {url = ..., ssh_host = ...,
-    token = ...}``; the hive daemon reads its own
+    ``stream_silence_s``, ``lost_worker_grace_s``, ``host``, ``port``, ``cors_origins`` and
+    ``allowed_hosts`` (lists of strings) and a ``hives`` table of ``alias = "URL"`` or
+    ``alias = {url = ..., ssh_host = ..., token = ...}``; the hive daemon reads its own
     keys (``models_dir``, ``model_source``, ...) from the same kind of file.
     """
     path = Path(path)

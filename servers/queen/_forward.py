@@ -4,11 +4,15 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import AsyncIterator, Awaitable, Callable
+from functools import partial
 from typing import Any
 
+import httpx
 import trio
 
 from trio_jobs import (
+    HTTPStatusError,
     InvalidJobState,
     JobCancelled,
     JobClient,
@@ -34,12 +38,74 @@ class ForwardFailed(Exception):
     """The forwarded job failed, or its daemon could not be reached; ``str`` says which.
 
     ``lost_contact`` is true when the daemon could not be reached or went away mid-job
-    (as opposed to answering ``[ERROR]``).
+    (as opposed to answering ``[ERROR]``). ``try_elsewhere`` is true when the daemon
+    created no job (refused connection, reset or refusal with a 5xx before a job id came
+    back): sending the same request to another daemon cannot run it twice.
     """
 
-    def __init__(self, message: str, *, lost_contact: bool = False) -> None:
+    def __init__(
+        self, message: str, *, lost_contact: bool = False, try_elsewhere: bool = False
+    ) -> None:
         super().__init__(message)
         self.lost_contact = lost_contact
+        self.try_elsewhere = try_elsewhere
+
+
+Watch = Callable[[], Awaitable[str]]
+"""Returns (with the reason, e.g. ``no heartbeat for 5s``) once the daemon is known lost."""
+
+
+class _ActivityTransport(httpx.AsyncBaseTransport):
+    """httpx's transport, noting when bytes last came in (keep-alive comments included)."""
+
+    def __init__(self) -> None:
+        self._inner = httpx.AsyncHTTPTransport()
+        self.last_activity = trio.current_time()
+
+    def touch(self) -> None:
+        self.last_activity = trio.current_time()
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        response = await self._inner.handle_async_request(request)
+        self.touch()
+        assert isinstance(response.stream, httpx.AsyncByteStream)
+        response.stream = _TouchingStream(response.stream, self)
+        return response
+
+    async def aclose(self) -> None:
+        await self._inner.aclose()
+
+
+class _TouchingStream(httpx.AsyncByteStream):
+    """A response body that tells its transport about every chunk it yields."""
+
+    def __init__(self, inner: httpx.AsyncByteStream, owner: _ActivityTransport) -> None:
+        self._inner = inner
+        self._owner = owner
+        self._chunks: AsyncIterator[bytes] | None = None
+
+    def __aiter__(self) -> AsyncIterator[bytes]:
+        self._chunks = self._inner.__aiter__()
+        return self
+
+    async def __anext__(self) -> bytes:
+        assert self._chunks is not None
+        chunk = await self._chunks.__anext__()
+        self._owner.touch()
+        return chunk
+
+    async def aclose(self) -> None:
+        await self._inner.aclose()
+
+
+async def _silence(transport: _ActivityTransport, silence_s: float) -> str:
+    """Return once nothing (no event, no keep-alive) came in for ``silence_s`` seconds."""
+    transport.touch()
+    while True:
+        left = transport.last_activity + silence_s - trio.current_time()
+        if left <= 0:
+            return f"no event or keep-alive for {silence_s:g}s"
+        await trio.sleep(left)
 
 
 async def forward_job(
@@ -51,6 +117,8 @@ async def forward_job(
     token: str | None = None,
     cancel_timeout_s: float = 3.0,
     max_reconnects: int = 2,
+    watch: Watch | None = None,
+    silence_s: float | None = None,
 ) -> str:
     """Run ``body`` as a job on the daemon at ``base_url`` as part of the current job.
 
@@ -61,9 +129,15 @@ async def forward_job(
     ``timeout_s``, so both enforce the same timeout, and ``on_disconnect: cancel``, so a
     queen that dies does not leave the remote job running.
 
+    Contact: when ``watch`` returns (the daemon stopped heartbeating) or, once the remote
+    job exists, nothing at all (no event, no keep-alive) came from it for ``silence_s``
+    seconds, the job fails with ``lost <what> at <url>: <reason>`` (``lost_contact``).
+
     Cancellation: when the current job is cancelled (or times out) before the remote job
     ended, a ``DELETE`` of the remote job is sent in a shielded cleanup bounded by
-    ``cancel_timeout_s``, then ``Cancelled`` propagates.
+    ``cancel_timeout_s``, then ``Cancelled`` propagates. A daemon found lost by ``watch``
+    gets no ``DELETE`` (it would not answer); the dropped stream cancels its job
+    (``on_disconnect``) if it ever wakes up.
     """
     # The remote job belongs to this one: if the queen goes away (its stream drops for
     # good), the remote daemon cancels it instead of running it for nobody.
@@ -74,52 +148,90 @@ async def forward_job(
         if remaining <= 0:
             await trio.lowlevel.checkpoint()
         options["timeout_s"] = max(round(remaining, 3), 0.001)
+    transport = _ActivityTransport()
+    lost: str | None = None
+    presumed_dead = False  # found lost by ``watch``: no DELETE, it would not answer
+    failure: ForwardFailed | None = None
+    remote_id: str | None = None
+    terminal: TerminalSignal | None = None
+    contact = trio.CancelScope()
+
+    async def until_lost(watcher: Watch, dead: bool) -> None:
+        nonlocal lost, presumed_dead
+        reason = await watcher()
+        if lost is None:
+            lost, presumed_dead = reason, dead
+        contact.cancel()
+
     async with JobClient(
-        base_url, token=token, timeout=5.0, max_reconnects=max_reconnects, backoff_s=0.1
+        base_url,
+        token=token,
+        timeout=5.0,
+        max_reconnects=max_reconnects,
+        backoff_s=0.1,
+        transport=transport,
     ) as client:
-        try:
-            remote_id = await client.submit(body, **options)
-        except TransportError as exc:
-            raise ForwardFailed(
-                f"{what} at {base_url} is unreachable: {exc}", lost_contact=True
-            ) from None
-        narrate(
-            "forward",
-            f"Forwarded {body.get('operation')} to {what} as {remote_id}",
-            target=base_url,
-            remote_job_id=remote_id,
-        )
-        terminal: TerminalSignal | None = None
-        try:
-            async with client.stream(remote_id) as events:
-                while terminal is None:
+
+        async def work(watchers: trio.Nursery) -> None:
+            nonlocal remote_id, terminal, failure
+            with contact:
+                try:
+                    remote_id = await client.submit(body, **options)
+                except HTTPStatusError as exc:
+                    failure = ForwardFailed(
+                        f"{what} at {base_url} refused the job: {exc}",
+                        try_elsewhere=exc.status_code >= 500,
+                    )
+                except TransportError as exc:
+                    failure = ForwardFailed(
+                        f"{what} at {base_url} is unreachable: {exc}",
+                        lost_contact=True,
+                        try_elsewhere=True,
+                    )
+                if remote_id is not None:
+                    narrate(
+                        "forward",
+                        f"Forwarded {body.get('operation')} to {what} as {remote_id}",
+                        target=base_url,
+                        remote_job_id=remote_id,
+                    )
+                    if silence_s is not None:
+                        silent = partial(_silence, transport, silence_s)
+                        watchers.start_soon(until_lost, silent, False)
                     try:
-                        item = await events.receive()
-                    except trio.EndOfChannel:
-                        break
-                    # Re-narrate everything that already arrived without a trip through
-                    # the scheduler per event (the batching lever in PITFALLS).
-                    while True:
-                        if isinstance(item, NarrationEvent):
-                            narrate(item.action, item.human, actor=item.actor, **item.fields)
-                        else:
-                            terminal = item
-                        try:
-                            item = events.receive_nowait()
-                        except (trio.WouldBlock, trio.EndOfChannel):
-                            break
-                if terminal is not None:  # read to the end of the body (keeps the pool)
-                    async for _ in events:
-                        logger.warning("%s sent an item after its terminal signal", what)
-        except StreamEndedWithoutSignal as exc:
-            raise ForwardFailed(
-                f"lost {what} at {base_url} before the job ended: {exc}", lost_contact=True
-            ) from None
-        except TransportError as exc:
-            raise ForwardFailed(f"lost {what} at {base_url}: {exc}", lost_contact=True) from None
+                        terminal = await _relay(client, remote_id, what)
+                        if terminal is None:
+                            raise StreamEndedWithoutSignal("the stream ended without a signal")
+                    except StreamEndedWithoutSignal as exc:
+                        failure = ForwardFailed(
+                            f"lost {what} at {base_url} before the job ended: {exc}",
+                            lost_contact=True,
+                        )
+                    except TransportError as exc:
+                        failure = ForwardFailed(
+                            f"lost {what} at {base_url}: {exc}", lost_contact=True
+                        )
+            watchers.cancel_scope.cancel()
+
+        try:
+            async with trio.open_nursery() as watchers:
+                if watch is not None:
+                    watchers.start_soon(until_lost, watch, True)
+                watchers.start_soon(work, watchers)
         finally:
-            if terminal is None:
+            if terminal is None and remote_id is not None and not presumed_dead:
                 await _cancel_remote(client, remote_id, what, cancel_timeout_s)
+        if lost is not None and terminal is None:
+            logger.warning("lost %s at %s: %s", what, base_url, lost)
+            raise ForwardFailed(
+                f"lost {what} at {base_url}: {lost}",
+                lost_contact=True,
+                try_elsewhere=remote_id is None,
+            )
+        if failure is not None:
+            raise failure
+        assert terminal is not None
+        assert remote_id is not None
         try:
             raise_for_signal(terminal, remote_id)
         except JobTimeout as exc:
@@ -139,12 +251,39 @@ async def forward_job(
         return remote_id
 
 
+async def _relay(client: JobClient, remote_id: str, what: str) -> TerminalSignal | None:
+    """Narrate the remote job's events into the current job; its terminal signal, or None
+    when the stream ended without one."""
+    terminal: TerminalSignal | None = None
+    async with client.stream(remote_id) as events:
+        while terminal is None:
+            try:
+                item = await events.receive()
+            except trio.EndOfChannel:
+                break
+            # Re-narrate everything that already arrived without a trip through the
+            # scheduler per event (the batching lever in PITFALLS).
+            while True:
+                if isinstance(item, NarrationEvent):
+                    narrate(item.action, item.human, actor=item.actor, **item.fields)
+                else:
+                    terminal = item
+                try:
+                    item = events.receive_nowait()
+                except (trio.WouldBlock, trio.EndOfChannel):
+                    break
+        if terminal is not None:  # read to the end of the body (keeps the pool)
+            async for _ in events:
+                logger.warning("%s sent an item after its terminal signal", what)
+    return terminal
+
+
 async def _cancel_remote(client: JobClient, remote_id: str, what: str, timeout_s: float) -> None:
     """DELETE the remote job; shielded and bounded, failures only logged."""
     with trio.CancelScope(shield=True), trio.move_on_after(timeout_s) as scope:
         try:
             await client.cancel(remote_id)
-            logger.info("cancelled %s job %s", what, remote_id)
+            logger.debug("cancelled %s job %s", what, remote_id)
             narrate("forward_cancel", f"Cancelled job {remote_id} on {what}")
         except (InvalidJobState, JobNotFound):
             logger.debug("%s job %s had already finished", what, remote_id)

@@ -46,21 +46,23 @@ class WorkerTable:
     """Workers report here directly (``POST /v1/workers/heartbeat``); the queen reads it.
 
     A worker is live while its last heartbeat is younger than ``ttl_s`` and it has not said
-    ``stopping``.
+    ``stopping``; it is scheduled only while it says ``ready`` or ``busy`` (a worker whose
+    backend cannot serve says ``not_ready``). A ``stopping`` worker still counts for
+    :meth:`is_live` while it heartbeats: its jobs are ending with their own signals.
     """
+
+    SCHEDULABLE = frozenset({"ready", "busy"})
 
     def __init__(self, ttl_s: float = 5.0) -> None:
         self.ttl_s = ttl_s
         self._workers: dict[str, WorkerEntry] = {}
         self._changed = trio.Event()
+        self._forgotten: set[str] = set()
         self.assigned: dict[str, int] = {}
 
     def beat(self, data: dict[str, Any]) -> WorkerEntry | None:
-        """Record a heartbeat (validated by the caller); ``stopping`` removes the worker."""
+        """Record a heartbeat (validated by the caller); ``stopping`` ends scheduling on it."""
         worker_id = str(data["worker_id"])
-        if data.get("state") == "stopping":
-            self._workers.pop(worker_id, None)
-            return None
         entry = WorkerEntry(
             worker_id=worker_id,
             url=str(data["url"]).rstrip("/"),
@@ -73,19 +75,37 @@ class WorkerTable:
             last_seen=trio.current_time(),
         )
         self._workers[worker_id] = entry
+        self._forgotten.discard(worker_id)
         self._changed.set()
         self._changed = trio.Event()
         return entry
 
     def forget(self, worker_id: str) -> None:
-        self._workers.pop(worker_id, None)
+        """Stop scheduling on ``worker_id`` until its next heartbeat (one job could not
+        reach it; :meth:`is_live` still follows its heartbeats, so its other jobs go on)."""
+        if worker_id in self._workers:
+            self._forgotten.add(worker_id)
+
+    def status(self, worker_id: str) -> str | None:
+        """The state a heartbeating worker reports, None once its heartbeat is older than
+        the TTL."""
+        entry = self._workers.get(worker_id)
+        if entry is None or entry.last_seen < trio.current_time() - self.ttl_s:
+            return None
+        return entry.state
+
+    def is_live(self, worker_id: str) -> bool:
+        """True while ``worker_id`` heartbeats (``stopping`` included)."""
+        return self.status(worker_id) is not None
 
     def live(self, model: str | None = None, hive_id: str | None = None) -> list[WorkerEntry]:
         """Live workers, optionally only those serving ``model`` on hive ``hive_id``."""
         cutoff = trio.current_time() - self.ttl_s
         out = []
         for entry in list(self._workers.values()):
-            if entry.last_seen < cutoff:
+            if entry.last_seen < cutoff or entry.state == "stopping":
+                continue
+            if entry.worker_id in self._forgotten:
                 continue
             if model is not None and entry.model != model:
                 continue
@@ -104,10 +124,14 @@ class WorkerTable:
         Raises:
             NoWorker: none appeared in time.
         """
+
+        def schedulable() -> list[WorkerEntry]:
+            return [e for e in self.live(model, hive_id) if e.state in self.SCHEDULABLE]
+
         with trio.move_on_after(wait_s):
-            while not self.live(model, hive_id):
+            while not schedulable():
                 await self._changed.wait()
-        candidates = self.live(model, hive_id)
+        candidates = schedulable()
         if candidates:
             await trio.lowlevel.checkpoint()
             return min(
@@ -115,7 +139,10 @@ class WorkerTable:
                 key=lambda e: (e.running + self.assigned.get(e.worker_id, 0), e.worker_id),
             )
         where = f" on hive {hive_id!r}" if hive_id else ""
-        others = sorted({f"{e.worker_id} ({e.model})" for e in self.live()})
+        others = sorted(
+            f"{e.worker_id} ({e.model}{'' if e.state in self.SCHEDULABLE else ', ' + e.state})"
+            for e in self.live()
+        )
         raise NoWorker(
             f"no live worker serves model {model!r}{where} "
             f"(live workers: {', '.join(others) or 'none'}; spawn one with worker_spawn)"

@@ -7,6 +7,7 @@ import os
 import socket
 import subprocess
 import sys
+from functools import partial
 from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
@@ -41,7 +42,7 @@ from ..operations import (
 )
 from ._config import HiveEntry, QueenConfig
 from ._forward import ForwardFailed, forward_job
-from ._scheduler import WorkerTable
+from ._scheduler import NoWorker, WorkerEntry, WorkerTable
 
 __all__ = [
     "Queen",
@@ -54,6 +55,9 @@ __all__ = [
 logger = logging.getLogger("servers.queen")
 
 _M = TypeVar("_M", bound=BaseModel)
+
+_MAX_FAILOVERS = 8
+"""Workers one ``infer`` tries when its request reaches none of them."""
 
 
 def _validated(model: type[_M], data: Any) -> _M:
@@ -209,22 +213,56 @@ class Queen:
             what=f"hive {hive_id!r}",
             token=entry.token or self.config.token,
             cancel_timeout_s=self.config.cancel_timeout_s,
+            silence_s=self.config.stream_silence_s,
         )
 
     async def infer(self, op: Infer) -> None:
+        """Run ``op`` on the least busy live worker of its model.
+
+        A request that reached no worker (connection refused or reset, a 5xx refusal:
+        no job id came back) is tried on the next live worker before the job fails; the
+        worker that failed is not picked again until it heartbeats. A request that did
+        reach one is never sent again here (the job's retry policy decides). A worker that
+        stops heartbeating (or whose stream stays silent, see ``stream_silence_s``) fails
+        the job with ``lost worker ...`` within the TTL plus ``lost_worker_grace_s``.
+        """
         narrate(
             "infer_schedule",
             f"Scheduling inference for model {op.model}",
             model=op.model,
             max_tokens=op.max_tokens,
         )
-        worker = await self.workers.pick(op.model, op.hive_id, self.config.schedule_wait_s)
-        narrate(
-            "infer_worker",
-            f"Scheduled to worker {worker.worker_id} at {worker.url}",
-            worker_id=worker.worker_id,
-            url=worker.url,
-        )
+        wait_s = self.config.schedule_wait_s
+        failed = ""
+        for _ in range(_MAX_FAILOVERS):
+            try:
+                worker = await self.workers.pick(op.model, op.hive_id, wait_s)
+            except NoWorker as exc:
+                if wait_s:  # the first pick: nothing else went wrong
+                    raise
+                raise ForwardFailed(f"{failed} (and {exc})") from None
+            narrate(
+                "infer_worker",
+                f"Scheduled to worker {worker.worker_id} at {worker.url}",
+                worker_id=worker.worker_id,
+                url=worker.url,
+            )
+            try:
+                await self._infer_on(worker, op)
+                return
+            except ForwardFailed as exc:
+                if exc.lost_contact or exc.try_elsewhere:  # not again until it heartbeats
+                    self.workers.forget(worker.worker_id)
+                if not exc.try_elsewhere:
+                    raise
+                failed = str(exc)
+            logger.warning("infer: %s; trying another worker", failed)
+            narrate("infer_failover", f"{failed}; trying another worker", error=failed)
+            wait_s = 0.0
+        raise ForwardFailed(f"{failed} (gave up after {_MAX_FAILOVERS} workers)")
+
+    async def _infer_on(self, worker: WorkerEntry, op: Infer) -> None:
+        """Forward ``op`` to ``worker``, watching its heartbeats; counted in ``assigned``."""
         assigned = self.workers.assigned
         assigned[worker.worker_id] = assigned.get(worker.worker_id, 0) + 1
         try:
@@ -235,15 +273,20 @@ class Queen:
                 what=f"worker {worker.worker_id}",
                 token=self.config.token,
                 cancel_timeout_s=self.config.cancel_timeout_s,
+                watch=partial(self._until_silent, worker.worker_id),
+                silence_s=self.config.stream_silence_s,
             )
-        except ForwardFailed as exc:
-            if exc.lost_contact:  # do not schedule on it again until it heartbeats
-                self.workers.forget(worker.worker_id)
-            raise
         finally:
             assigned[worker.worker_id] -= 1
             if not assigned[worker.worker_id]:
                 del assigned[worker.worker_id]
+
+    async def _until_silent(self, worker_id: str) -> str:
+        """Return once ``worker_id`` sent no heartbeat for the TTL (polled every
+        ``lost_worker_grace_s``, so a lost worker is noticed within TTL + that grace)."""
+        while self.workers.is_live(worker_id):  # noqa: ASYNC110 (ages out: no event)
+            await trio.sleep(self.config.lost_worker_grace_s)
+        return f"no heartbeat for over {self.workers.ttl_s:g}s"
 
     # ---- status -----------------------------------------------------------------------------
 
@@ -441,7 +484,17 @@ class Queen:
 
         async def heartbeat() -> Any:
             beat = _validated(Heartbeat, await request.get_json(force=True, silent=True))
+            before = self.workers.status(beat.worker_id)
             self.workers.beat(beat.model_dump())
+            if beat.state != before and not {beat.state, before} <= {"ready", "busy"}:
+                logger.info(
+                    "worker %s %s: model %s at %s",
+                    beat.worker_id,
+                    beat.state if before else f"joined ({beat.state})",
+                    beat.model,
+                    beat.url,
+                )
+            logger.debug("heartbeat from worker %s (%s)", beat.worker_id, beat.state)
             return jsonify({"status": "ok", "ttl_s": self.workers.ttl_s})
 
         async def register_hive() -> Any:

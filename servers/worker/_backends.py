@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import AsyncGenerator, Callable
-from contextlib import aclosing
+from contextlib import aclosing, suppress
 from dataclasses import dataclass
 from typing import Any, Protocol, cast
 
@@ -21,7 +21,12 @@ TokenSink = Callable[[str], None]
 
 
 class UpstreamError(Exception):
-    """The OpenAI-compatible upstream failed or answered something unreadable."""
+    """The OpenAI-compatible upstream failed or answered something unreadable; the message
+    names the upstream URL. ``unreachable``: it could not be reached at all."""
+
+    def __init__(self, message: str, *, unreachable: bool = False) -> None:
+        super().__init__(message)
+        self.unreachable = unreachable
 
 
 class Backend(Protocol):
@@ -34,6 +39,10 @@ class Backend(Protocol):
 
         Cancelling stops generation (for an upstream, the request is closed).
         """
+        ...
+
+    async def check(self) -> str | None:
+        """None when the backend can serve; otherwise why not (naming what is missing)."""
         ...
 
 
@@ -62,20 +71,39 @@ class TinyBackend:
             emit(token)
         return "length"
 
+    async def check(self) -> str | None:
+        await trio.lowlevel.checkpoint()
+        return None
+
 
 @dataclass
 class OpenAIBackend:
     """Streams ``/v1/chat/completions`` (``stream: true``) from an OpenAI-compatible server.
 
     llama.cpp's server, vLLM and Ollama all speak it. ``upstream_model`` overrides the model
-    name sent upstream (default: the requested model).
+    name sent upstream (default: the requested model). ``max_tokens`` is sent upstream and
+    also enforced here: generation stops after that many content chunks (one token each
+    on those servers) even if the upstream ignores it. Errors name the upstream URL.
     """
 
     base_url: str
     upstream_model: str | None = None
     api_key: str | None = None
     connect_timeout_s: float = 10.0
+    check_timeout_s: float = 2.0
     name: str = "openai"
+
+    @property
+    def api_url(self) -> str:
+        """The upstream's ``/v1`` root."""
+        url = self.base_url.rstrip("/")
+        return url if url.endswith("/v1") else url + "/v1"
+
+    def _headers(self) -> dict[str, str]:
+        headers = {"Accept": "text/event-stream"}
+        if self.api_key:
+            headers["Authorization"] = f"Bearer {self.api_key}"
+        return headers
 
     def _body(self, request: Infer) -> dict[str, Any]:
         body: dict[str, Any] = {
@@ -92,45 +120,91 @@ class OpenAIBackend:
             body["seed"] = request.seed
         return body
 
+    async def check(self) -> str | None:
+        """``GET /v1/models`` on the upstream: any answer below 500 means it is up."""
+        url = f"{self.api_url}/models"
+        try:
+            async with httpx.AsyncClient(timeout=self.check_timeout_s) as client:
+                response = await client.get(url, headers=self._headers())
+        except (httpx.HTTPError, httpx.InvalidURL) as exc:
+            return f"upstream {self.base_url} is unreachable: {_describe(exc)}"
+        if response.status_code >= 500:
+            return f"upstream {self.base_url} answered {response.status_code} to GET {url}"
+        return None
+
     async def generate(self, request: Infer, emit: TokenSink) -> str:
-        url = self.base_url.rstrip("/")
-        if not url.endswith("/v1"):
-            url += "/v1"
-        headers = {"Accept": "text/event-stream"}
-        if self.api_key:
-            headers["Authorization"] = f"Bearer {self.api_key}"
+        url = f"{self.api_url}/chat/completions"
         timeout = httpx.Timeout(self.connect_timeout_s, read=None)
         finish = "stop"
         done = False
-        async with (
-            httpx.AsyncClient(timeout=timeout) as client,
-            client.stream(
-                "POST", f"{url}/chat/completions", json=self._body(request), headers=headers
-            ) as response,
-        ):
-            if response.status_code >= 400:
-                detail = (await response.aread()).decode(errors="replace")[:300]
-                raise UpstreamError(f"upstream answered {response.status_code}: {detail}")
-            # Read the body to its end (it ends right after [DONE]): leaving httpx's nested
-            # async iterators half-consumed leaks them to the garbage collector.
-            async with aclosing(cast(AsyncGenerator[str, None], response.aiter_lines())) as lines:
-                async for line in lines:
-                    if done or not line.startswith("data:"):
-                        continue
-                    data = line[5:].strip()
-                    if data == "[DONE]":
-                        done = True
-                        continue
-                    try:
-                        chunk = json.loads(data)
-                        choice = chunk["choices"][0]
-                    except (ValueError, KeyError, IndexError, TypeError):
-                        raise UpstreamError(f"unreadable upstream chunk: {data[:200]}") from None
-                    content = (choice.get("delta") or {}).get("content")
-                    if content:
-                        emit(content)
-                    if choice.get("finish_reason"):
-                        finish = str(choice["finish_reason"])
+        count = 0
+        try:
+            async with (
+                httpx.AsyncClient(timeout=timeout) as client,
+                client.stream(
+                    "POST", url, json=self._body(request), headers=self._headers()
+                ) as response,
+            ):
+                if response.status_code >= 400:
+                    detail = (await response.aread()).decode(errors="replace")[:300]
+                    raise UpstreamError(
+                        f"upstream {self.base_url} answered {response.status_code}: {detail}",
+                        unreachable=response.status_code >= 500,
+                    )
+                # Read the body to its end (it ends right after [DONE]) unless max_tokens
+                # cuts it short: aclosing() closes httpx's nested iterators either way.
+                lines = cast(AsyncGenerator[str, None], response.aiter_lines())
+                async with aclosing(lines):
+                    async for line in lines:
+                        if done or not line.startswith("data:"):
+                            continue
+                        data = line[5:].strip()
+                        if data == "[DONE]":
+                            done = True
+                            continue
+                        try:
+                            chunk = json.loads(data)
+                            choice = chunk["choices"][0]
+                        except (ValueError, KeyError, IndexError, TypeError):
+                            raise UpstreamError(
+                                f"unreadable chunk from upstream {self.base_url}: {data[:200]}"
+                            ) from None
+                        content = (choice.get("delta") or {}).get("content")
+                        if content:
+                            emit(content)
+                            count += 1
+                        if choice.get("finish_reason"):
+                            finish = str(choice["finish_reason"])
+                        if count >= request.max_tokens and not done:
+                            await _close_early(response, lines)
+                            return "length"
+        except (httpx.HTTPError, httpx.InvalidURL) as exc:
+            raise UpstreamError(
+                f"upstream {self.base_url} is unreachable: {_describe(exc)}",
+                unreachable=count == 0,
+            ) from None
         if not done:
-            raise UpstreamError("upstream stream ended without data: [DONE]")
+            raise UpstreamError(f"upstream {self.base_url} ended its stream without [DONE]")
         return finish
+
+
+async def _close_early(response: httpx.Response, lines: AsyncGenerator[str, None]) -> None:
+    """Stop reading a body before its end: close the response, then drive the reader until
+    the closed connection ends it, which finishes httpx's nested generators (left to the
+    garbage collector, they are reported as a ResourceWarning). Bounded: 1 s."""
+    with trio.move_on_after(1.0):
+        with suppress(httpx.HTTPError):
+            await response.aclose()
+        for _ in range(10_000):
+            try:
+                await lines.__anext__()
+            except StopAsyncIteration:
+                break
+            except Exception:  # whatever a closed transport raises: the reader is done
+                break
+
+
+def _describe(exc: Exception) -> str:
+    """``ConnectError: All connection attempts failed`` (the type alone when it says nothing)."""
+    text = str(exc)
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__

@@ -15,12 +15,12 @@ import httpx
 import trio
 from pydantic import ValidationError
 
-from trio_jobs import JobRegistry, narrate
-from trio_jobs.http import create_app
+from trio_jobs import JobRegistry, JobState, narrate
+from trio_jobs.http import create_app, job_service
 
 from .._daemon import run_daemon
 from ..operations import Infer, parse_operation, wrong_operation
-from ._backends import Backend, OpenAIBackend, TinyBackend
+from ._backends import Backend, OpenAIBackend, TinyBackend, UpstreamError
 from ._tiny import tiny_tokens
 
 __all__ = ["WorkerConfig", "make_backend", "make_registry", "build_app", "serve_worker"]
@@ -44,6 +44,18 @@ class WorkerConfig:
     parent_pid: int | None = None
     token: str | None = None
     max_concurrent: int | None = 4
+    stop_grace_s: float = 2.0
+    """On SIGTERM, how long jobs in flight may go on before they end
+    ``[ERROR] worker shutting down`` (the hive passes half its SIGKILL grace)."""
+
+
+KEEPALIVE_S = 5.0
+"""Seconds of quiet after which a worker's job stream gets a keep-alive comment (the queen's
+``stream_silence_s`` must be longer)."""
+
+
+class WorkerStopping(Exception):
+    """The worker was stopped (SIGTERM) while this job ran; it ends ``[ERROR]``."""
 
 
 def make_registry() -> JobRegistry:
@@ -71,7 +83,7 @@ def parse_infer_payload(body: Any) -> dict[str, Any]:
 
 
 class Worker:
-    """One worker's state: its backend, its counters, its heartbeat loop."""
+    """One worker's state: its backend, its counters, its heartbeat loop, its stop."""
 
     def __init__(self, config: WorkerConfig, backend: Backend, registry: JobRegistry) -> None:
         self.config = config
@@ -82,12 +94,41 @@ class Worker:
         self.tokens_total = 0
         self.open_completions = 0
         """``/v1/chat/completions`` streams being served right now."""
+        self.stopping = False
+        """Set on SIGTERM: new jobs are refused (503), the queen stops scheduling here."""
+        self.problem: str | None = None
+        """Why the backend cannot serve right now (its upstream is unreachable), or None."""
+        self._generating: dict[str, trio.CancelScope] = {}
+        self._ending = False
+        self.checking = False
+        """True once :meth:`readiness_loop` runs (a daemon; an app served alone does not)."""
+        self.checked = trio.Event()
+        """Set once the backend was checked (heartbeats and ``/health`` wait for it)."""
+        self.app: Any = None
+        """The worker's quart app (set by :func:`build_app`)."""
+
+    @property
+    def state(self) -> str:
+        """``stopping``, ``not_ready`` (see :attr:`problem`), ``busy`` or ``ready``."""
+        if self.stopping:
+            return "stopping"
+        if self.problem is not None:
+            return "not_ready"
+        return "busy" if self.registry.running else "ready"
 
     async def execute(self, job_id: str, payload: Any) -> None:
-        """The ``infer`` executor: each token becomes a ``token`` narration event."""
+        """The ``infer`` executor: each token becomes a ``token`` narration event.
+
+        A worker stopping (SIGTERM) past its grace ends the job ``[ERROR] worker shutting
+        down``; an unreachable upstream also marks the worker not ready.
+        """
         request = parse_operation(payload)
         if not isinstance(request, Infer):
             raise ValueError(f"a worker serves only infer, not {request.operation}")
+        if self._ending:
+            raise WorkerStopping(
+                f"worker shutting down: {self.config.worker_id} stopped before the job started"
+            )
         if request.model != self.config.model:
             raise ValueError(
                 f"worker {self.config.worker_id} serves model {self.config.model!r}, "
@@ -110,7 +151,22 @@ class Worker:
             count += 1
             self.tokens_total += 1
 
-        finish = await self.backend.generate(request, emit)
+        finish = "stopped"
+        with trio.CancelScope() as scope:
+            self._generating[job_id] = scope
+            try:
+                finish = await self.backend.generate(request, emit)
+            except UpstreamError as exc:
+                if exc.unreachable:
+                    self._set_problem(str(exc))
+                raise
+            finally:
+                del self._generating[job_id]
+        if scope.cancelled_caught:
+            raise WorkerStopping(
+                f"worker shutting down: {self.config.worker_id} stopped after "
+                f"{count} token(s) (grace {self.config.stop_grace_s:g}s)"
+            )
         elapsed = time.perf_counter() - started
         rate = count / elapsed if elapsed > 0 else 0.0
         narrate(
@@ -120,6 +176,66 @@ class Worker:
             finish_reason=finish,
             elapsed_s=round(elapsed, 4),
         )
+
+    def _set_problem(self, problem: str | None) -> None:
+        if problem != self.problem:
+            if problem is None:
+                logger.info("worker %s ready again (%s)", self.config.worker_id, self.problem)
+            else:
+                logger.warning("worker %s not ready: %s", self.config.worker_id, problem)
+        self.problem = problem
+
+    async def readiness_loop(self, url: str) -> None:
+        """Check the backend every ``heartbeat_s`` (an upstream that stops answering makes
+        the worker ``not_ready``: the queen does not schedule on it until it answers)."""
+        self.checking = True
+        while True:
+            self._set_problem(await self.backend.check())
+            self.checked.set()
+            await trio.sleep(self.config.heartbeat_s)
+
+    async def stop(self) -> None:
+        """SIGTERM: refuse new jobs, tell the queen, let jobs in flight finish for
+        ``stop_grace_s``, then end the rest with ``[ERROR] worker shutting down`` (one
+        that does not end within a second is cancelled) and wait until their streams have
+        carried the signal."""
+        self.stopping = True
+        await self.say_goodbye()
+        grace = self.config.stop_grace_s
+        active = self._active()
+        if active:
+            logger.info("stopping: %d job(s) in flight, grace %gs", len(active), grace)
+        with trio.move_on_after(grace):
+            await self._wait_ended(active)
+        # Past the grace: generation stops (the job ends [ERROR] worker shutting down) and
+        # a job that starts now (a queued one, its slot just freed) fails at once.
+        self._ending = True
+        left = self._active()
+        for scope in self._generating.values():
+            scope.cancel()
+        if left:
+            logger.warning("stopping: ending %d job(s) still in flight after %gs", len(left), grace)
+        with trio.move_on_after(1.0):
+            await self._wait_ended(left)
+        for job_id in self._active():  # whatever did not end by itself
+            self.registry.cancel_job(job_id, "worker shutting down")
+        with trio.move_on_after(1.0):
+            await self._wait_ended(left)
+            # ... and until their streams have sent the signal and closed.
+            service = job_service(self.app) if self.app is not None else None
+            while service is not None and any(service.watchers(j) for j in active):  # noqa: ASYNC110 (no event for it)
+                await trio.sleep(0.01)
+
+    async def _wait_ended(self, job_ids: list[str]) -> None:
+        """Return once every job of ``job_ids`` has ended."""
+        async with trio.open_nursery() as nursery:
+            for job_id in job_ids:
+                nursery.start_soon(self.registry.wait, job_id)
+
+    def _active(self) -> list[str]:
+        """Ids of the jobs queued, running or waiting to retry here."""
+        busy = (JobState.QUEUED, JobState.RUNNING, JobState.RETRYING)
+        return [r.id for state in busy for r in self.registry.list_jobs(state)]
 
     def health(self) -> dict[str, Any]:
         """What this worker reports in heartbeats."""
@@ -131,6 +247,9 @@ class Worker:
             "pid": os.getpid(),
             "running": self.registry.running,
             "tokens_total": self.tokens_total,
+            "state": self.state,
+            "ready": self.state in ("ready", "busy"),
+            "problem": self.problem,
         }
 
     def _beat(self, state: str) -> dict[str, Any]:
@@ -146,16 +265,20 @@ class Worker:
         # A fresh connection per beat: a kept-alive one would hold a stopping queen open
         # until its grace period ends.
         headers["Connection"] = "close"
+        with trio.move_on_after(5.0):
+            await self.checked.wait()
         async with httpx.AsyncClient(timeout=httpx.Timeout(2.0), headers=headers) as client:
             warned = False
             while True:
-                state = "busy" if self.registry.running else "ready"
                 try:
                     response = await client.post(
-                        f"{queen.rstrip('/')}/v1/workers/heartbeat", json=self._beat(state)
+                        f"{queen.rstrip('/')}/v1/workers/heartbeat", json=self._beat(self.state)
                     )
                     response.raise_for_status()
+                    if warned:
+                        logger.info("heartbeats to %s go through again", queen)
                     warned = False
+                    logger.debug("heartbeat to %s: %s", queen, self.state)
                 except httpx.HTTPError as exc:
                     if not warned:
                         logger.warning("heartbeat to %s failed: %s", queen, exc)
@@ -174,7 +297,7 @@ class Worker:
                     f"{queen.rstrip('/')}/v1/workers/heartbeat", json=self._beat("stopping")
                 )
         except httpx.HTTPError as exc:
-            logger.info("goodbye heartbeat failed: %s", exc)
+            logger.warning("goodbye heartbeat to %s failed: %s", queen, exc)
 
     async def watch_parent(self, url: str) -> None:
         """Stop (as on SIGTERM) when the hive that started this worker has gone away."""
@@ -288,6 +411,47 @@ def _openai_route(app: Any, worker: Worker) -> None:
     app.add_url_rule("/v1/models", "models", models, methods=["GET"])
 
 
+class _ReadinessGuard:
+    """ASGI middleware in front of the worker's app: ``POST /v1/jobs`` while stopping is
+    refused with 503 (no job is created, so the queen may send it elsewhere), and
+    ``GET /health`` answers 503 with the reason while the worker is not ready."""
+
+    def __init__(self, inner: Any, worker: Worker) -> None:
+        self.inner = inner
+        self.worker = worker
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        worker = self.worker
+        if scope["type"] == "http":
+            path, method = scope["path"], scope["method"]
+            if worker.stopping and method == "POST" and path == "/v1/jobs":
+                detail = f"worker {worker.config.worker_id} is shutting down"
+                body = {"error": "worker stopping", "detail": detail}
+                await _answer(send, 503, body, [(b"retry-after", b"1")])
+                return
+            if path == "/health" and worker.checking and not worker.checked.is_set():
+                with trio.move_on_after(5.0):
+                    await worker.checked.wait()
+            if path == "/health" and method == "GET" and worker.state not in ("ready", "busy"):
+                service = job_service(worker.app)
+                base = service.health()[1] if service is not None else {}
+                body = {**base, **worker.health(), "status": worker.state}
+                await _answer(send, 503, body, [])
+                return
+        await self.inner(scope, receive, send)
+
+
+async def _answer(send: Any, status: int, body: dict[str, Any], extra: list[Any]) -> None:
+    data = json.dumps(body).encode()
+    headers = [
+        (b"content-type", b"application/json"),
+        (b"content-length", str(len(data)).encode()),
+        *extra,
+    ]
+    await send({"type": "http.response.start", "status": status, "headers": headers})
+    await send({"type": "http.response.body", "body": data})
+
+
 def build_app(config: WorkerConfig, registry: JobRegistry | None = None) -> tuple[Any, Worker]:
     """The worker's quart-trio app and its state."""
     registry = registry or make_registry()
@@ -299,8 +463,11 @@ def build_app(config: WorkerConfig, registry: JobRegistry | None = None) -> tupl
         parse_payload=parse_infer_payload,
         token=config.token,
         max_concurrent=config.max_concurrent,
+        keepalive_s=KEEPALIVE_S,
     )
     _openai_route(app, worker)
+    app.asgi_app = _ReadinessGuard(app.asgi_app, worker)  # type: ignore[method-assign]
+    worker.app = app
     return app, worker
 
 
@@ -311,14 +478,19 @@ async def serve_worker(
     port: int = 0,
     task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED,
 ) -> None:
-    """Run a worker until SIGTERM/SIGINT (or until its parent hive is gone)."""
+    """Run a worker until SIGTERM/SIGINT (or until its parent hive is gone).
+
+    On the signal it stops as :meth:`Worker.stop` says: every job in flight ends with its
+    own terminal signal before the server goes away, within ``stop_grace_s`` + ~1 s.
+    """
     app, worker = build_app(config)
     await run_daemon(
         app,
         host=host,
         port=port,
         name=f"worker {config.worker_id}",
-        background=[worker.heartbeat_loop, worker.watch_parent],
-        on_stop=worker.say_goodbye,
+        background=[worker.heartbeat_loop, worker.readiness_loop, worker.watch_parent],
+        on_stop=worker.stop,
+        stop_grace_s=config.stop_grace_s + 3.0,
         task_status=task_status,
     )
