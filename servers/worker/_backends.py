@@ -78,9 +78,10 @@ class OpenAIBackend:
     name: str = "openai"
 
     def _body(self, request: Infer) -> dict[str, Any]:
+        messages = request.messages or [{"role": "user", "content": request.prompt}]
         body: dict[str, Any] = {
             "model": self.upstream_model or request.model,
-            "messages": [{"role": "user", "content": request.prompt}],
+            "messages": messages,
             "max_tokens": request.max_tokens,
             "temperature": request.temperature,
             "top_p": request.top_p,
@@ -90,6 +91,8 @@ class OpenAIBackend:
             body["top_k"] = request.top_k
         if request.seed is not None:
             body["seed"] = request.seed
+        if request.stop:
+            body["stop"] = request.stop
         return body
 
     async def generate(self, request: Infer, emit: TokenSink) -> str:
