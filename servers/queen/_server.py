@@ -40,6 +40,7 @@ from ..operations import (
 )
 from ._config import HiveEntry, QueenConfig
 from ._forward import ForwardFailed, forward_job
+from ._openai import add_openai_routes
 from ._scheduler import WorkerTable
 
 __all__ = [
@@ -506,6 +507,7 @@ async def serve_queen(
             allowed_hosts=config.allowed_hosts,
         )
         queen.add_routes(app)
+        add_openai_routes(app, queen)
 
         def started(url: str) -> None:
             if queen.url is None:
