@@ -388,7 +388,10 @@ def test_a_failure_after_the_stream_started_is_an_error_object_and_no_done(env: 
 def test_closing_the_stream_cancels_the_job_and_the_workers_generation(env: Env) -> None:
     with env.client() as client:
         stream = client.chat.completions.create(
-            model="slow", messages=[{"role": "user", "content": "go on"}], max_tokens=2000, stream=True
+            model="slow",
+            messages=[{"role": "user", "content": "go on"}],
+            max_tokens=2000,
+            stream=True,
         )
         job_id = ""
         for n, chunk in enumerate(stream):
@@ -466,9 +469,7 @@ def test_background_response_resumes_after_a_forced_disconnect(env: Env) -> None
         rest = list(client.responses.retrieve(response_id, stream=True, starting_after=after))
         assert rest[0].sequence_number > after
         assert rest[-1].type == "response.incomplete"
-        text = "".join(
-            e.delta for e in [*seen, *rest] if e.type == "response.output_text.delta"
-        )
+        text = "".join(e.delta for e in [*seen, *rest] if e.type == "response.output_text.delta")
         assert text == _expected("slow", "resume me", 30)
         assert client.responses.retrieve(response_id).output_text == text
         # The whole stream again from the store, and the same tail from the same point.
@@ -525,9 +526,7 @@ def test_openai_backend_worker_passes_the_chat_through_to_its_upstream(env: Env)
 def test_langchain_chat_openai_invoke_and_stream(env: Env) -> None:
     from langchain_openai import ChatOpenAI
 
-    llm = ChatOpenAI(
-        base_url=env.base, api_key=TOKEN, model="tiny", max_tokens=6, max_retries=0
-    )  # type: ignore[call-arg]
+    llm = ChatOpenAI(base_url=env.base, api_key=TOKEN, model="tiny", max_tokens=6, max_retries=0)  # type: ignore[call-arg]
     answer = llm.invoke("hello langchain")
     assert answer.content == _expected("tiny", "hello langchain", 6)
     assert answer.response_metadata["finish_reason"] == "length"

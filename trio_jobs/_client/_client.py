@@ -27,6 +27,8 @@ policy or an explicit :meth:`JobClient.cancel`.
 
 from __future__ import annotations
 
+import functools
+import ssl
 from collections.abc import AsyncIterator, Callable, Mapping
 from contextlib import asynccontextmanager
 from types import TracebackType
@@ -51,6 +53,13 @@ _JOB_OPTIONS = frozenset(
 #: Pool limits of a JobClient: no cap on open connections (one per open stream), and up
 #: to 64 idle ones kept for reuse.
 DEFAULT_LIMITS = httpx.Limits(max_connections=None, max_keepalive_connections=64)
+
+
+@functools.cache
+def default_ssl_context() -> ssl.SSLContext:
+    """httpx's default certificate verification, built once per process: building it
+    (loading the CA bundle) takes 40-250 ms, which every new client would pay again."""
+    return httpx.create_ssl_context()
 
 
 class SubmitOptions(TypedDict, total=False):
@@ -160,6 +169,7 @@ class JobClient:
             timeout=httpx.Timeout(timeout),
             transport=transport,
             limits=limits or DEFAULT_LIMITS,
+            verify=default_ssl_context(),
         )
         self._connection = HTTPConnection(
             base_url=self.base_url,
