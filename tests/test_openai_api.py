@@ -24,7 +24,8 @@ import openai
 import pytest
 import trio
 
-from servers._openai_wire import render_messages
+from servers._openai_wire import TOKEN as PLACEHOLDER
+from servers._openai_wire import chat_chunk, frame_template, render_messages, sse_frame
 from servers.worker import tiny_tokens
 from tests.daemons import Cluster, closed_port, collect, spawn_worker, wait_idle
 from trio_jobs._client import JobClient
@@ -567,3 +568,11 @@ def test_background_response_survives_a_queen_restart(env: Env) -> None:
 
 async def test_no_job_is_left_running(env: Env) -> None:
     await wait_idle(env.queen, env.hive, within_s=10, token=TOKEN)
+
+
+@pytest.mark.parametrize("token", ["plain", ' "quoted"\n', "ünï\u2028code", "\x00nul\\", ""])
+def test_frame_template_writes_the_same_bytes_as_sse_frame(token: str) -> None:
+    chunk = chat_chunk("chatcmpl-job-1", 1, "m", {"content": PLACEHOLDER}, with_usage=True)
+    same = chat_chunk("chatcmpl-job-1", 1, "m", {"content": token}, with_usage=True)
+    assert frame_template(chunk)(token) == sse_frame(same)
+    assert json.loads(sse_frame(same)[6:])["choices"][0]["delta"]["content"] == token

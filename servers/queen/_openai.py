@@ -51,8 +51,10 @@ from trio_jobs.http import SSE_HEADERS, JobService, job_service, on_request_end
 
 from .._openai_wire import (
     DONE_FRAME,
+    TOKEN,
     chat_chunk,
     error_object,
+    frame_template,
     message_text,
     render_messages,
     sse_frame,
@@ -724,13 +726,9 @@ class OpenAIApi:
             raise progress.failure()
         with_usage = bool(req.stream_options and req.stream_options.include_usage)
         if chat:
-
-            def delta(token: str) -> bytes:
-                chunk = chat_chunk(
-                    response_id, created, model, {"content": token}, with_usage=with_usage
-                )
-                return sse_frame(chunk)
-
+            delta = frame_template(
+                chat_chunk(response_id, created, model, {"content": TOKEN}, with_usage=with_usage)
+            )
             head = sse_frame(
                 chat_chunk(
                     response_id,
@@ -748,12 +746,9 @@ class OpenAIApi:
                 return sse_frame(chat_chunk(response_id, created, model, None, usage=usage))
 
         else:
-
-            def delta(token: str) -> bytes:
-                return sse_frame(
-                    text_chunk(response_id, created, model, token, with_usage=with_usage)
-                )
-
+            delta = frame_template(
+                text_chunk(response_id, created, model, TOKEN, with_usage=with_usage)
+            )
             head = b""
 
             def finish(reason: str) -> bytes:
