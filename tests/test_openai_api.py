@@ -31,6 +31,7 @@ from tests.daemons import Cluster, closed_port, collect, spawn_worker, wait_idle
 from trio_jobs._client import JobClient
 
 TOKEN = "sk-test-queen-token"
+ORIGIN = "https://chat.example"
 
 
 @dataclass
@@ -58,6 +59,7 @@ class Env:
             *("queen", "--port", str(self.port), "--hive", f"localhost={self.hive}"),
             *("--store", f"sqlite:{self.store}", "--token", TOKEN),
             *("--schedule-wait", "1", "--heartbeat-ttl", "2"),
+            *("--cors-origin", ORIGIN),
         ]
 
 
@@ -321,6 +323,31 @@ def test_every_error_is_an_openai_error_object_with_the_sdk_exception(env: Env) 
     )
     assert broken.status_code == 400
     assert "JSON" in broken.json()["error"]["message"]
+
+
+def test_cross_site_rules_hold_and_a_browser_sdk_passes_the_preflight(env: Env) -> None:
+    url = f"{env.base}/chat/completions"
+    sdk_headers = "authorization,content-type,x-stainless-os,x-stainless-retry-count"
+    preflight = httpx.options(
+        url,
+        headers={
+            "Origin": ORIGIN,
+            "Access-Control-Request-Method": "POST",
+            "Access-Control-Request-Headers": sdk_headers,
+        },
+    )
+    assert preflight.status_code == 204
+    allowed = {
+        h.strip().lower() for h in preflight.headers["access-control-allow-headers"].split(",")
+    }
+    assert set(sdk_headers.split(",")) <= allowed
+    body = {"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
+    ok = httpx.post(url, json=body, headers={**_headers(), "Origin": ORIGIN})
+    assert ok.status_code == 200
+    assert ok.headers["access-control-allow-origin"] == ORIGIN
+    assert "X-Job-Id" in ok.headers["access-control-expose-headers"]
+    foreign = httpx.post(url, json=body, headers={**_headers(), "Origin": "https://evil.example"})
+    assert foreign.status_code == 403
 
 
 def test_no_worker_that_can_take_it_is_503_with_retry_after(env: Env) -> None:
