@@ -123,10 +123,15 @@ def _events(url: str, job_id: str) -> list[dict[str, Any]]:
 
 
 def _remote_job(env: Env, job_id: str) -> tuple[str, str]:
-    """(worker URL, worker job id) of the queen job ``job_id``."""
-    forward = [e for e in _events(env.queen, job_id) if e["action"] == "forward"]
-    assert forward, job_id
-    return forward[-1]["target"], forward[-1]["remote_job_id"]
+    """(worker URL, worker job id) of the queen job ``job_id`` (running or not)."""
+    url = f"{env.queen}/v1/jobs/{job_id}/stream"
+    with httpx.stream("GET", url, headers=_headers(), timeout=10) as r:
+        for line in r.iter_lines():
+            if line.startswith("data: {"):
+                event = json.loads(line[6:])
+                if event["action"] == "forward":
+                    return event["target"], event["remote_job_id"]
+    raise AssertionError(f"{job_id} was not forwarded to a worker")
 
 
 def _wait_state(url: str, job_id: str, states: set[str], within_s: float = 10.0) -> dict[str, Any]:
@@ -137,6 +142,18 @@ def _wait_state(url: str, job_id: str, states: set[str], within_s: float = 10.0)
             assert record["state"] in states, record
             return dict(record)
         time.sleep(0.01)
+
+
+def _restart_queen(env: Env, name: str) -> None:
+    """Start the queen again on its port and store; wait until its workers reported."""
+    env.queen = env.cluster.start(name, env.queen_argv())
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        models = httpx.get(f"{env.base}/models", headers=_headers()).json()["data"]
+        if {"tiny", "slow"} <= {m["id"] for m in models}:
+            return
+        time.sleep(0.05)
+    raise AssertionError("the workers did not report to the restarted queen")
 
 
 def _epoch(iso: str) -> float:
@@ -581,7 +598,7 @@ def test_background_response_survives_a_queen_restart(env: Env) -> None:
     proc = env.cluster.proc("queen")
     proc.terminate()
     assert proc.wait(15) == 0
-    env.queen = env.cluster.start("queen-again", env.queen_argv())
+    _restart_queen(env, "queen-again")
     with env.client() as client:
         again = client.responses.retrieve(response.id)
         assert again.status == "incomplete"
@@ -591,6 +608,41 @@ def test_background_response_survives_a_queen_restart(env: Env) -> None:
     assert [e.model_dump() for e in rest] == [
         e.model_dump() for e in before if e.sequence_number > middle
     ]
+
+
+def test_background_response_of_a_killed_queen_resumes_to_its_failure(env: Env) -> None:
+    """SIGKILL while generating: the restarted queen recovers the job as failed
+    (``interrupted``); resuming from a seen sequence number gives the rest of what was
+    stored and then ``response.failed``; the worker's job was cancelled with the stream."""
+    with env.client() as client:
+        stream = client.responses.create(
+            model="slow", input="crash", max_output_tokens=2000, background=True, stream=True
+        )
+        seen = []
+        for event in stream:
+            seen.append(event)
+            if len(seen) == 12:
+                break
+        assert seen[-1].type == "response.output_text.delta"
+        response_id = seen[0].response.id  # type: ignore[union-attr]
+        job_id = response_id.removeprefix("resp_")
+        worker_url, remote = _remote_job(env, job_id)
+        name = env.cluster.procs[-1][0]
+        env.cluster.kill(name)
+        stream.response.close()
+    assert _wait_state(worker_url, remote, {"cancelled"})["state"] == "cancelled"
+    _restart_queen(env, f"{name}-after-kill")
+    with env.client() as client:
+        after = seen[-1].sequence_number
+        rest = list(client.responses.retrieve(response_id, stream=True, starting_after=after))
+        final = client.responses.retrieve(response_id)
+    assert all(e.sequence_number > after for e in rest)
+    assert rest[-1].type == "response.failed"
+    assert final.status == "failed"
+    assert final.error is not None
+    assert "interrupted" in final.error.message
+    deltas = [e.delta for e in [*seen, *rest] if e.type == "response.output_text.delta"]
+    assert "".join(deltas) == _expected("slow", "crash", len(deltas))
 
 
 async def test_no_job_is_left_running(env: Env) -> None:

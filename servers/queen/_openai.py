@@ -28,6 +28,7 @@ the request.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
 from collections.abc import AsyncIterator, Callable, Mapping
@@ -62,6 +63,7 @@ from .._openai_wire import (
     usage_object,
 )
 from ..operations import Infer
+from ._scheduler import NoWorker
 
 if TYPE_CHECKING:
     from trio_jobs import JobStream
@@ -458,7 +460,17 @@ def response_events(view: ResponseView, item: StreamItem | None) -> list[dict[st
                 "logprobs": [],
             }
         ]
-    if type(item) is not TerminalSignal:
+    if not isinstance(item, TerminalSignal):
+        if item.action == "events_lost":  # a crash lost these ids: say so, in place
+            return [
+                {
+                    "type": "error",
+                    "sequence_number": _seq(item.id, 0),
+                    "code": "events_lost",
+                    "message": item.human,
+                    "param": None,
+                }
+            ]
         return []
     end = item.id if item.id is not None else progress.last_id + 1
     status = view.status()
@@ -543,6 +555,7 @@ class OpenAIApi:
         self.service = service
         self.registry = queen.registry
         self.started = int(time.time())
+        self.born = trio.current_time()
 
     # ---- helpers ------------------------------------------------------------------------
 
@@ -556,7 +569,15 @@ class OpenAIApi:
     def _models(self) -> list[str]:
         return sorted({str(w["model"]) for w in self.queen.workers.snapshot()})
 
-    def _check_model(self, model: str) -> None:
+    async def _check_model(self, model: str) -> None:
+        """404 unless a live worker serves ``model``. A queen that just started waits
+        (up to one heartbeat TTL from its start) for its workers to report first."""
+        if model in self._models():
+            return
+        grace = self.queen.config.heartbeat_ttl_s - (trio.current_time() - self.born)
+        if grace > 0:
+            with contextlib.suppress(NoWorker):
+                await self.queen.workers.pick(model, None, grace)
         models = self._models()
         if model not in models:
             raise OpenAIError(
@@ -568,7 +589,7 @@ class OpenAIApi:
             )
 
     async def _submit(self, infer: Infer, kind: str, metadata: dict[str, Any]) -> str:
-        self._check_model(infer.model)
+        await self._check_model(infer.model)
         try:
             return await self.registry.submit(
                 infer.to_body(), tags={"openai": kind}, metadata={"openai": kind, **metadata}
@@ -639,7 +660,7 @@ class OpenAIApi:
         return _json_response({"object": "list", "data": [self._model(m) for m in self._models()]})
 
     async def get_model(self, model: str) -> Response:
-        self._check_model(model)
+        await self._check_model(model)
         return _json_response(self._model(model))
 
     # ---- chat and completions ---------------------------------------------------------------
