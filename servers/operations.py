@@ -349,15 +349,8 @@ class Infer(OperationBase):
     messages: list[dict[str, Any]] | None = Field(default=None, min_length=1, max_length=10_000)
     """A chat (OpenAI ``messages``): an OpenAI-compatible upstream gets it as is; the
     tiny generator reads ``prompt``, which the queen renders from it."""
-    stop: list[str] | None = Field(default=None, max_length=4)
+    stop: list[Annotated[str, Field(min_length=1)]] | None = Field(default=None, max_length=4)
     """Generation ends (finish reason ``stop``) before the first of these strings."""
-
-    @field_validator("stop")
-    @classmethod
-    def _stop_not_empty(cls, value: list[str] | None) -> list[str] | None:
-        if value is not None and any(not s for s in value):
-            raise ValueError("stop strings must not be empty")
-        return value
 
 
 Operation = Annotated[

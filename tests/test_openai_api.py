@@ -310,6 +310,7 @@ def test_every_error_is_an_openai_error_object_with_the_sdk_exception(env: Env) 
             ({"messages": hello, "n": 2}, "n"),
             ({"messages": hello, "max_tokens": 0}, "max_tokens"),
             ({"messages": hello, "stop": ["a", "b", "c", "d", "e"]}, "stop"),
+            ({"messages": "hello"}, "messages"),
         ):
             with pytest.raises(openai.BadRequestError) as invalid:
                 client.chat.completions.create(model="tiny", **wrong)  # type: ignore[call-overload]
@@ -318,6 +319,9 @@ def test_every_error_is_an_openai_error_object_with_the_sdk_exception(env: Env) 
             assert error["type"] == "invalid_request_error"
         with pytest.raises(openai.BadRequestError):
             client.completions.create(model="tiny", prompt=["a", "b"])
+        with pytest.raises(openai.BadRequestError) as previous:
+            client.responses.create(model="tiny", input="x", previous_response_id="resp_1")
+        assert "not supported" in _error(previous.value)["message"]
         with pytest.raises(openai.NotFoundError):
             client.responses.retrieve("resp_job-unknown")
         with pytest.raises(openai.NotFoundError):

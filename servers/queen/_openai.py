@@ -164,9 +164,6 @@ class ChatMessage(_Lenient):
     content: str | list[dict[str, Any]] | None = None
     name: str | None = None
 
-    def to_wire(self) -> dict[str, Any]:
-        return self.model_dump(exclude_none=True)
-
 
 class StreamOptions(_Lenient):
     include_usage: bool = False
@@ -231,7 +228,14 @@ class ResponsesRequest(_Sampling):
     background: bool | None = False
     max_output_tokens: int | None = Field(default=None, ge=1, le=100_000)
     metadata: dict[str, str] | None = None
-    previous_response_id: None = Field(default=None, description="not supported")
+    previous_response_id: str | None = None
+
+    @field_validator("previous_response_id")
+    @classmethod
+    def _no_previous(cls, value: str | None) -> None:
+        if value is not None:
+            raise ValueError("not supported: send the whole conversation as input")
+        return None
 
 
 # ---- what a job said so far ------------------------------------------------------------
@@ -666,11 +670,15 @@ class OpenAIApi:
     # ---- chat and completions ---------------------------------------------------------------
 
     async def chat_completions(self) -> Response:
+        body = await self._body()
         try:
-            req = ChatRequest.model_validate(await self._body())
+            req = ChatRequest.model_validate(body)
         except ValidationError as exc:
             raise _invalid(exc) from None
-        messages = [m.to_wire() for m in req.messages]
+        # Validated, then passed on as sent (fields we do not model, e.g. tool calls,
+        # reach an OpenAI-compatible upstream unchanged).
+        raw = body["messages"]
+        messages = [dict(m) for m in raw] if isinstance(raw, list) else []
         max_tokens = req.max_completion_tokens or req.max_tokens or CHAT_DEFAULT_MAX_TOKENS
         infer = self._infer(req, render_messages(messages), max_tokens, messages=messages)
         return await self._generate(req, infer, "chat")
@@ -882,7 +890,8 @@ class OpenAIApi:
         job_id = await self._submit(infer, "response", meta)
         response_id = "resp_" + job_id
         meta["openai"] = "response"
-        view = ResponseView(response_id, meta, time.time(), Progress(prompt=infer.prompt))
+        created_at = self.registry.get(job_id).created_at
+        view = ResponseView(response_id, meta, created_at, Progress(prompt=infer.prompt))
         if req.background and not req.stream:
             return _json_response(view.obj("queued"), job_id)
         watch = self._watch(job_id, cancel_on_disconnect=not req.background)
