@@ -460,6 +460,23 @@ def test_closing_the_stream_cancels_the_job_and_the_workers_generation(env: Env)
     assert len(tokens) < 200  # the generation stopped, far before its 2000 tokens
 
 
+def test_closing_a_foreground_responses_stream_cancels_it(env: Env) -> None:
+    with env.client() as client:
+        stream = client.responses.create(
+            model="slow", input="stop me", max_output_tokens=2000, stream=True
+        )
+        for event in stream:
+            if event.type == "response.output_text.delta":
+                break
+        stream.close()
+        response_id = event.item_id.replace("msg_", "resp_", 1)  # type: ignore[union-attr]
+        job_id = response_id.removeprefix("resp_")
+        assert _wait_state(env.queen, job_id, {"cancelled"})["state"] == "cancelled"
+        assert client.responses.retrieve(response_id).status == "cancelled"
+    worker_url, remote = _remote_job(env, job_id)
+    assert _wait_state(worker_url, remote, {"cancelled"})["state"] == "cancelled"
+
+
 # ---- the Responses API -------------------------------------------------------------------------
 
 
