@@ -77,21 +77,21 @@ async def forward_job(
     async with JobClient(
         base_url, token=token, timeout=5.0, max_reconnects=max_reconnects, backoff_s=0.1
     ) as client:
-        try:
-            remote_id = await client.submit(body, **options)
-        except TransportError as exc:
-            raise ForwardFailed(
-                f"{what} at {base_url} is unreachable: {exc}", lost_contact=True
-            ) from None
-        narrate(
-            "forward",
-            f"Forwarded {body.get('operation')} to {what} as {remote_id}",
-            target=base_url,
-            remote_job_id=remote_id,
-        )
+        # One request creates the remote job and opens its stream (a round trip less than
+        # submit, then stream). If it drops before the job's id came back, the remote job
+        # (on_disconnect: cancel) is cancelled by its daemon.
         terminal: TerminalSignal | None = None
+        remote_id: str | None = None
         try:
-            async with client.stream(remote_id) as events:
+            async with client.submit_stream(body, **options) as events:
+                remote_id = events.job_id
+                assert remote_id is not None
+                narrate(
+                    "forward",
+                    f"Forwarded {body.get('operation')} to {what} as {remote_id}",
+                    target=base_url,
+                    remote_job_id=remote_id,
+                )
                 while terminal is None:
                     try:
                         item = await events.receive()
@@ -116,10 +116,15 @@ async def forward_job(
                 f"lost {what} at {base_url} before the job ended: {exc}", lost_contact=True
             ) from None
         except TransportError as exc:
+            if remote_id is None:
+                raise ForwardFailed(
+                    f"{what} at {base_url} is unreachable: {exc}", lost_contact=True
+                ) from None
             raise ForwardFailed(f"lost {what} at {base_url}: {exc}", lost_contact=True) from None
         finally:
-            if terminal is None:
+            if terminal is None and remote_id is not None:
                 await _cancel_remote(client, remote_id, what, cancel_timeout_s)
+        assert remote_id is not None
         try:
             raise_for_signal(terminal, remote_id)
         except JobTimeout as exc:

@@ -298,6 +298,32 @@ class JobClient:
         finally:
             await events.aclose()
 
+    @asynccontextmanager
+    async def submit_stream(
+        self, op: Operation, **options: Unpack[SubmitOptions]
+    ) -> AsyncIterator[JobEventStream]:
+        """Create a job and follow it, in one request: ``POST /v1/jobs`` with ``Accept:
+        text/event-stream`` (a server that answers 201 instead is followed on ``/stream``).
+
+        The stream's ``job_id`` names the new job once the block is entered; later drops
+        are resumed as in :meth:`stream`. One round trip less than :meth:`submit` then
+        :meth:`stream`. Leaving the block early (or being cancelled) closes the
+        connection; the job goes on unless its ``on_disconnect`` policy is ``cancel``.
+
+        Raises:
+            HTTPStatusError: the server refused the job (on entering).
+            TransportError: the server could not be reached (on entering).
+        """
+        body = _job_body(op, options)
+        events = JobEventStream(self._connection, None)
+        try:
+            with translating("POST /v1/jobs"):
+                request = self._connection.stream_request("POST", "/v1/jobs", json=body)
+                await events._open(request)
+            yield events
+        finally:
+            await events.aclose()
+
     async def _consume(self, events: JobEventStream, on_line: LineCallback | None) -> None:
         """Read a stream to the end of its body, passing each line to ``on_line``."""
         while True:
