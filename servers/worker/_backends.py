@@ -5,9 +5,9 @@ from __future__ import annotations
 import functools
 import json
 import ssl
-from collections.abc import AsyncGenerator, Callable
-from contextlib import aclosing
-from dataclasses import dataclass
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
+from contextlib import aclosing, asynccontextmanager
+from dataclasses import dataclass, field
 from typing import Any, Protocol, cast
 
 import httpx
@@ -84,6 +84,24 @@ class OpenAIBackend:
     api_key: str | None = None
     connect_timeout_s: float = 10.0
     name: str = "openai"
+    client: httpx.AsyncClient | None = field(default=None, repr=False, compare=False)
+    """A client kept open by whoever runs the backend (kept-alive connections to the
+    upstream, see :meth:`open_client`); None: a client per request."""
+
+    def open_client(self) -> httpx.AsyncClient:
+        """A new client for the upstream (the caller enters and closes it)."""
+        return httpx.AsyncClient(
+            timeout=httpx.Timeout(self.connect_timeout_s, read=None), verify=_ssl_context()
+        )
+
+    @asynccontextmanager
+    async def _session(self) -> AsyncIterator[httpx.AsyncClient]:
+        if self.client is not None:
+            await trio.lowlevel.checkpoint()
+            yield self.client
+            return
+        async with self.open_client() as client:
+            yield client
 
     def _body(self, request: Infer) -> dict[str, Any]:
         messages = request.messages or [{"role": "user", "content": request.prompt}]
@@ -114,9 +132,13 @@ class OpenAIBackend:
         finish = "stop"
         done = False
         async with (
-            httpx.AsyncClient(timeout=timeout, verify=_ssl_context()) as client,
+            self._session() as client,
             client.stream(
-                "POST", f"{url}/chat/completions", json=self._body(request), headers=headers
+                "POST",
+                f"{url}/chat/completions",
+                json=self._body(request),
+                headers=headers,
+                timeout=timeout,
             ) as response,
         ):
             if response.status_code >= 400:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -339,12 +340,16 @@ async def serve_worker(
 ) -> None:
     """Run a worker until SIGTERM/SIGINT (or until its parent hive is gone)."""
     app, worker = build_app(config)
-    await run_daemon(
-        app,
-        host=host,
-        port=port,
-        name=f"worker {config.worker_id}",
-        background=[worker.heartbeat_loop, worker.watch_parent],
-        on_stop=worker.say_goodbye,
-        task_status=task_status,
-    )
+    backend = worker.backend
+    async with contextlib.AsyncExitStack() as stack:
+        if isinstance(backend, OpenAIBackend):  # kept-alive connections to the upstream
+            backend.client = await stack.enter_async_context(backend.open_client())
+        await run_daemon(
+            app,
+            host=host,
+            port=port,
+            name=f"worker {config.worker_id}",
+            background=[worker.heartbeat_loop, worker.watch_parent],
+            on_stop=worker.say_goodbye,
+            task_status=task_status,
+        )
