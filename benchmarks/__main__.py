@@ -5,7 +5,12 @@ from __future__ import annotations
 import importlib
 import sys
 
-SUITES = {"core": "bench_core", "store": "bench_store", "http": "bench_http"}
+SUITES = {
+    "core": "bench_core",
+    "store": "bench_store",
+    "http": "bench_http",
+    "openai": "bench_openai",
+}
 
 
 def main(argv: list[str]) -> None:

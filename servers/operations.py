@@ -346,6 +346,11 @@ class Infer(OperationBase):
     top_k: int = Field(default=0, ge=0, le=1_000_000)
     seed: int | None = Field(default=None, ge=0, le=2**63 - 1)
     hive_id: str | None = None
+    messages: list[dict[str, Any]] | None = Field(default=None, min_length=1, max_length=10_000)
+    """A chat (OpenAI ``messages``): an OpenAI-compatible upstream gets it as is; the
+    tiny generator reads ``prompt``, which the queen renders from it."""
+    stop: list[Annotated[str, Field(min_length=1)]] | None = Field(default=None, max_length=4)
+    """Generation ends (finish reason ``stop``) before the first of these strings."""
 
 
 Operation = Annotated[

@@ -145,6 +145,28 @@ async def test_submit_and_stream_lines(trio_jobs_client: JobClient) -> None:
     assert (await trio_jobs_client.get(job_id))["state"] == "completed"
 
 
+async def test_submit_stream_creates_and_follows_in_one_request(
+    trio_jobs_client: JobClient, relay: Relay
+) -> None:
+    async with trio_jobs_client.submit_stream({"n": 3}, tags={"k": "v"}) as events:
+        job_id = events.job_id
+        assert job_id is not None
+        items = [item async for item in events]
+    assert [i.id for i in items] == [1, 2, 3, 4]
+    assert {i.job_id for i in items if isinstance(i, NarrationEvent)} == {job_id}
+    assert_stream_done(items)
+    assert (await trio_jobs_client.get(job_id))["tags"] == {"k": "v"}
+    # One connection for both the job and its stream, through a relay that counts them.
+    async with JobClient(relay.url) as client:
+        async with client.submit_stream({"n": 1}) as events:
+            assert_stream_done([item async for item in events])
+    assert relay.connections == 1
+    with pytest.raises(HTTPStatusError) as refused:
+        async with trio_jobs_client.submit_stream({"n": 1}, timeout_s=-1):
+            pytest.fail("a refused job opened a stream")
+    assert refused.value.status_code == 422
+
+
 async def test_failure_and_timeout_outcomes(trio_jobs_client: JobClient) -> None:
     lines: list[str] = []
     with pytest.raises(JobFailed, match="disk full") as failed:

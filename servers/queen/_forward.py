@@ -16,6 +16,7 @@ from trio_jobs import (
     InvalidJobState,
     JobCancelled,
     JobClient,
+    JobEventStream,
     JobFailed,
     JobNotFound,
     JobRegistry,
@@ -176,38 +177,42 @@ async def forward_job(
             nonlocal remote_id, terminal, failure
             with contact:
                 try:
-                    remote_id = await client.submit(body, **options)
+                    # One request creates the remote job and opens its stream (a round
+                    # trip less than submit, then stream). If it drops before the job's id
+                    # came back, the remote job (on_disconnect: cancel) is cancelled there.
+                    async with client.submit_stream(body, **options) as events:
+                        remote_id = events.job_id
+                        assert remote_id is not None
+                        narrate(
+                            "forward",
+                            f"Forwarded {body.get('operation')} to {what} as {remote_id}",
+                            target=base_url,
+                            remote_job_id=remote_id,
+                        )
+                        if silence_s is not None:
+                            silent = partial(_silence, transport, silence_s)
+                            watchers.start_soon(until_lost, silent, False)
+                        terminal = await _relay(events, what)
+                    if terminal is None:
+                        raise StreamEndedWithoutSignal("the stream ended without a signal")
                 except HTTPStatusError as exc:
                     failure = ForwardFailed(
                         f"{what} at {base_url} refused the job: {exc}",
-                        try_elsewhere=exc.status_code >= 500,
+                        try_elsewhere=remote_id is None and exc.status_code >= 500,
+                    )
+                except StreamEndedWithoutSignal as exc:
+                    failure = ForwardFailed(
+                        f"lost {what} at {base_url} before the job ended: {exc}",
+                        lost_contact=True,
                     )
                 except TransportError as exc:
-                    failure = ForwardFailed(
-                        f"{what} at {base_url} is unreachable: {exc}",
-                        lost_contact=True,
-                        try_elsewhere=True,
-                    )
-                if remote_id is not None:
-                    narrate(
-                        "forward",
-                        f"Forwarded {body.get('operation')} to {what} as {remote_id}",
-                        target=base_url,
-                        remote_job_id=remote_id,
-                    )
-                    if silence_s is not None:
-                        silent = partial(_silence, transport, silence_s)
-                        watchers.start_soon(until_lost, silent, False)
-                    try:
-                        terminal = await _relay(client, remote_id, what)
-                        if terminal is None:
-                            raise StreamEndedWithoutSignal("the stream ended without a signal")
-                    except StreamEndedWithoutSignal as exc:
+                    if remote_id is None:
                         failure = ForwardFailed(
-                            f"lost {what} at {base_url} before the job ended: {exc}",
+                            f"{what} at {base_url} is unreachable: {exc}",
                             lost_contact=True,
+                            try_elsewhere=True,
                         )
-                    except TransportError as exc:
+                    else:
                         failure = ForwardFailed(
                             f"lost {what} at {base_url}: {exc}", lost_contact=True
                         )
@@ -251,30 +256,29 @@ async def forward_job(
         return remote_id
 
 
-async def _relay(client: JobClient, remote_id: str, what: str) -> TerminalSignal | None:
+async def _relay(events: JobEventStream, what: str) -> TerminalSignal | None:
     """Narrate the remote job's events into the current job; its terminal signal, or None
     when the stream ended without one."""
     terminal: TerminalSignal | None = None
-    async with client.stream(remote_id) as events:
-        while terminal is None:
+    while terminal is None:
+        try:
+            item = await events.receive()
+        except trio.EndOfChannel:
+            break
+        # Re-narrate everything that already arrived without a trip through the scheduler
+        # per event (the batching lever in PITFALLS).
+        while True:
+            if isinstance(item, NarrationEvent):
+                narrate(item.action, item.human, actor=item.actor, **item.fields)
+            else:
+                terminal = item
             try:
-                item = await events.receive()
-            except trio.EndOfChannel:
+                item = events.receive_nowait()
+            except (trio.WouldBlock, trio.EndOfChannel):
                 break
-            # Re-narrate everything that already arrived without a trip through the
-            # scheduler per event (the batching lever in PITFALLS).
-            while True:
-                if isinstance(item, NarrationEvent):
-                    narrate(item.action, item.human, actor=item.actor, **item.fields)
-                else:
-                    terminal = item
-                try:
-                    item = events.receive_nowait()
-                except (trio.WouldBlock, trio.EndOfChannel):
-                    break
-        if terminal is not None:  # read to the end of the body (keeps the pool)
-            async for _ in events:
-                logger.warning("%s sent an item after its terminal signal", what)
+    if terminal is not None:  # read to the end of the body (keeps the pool)
+        async for _ in events:
+            logger.warning("%s sent an item after its terminal signal", what)
     return terminal
 
 

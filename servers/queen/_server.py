@@ -42,6 +42,7 @@ from ..operations import (
 )
 from ._config import HiveEntry, QueenConfig
 from ._forward import ForwardFailed, forward_job
+from ._openai import add_openai_routes
 from ._scheduler import NoWorker, WorkerEntry, WorkerTable
 
 __all__ = [
@@ -561,6 +562,7 @@ async def serve_queen(
         )
         queen.add_routes(app)
         add_ui_routes(app, hive_health=queen.hive_health)
+        add_openai_routes(app, queen)
 
         def started(url: str) -> None:
             if queen.url is None:

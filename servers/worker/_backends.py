@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import functools
 import json
-from collections.abc import AsyncGenerator, Callable
-from contextlib import aclosing, suppress
-from dataclasses import dataclass
+import ssl
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
+from contextlib import aclosing, asynccontextmanager, suppress
+from dataclasses import dataclass, field
 from typing import Any, Protocol, cast
 
 import httpx
@@ -18,6 +20,12 @@ __all__ = ["Backend", "OpenAIBackend", "TinyBackend", "TokenSink", "UpstreamErro
 
 TokenSink = Callable[[str], None]
 """Called once per generated token, in order."""
+
+
+@functools.cache
+def _ssl_context() -> ssl.SSLContext:
+    """Built once: loading the CA bundle for every request's client took 40-250 ms."""
+    return httpx.create_ssl_context()
 
 
 class UpstreamError(Exception):
@@ -92,6 +100,24 @@ class OpenAIBackend:
     connect_timeout_s: float = 10.0
     check_timeout_s: float = 2.0
     name: str = "openai"
+    client: httpx.AsyncClient | None = field(default=None, repr=False, compare=False)
+    """A client kept open by whoever runs the backend (kept-alive connections to the
+    upstream, see :meth:`open_client`); None: a client per request."""
+
+    def open_client(self) -> httpx.AsyncClient:
+        """A new client for the upstream (the caller enters and closes it)."""
+        return httpx.AsyncClient(
+            timeout=httpx.Timeout(self.connect_timeout_s, read=None), verify=_ssl_context()
+        )
+
+    @asynccontextmanager
+    async def _session(self) -> AsyncIterator[httpx.AsyncClient]:
+        if self.client is not None:
+            await trio.lowlevel.checkpoint()
+            yield self.client
+            return
+        async with self.open_client() as client:
+            yield client
 
     @property
     def api_url(self) -> str:
@@ -106,9 +132,10 @@ class OpenAIBackend:
         return headers
 
     def _body(self, request: Infer) -> dict[str, Any]:
+        messages = request.messages or [{"role": "user", "content": request.prompt}]
         body: dict[str, Any] = {
             "model": self.upstream_model or request.model,
-            "messages": [{"role": "user", "content": request.prompt}],
+            "messages": messages,
             "max_tokens": request.max_tokens,
             "temperature": request.temperature,
             "top_p": request.top_p,
@@ -118,13 +145,17 @@ class OpenAIBackend:
             body["top_k"] = request.top_k
         if request.seed is not None:
             body["seed"] = request.seed
+        if request.stop:
+            body["stop"] = request.stop
         return body
 
     async def check(self) -> str | None:
         """``GET /v1/models`` on the upstream: any answer below 500 means it is up."""
         url = f"{self.api_url}/models"
         try:
-            async with httpx.AsyncClient(timeout=self.check_timeout_s) as client:
+            async with httpx.AsyncClient(
+                timeout=self.check_timeout_s, verify=_ssl_context()
+            ) as client:
                 response = await client.get(url, headers=self._headers())
         except (httpx.HTTPError, httpx.InvalidURL) as exc:
             return f"upstream {self.base_url} is unreachable: {_describe(exc)}"
@@ -140,9 +171,13 @@ class OpenAIBackend:
         count = 0
         try:
             async with (
-                httpx.AsyncClient(timeout=timeout) as client,
+                self._session() as client,
                 client.stream(
-                    "POST", url, json=self._body(request), headers=self._headers()
+                    "POST",
+                    url,
+                    json=self._body(request),
+                    headers=self._headers(),
+                    timeout=timeout,
                 ) as response,
             ):
                 if response.status_code >= 400:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -19,6 +20,13 @@ from trio_jobs import JobRegistry, JobState, narrate
 from trio_jobs.http import create_app, job_service
 
 from .._daemon import run_daemon
+from .._openai_wire import (
+    DONE_FRAME,
+    chat_chunk,
+    render_messages,
+    sse_frame,
+    usage_object,
+)
 from ..operations import Infer, parse_operation, wrong_operation
 from ._backends import Backend, OpenAIBackend, TinyBackend, UpstreamError
 from ._tiny import tiny_tokens
@@ -80,6 +88,10 @@ def parse_infer_payload(body: Any) -> dict[str, Any]:
     if not isinstance(operation, Infer):
         raise wrong_operation(operation.operation, "'infer' (a worker serves only infer)")
     return operation.to_body()
+
+
+class _StopSequence(Exception):
+    """Raised out of the token sink when a stop string was generated: ends generation."""
 
 
 class Worker:
@@ -144,9 +156,24 @@ class Worker:
         )
         count = 0
         started = time.perf_counter()
+        stops = request.stop or []
+        longest = max(map(len, stops), default=0)
+        text = ""
 
         def emit(token: str) -> None:
-            nonlocal count
+            nonlocal count, text
+            if stops:
+                # Look for a stop string that ends in this token (it may begin earlier).
+                start = max(0, len(text) - longest + 1)
+                text += token
+                hits = [i for i in (text.find(s, start) for s in stops) if i >= 0]
+                if hits:
+                    token = token[: len(token) - (len(text) - min(hits))]
+                    if token:
+                        narrate("token", token, token=token, index=count)
+                        count += 1
+                        self.tokens_total += 1
+                    raise _StopSequence
             narrate("token", token, token=token, index=count)
             count += 1
             self.tokens_total += 1
@@ -156,6 +183,8 @@ class Worker:
             self._generating[job_id] = scope
             try:
                 finish = await self.backend.generate(request, emit)
+            except _StopSequence:
+                finish = "stop"
             except UpstreamError as exc:
                 if exc.unreachable:
                     self._set_problem(str(exc))
@@ -173,6 +202,7 @@ class Worker:
             "infer_complete",
             f"Generated {count} tokens in {elapsed:.2f}s ({rate:.0f} tokens/s)",
             tokens=count,
+            prompt_tokens=len(request.prompt.split()),
             finish_reason=finish,
             elapsed_s=round(elapsed, 4),
         )
@@ -326,13 +356,11 @@ def _openai_route(app: Any, worker: Worker) -> None:
         body = await request.get_json(force=True, silent=True)
         if not isinstance(body, dict) or not isinstance(body.get("messages"), list):
             return jsonify({"error": "invalid", "detail": "messages: a list is required"}), 422
-        prompt = "\n".join(
-            str(m.get("content", "")) for m in body["messages"] if isinstance(m, dict)
-        )
+        messages = [m for m in body["messages"] if isinstance(m, dict)]
         try:
             infer = Infer(
                 model=str(body.get("model") or worker.config.model),
-                prompt=prompt,
+                prompt=render_messages(messages),
                 max_tokens=body.get("max_tokens") or 16,
                 temperature=body.get("temperature", 0.7),
                 top_p=body.get("top_p", 1.0),
@@ -343,6 +371,7 @@ def _openai_route(app: Any, worker: Worker) -> None:
             return jsonify({"error": "invalid", "detail": json.loads(exc.json())}), 422
         delay = worker.backend.token_delay_s
         created = int(time.time())
+        chunk_id = f"chatcmpl-{created}"
         tokens = tiny_tokens(
             infer.model,
             infer.prompt,
@@ -352,11 +381,12 @@ def _openai_route(app: Any, worker: Worker) -> None:
             top_k=infer.top_k,
             seed=infer.seed,
         )
+        usage = usage_object(len(infer.prompt.split()), infer.max_tokens)
         if not body.get("stream"):
             text = "".join(tokens)
             return jsonify(
                 {
-                    "id": f"chatcmpl-{created}",
+                    "id": chunk_id,
                     "object": "chat.completion",
                     "created": created,
                     "model": infer.model,
@@ -364,37 +394,33 @@ def _openai_route(app: Any, worker: Worker) -> None:
                         {
                             "index": 0,
                             "message": {"role": "assistant", "content": text},
+                            "logprobs": None,
                             "finish_reason": "length",
                         }
                     ],
-                    "usage": {
-                        "prompt_tokens": len(infer.prompt.split()),
-                        "completion_tokens": infer.max_tokens,
-                        "total_tokens": len(infer.prompt.split()) + infer.max_tokens,
-                    },
+                    "usage": usage,
                 }
             )
+        options = body.get("stream_options")
+        with_usage = isinstance(options, dict) and options.get("include_usage") is True
 
         def chunk(delta: dict[str, str], finish: str | None) -> bytes:
-            data = {
-                "id": f"chatcmpl-{created}",
-                "object": "chat.completion.chunk",
-                "created": created,
-                "model": infer.model,
-                "choices": [{"index": 0, "delta": delta, "finish_reason": finish}],
-            }
-            return f"data: {json.dumps(data)}\n\n".encode()
+            return sse_frame(
+                chat_chunk(chunk_id, created, infer.model, delta, finish, with_usage=with_usage)
+            )
 
         async def body_chunks() -> AsyncIterator[bytes]:
             worker.open_completions += 1
             try:
-                yield chunk({"role": "assistant"}, None)
+                yield chunk({"role": "assistant", "content": ""}, None)
                 for token in tokens:
                     if delay:
                         await trio.sleep(delay)
                     yield chunk({"content": token}, None)
-                yield chunk({}, "length")
-                yield b"data: [DONE]\n\n"
+                end = chunk({}, "length")
+                if with_usage:
+                    end += sse_frame(chat_chunk(chunk_id, created, infer.model, None, usage=usage))
+                yield end + DONE_FRAME
             finally:
                 worker.open_completions -= 1
 
@@ -484,13 +510,17 @@ async def serve_worker(
     own terminal signal before the server goes away, within ``stop_grace_s`` + ~1 s.
     """
     app, worker = build_app(config)
-    await run_daemon(
-        app,
-        host=host,
-        port=port,
-        name=f"worker {config.worker_id}",
-        background=[worker.heartbeat_loop, worker.readiness_loop, worker.watch_parent],
-        on_stop=worker.stop,
-        stop_grace_s=config.stop_grace_s + 3.0,
-        task_status=task_status,
-    )
+    backend = worker.backend
+    async with contextlib.AsyncExitStack() as stack:
+        if isinstance(backend, OpenAIBackend):  # kept-alive connections to the upstream
+            backend.client = await stack.enter_async_context(backend.open_client())
+        await run_daemon(
+            app,
+            host=host,
+            port=port,
+            name=f"worker {config.worker_id}",
+            background=[worker.heartbeat_loop, worker.readiness_loop, worker.watch_parent],
+            on_stop=worker.stop,
+            stop_grace_s=config.stop_grace_s + 3.0,
+            task_status=task_status,
+        )

@@ -27,6 +27,8 @@ policy or an explicit :meth:`JobClient.cancel`.
 
 from __future__ import annotations
 
+import functools
+import ssl
 from collections.abc import AsyncIterator, Callable, Mapping
 from contextlib import asynccontextmanager
 from types import TracebackType
@@ -51,6 +53,13 @@ _JOB_OPTIONS = frozenset(
 #: Pool limits of a JobClient: no cap on open connections (one per open stream), and up
 #: to 64 idle ones kept for reuse.
 DEFAULT_LIMITS = httpx.Limits(max_connections=None, max_keepalive_connections=64)
+
+
+@functools.cache
+def default_ssl_context() -> ssl.SSLContext:
+    """httpx's default certificate verification, built once per process: building it
+    (loading the CA bundle) takes 40-250 ms, which every new client would pay again."""
+    return httpx.create_ssl_context()
 
 
 class SubmitOptions(TypedDict, total=False):
@@ -160,6 +169,7 @@ class JobClient:
             timeout=httpx.Timeout(timeout),
             transport=transport,
             limits=limits or DEFAULT_LIMITS,
+            verify=default_ssl_context(),
         )
         self._connection = HTTPConnection(
             base_url=self.base_url,
@@ -284,6 +294,32 @@ class JobClient:
         try:
             with translating(f"GET /v1/jobs/{job_id}/stream", job_id=job_id):
                 await events._open()
+            yield events
+        finally:
+            await events.aclose()
+
+    @asynccontextmanager
+    async def submit_stream(
+        self, op: Operation, **options: Unpack[SubmitOptions]
+    ) -> AsyncIterator[JobEventStream]:
+        """Create a job and follow it, in one request: ``POST /v1/jobs`` with ``Accept:
+        text/event-stream`` (a server that answers 201 instead is followed on ``/stream``).
+
+        The stream's ``job_id`` names the new job once the block is entered; later drops
+        are resumed as in :meth:`stream`. One round trip less than :meth:`submit` then
+        :meth:`stream`. Leaving the block early (or being cancelled) closes the
+        connection; the job goes on unless its ``on_disconnect`` policy is ``cancel``.
+
+        Raises:
+            HTTPStatusError: the server refused the job (on entering).
+            TransportError: the server could not be reached (on entering).
+        """
+        body = _job_body(op, options)
+        events = JobEventStream(self._connection, None)
+        try:
+            with translating("POST /v1/jobs"):
+                request = self._connection.stream_request("POST", "/v1/jobs", json=body)
+                await events._open(request)
             yield events
         finally:
             await events.aclose()

@@ -13,6 +13,7 @@ from ._cross_site import SitePolicy as SitePolicy
 from ._errors import ApiError as ApiError
 from ._errors import error_response as error_response
 from ._errors import validation_detail as validation_detail
+from ._guard import on_request_end as on_request_end
 from ._openapi import openapi_document as openapi_document
 from ._options import ErrorBody as ErrorBody
 from ._options import JobOptions as JobOptions
@@ -38,6 +39,7 @@ __all__ = [
     "error_response",
     "job_service",
     "jobs_blueprint",
+    "on_request_end",
     "openapi_document",
     "serve",
     "validation_detail",

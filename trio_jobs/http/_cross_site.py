@@ -48,7 +48,29 @@ ASGIApp = Callable[[Scope, ASGIReceiveCallable, ASGISendCallable], Awaitable[Non
 ConnectionScope = HTTPScope | WebsocketScope
 
 ALLOW_METHODS = "GET, HEAD, POST, DELETE"
-ALLOW_HEADERS = "Authorization, Content-Type, Last-Event-ID"
+ALLOW_HEADERS = ", ".join(
+    [
+        "Authorization",
+        "Content-Type",
+        "Last-Event-ID",
+        # What the openai SDKs send from a browser page (the queen's OpenAI API).
+        "OpenAI-Organization",
+        "OpenAI-Project",
+        *(
+            f"X-Stainless-{name}"
+            for name in [
+                "Arch",
+                "Lang",
+                "OS",
+                "Package-Version",
+                "Retry-Count",
+                "Runtime",
+                "Runtime-Version",
+                "Timeout",
+            ]
+        ),
+    ]
+)
 EXPOSE_HEADERS = "Location, X-Job-Id"
 MAX_AGE_S = 600
 

@@ -1,0 +1,678 @@
+"""The queen's OpenAI-compatible API through the official ``openai`` SDK (sync and async
+clients) and LangChain's ``ChatOpenAI``, against real daemons on 127.0.0.1.
+
+One hive and one queen (bearer token = API key, SQLite store, a fixed port so it can be
+restarted) serve the module; the queen spawns a fast ``tiny`` worker, a ``slow`` one (50 ms
+per token) and an OpenAI-backend ``chain`` worker whose upstream is a tokenless tiny worker
+started by the test. Expected texts come from ``tiny_tokens`` itself. Every async test is
+bounded by ``trio.fail_after``; tests that cancel check the worker's own job record.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import httpx
+import openai
+import pytest
+import trio
+
+from servers._openai_wire import TOKEN as PLACEHOLDER
+from servers._openai_wire import chat_chunk, frame_template, render_messages, sse_frame
+from servers.worker import tiny_tokens
+from tests.daemons import Cluster, closed_port, collect, spawn_worker, wait_idle
+from trio_jobs._client import JobClient
+
+TOKEN = "sk-test-queen-token"
+ORIGIN = "https://chat.example"
+
+
+@dataclass
+class Env:
+    queen: str
+    hive: str
+    port: int
+    store: Path
+    cluster: Cluster
+    chain_worker: dict[str, Any]
+    slow_worker: dict[str, Any]
+
+    @property
+    def base(self) -> str:
+        return self.queen + "/v1"
+
+    def client(self, **options: Any) -> openai.OpenAI:
+        return openai.OpenAI(base_url=self.base, api_key=TOKEN, max_retries=0, **options)
+
+    def aclient(self, **options: Any) -> openai.AsyncOpenAI:
+        return openai.AsyncOpenAI(base_url=self.base, api_key=TOKEN, max_retries=0, **options)
+
+    def queen_argv(self) -> list[str]:
+        return [
+            *("queen", "--port", str(self.port), "--hive", f"localhost={self.hive}"),
+            *("--store", f"sqlite:{self.store}", "--token", TOKEN),
+            *("--schedule-wait", "1", "--heartbeat-ttl", "2"),
+            *("--cors-origin", ORIGIN),
+        ]
+
+
+def _headers() -> dict[str, str]:
+    return {"Authorization": f"Bearer {TOKEN}"}
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
+    root = tmp_path_factory.mktemp("openai")
+    cluster = Cluster(root)
+    try:
+        hive = cluster.start(
+            "hive",
+            [
+                *("hive", "--port", "0", "--models-dir", str(root / "models")),
+                *("--heartbeat-s", "0.3", "--worker-grace", "3", "--token", TOKEN),
+            ],
+        )
+        # A tokenless tiny worker, not registered anywhere: the OpenAI-compatible upstream.
+        upstream = cluster.start("upstream", ["worker", "--port", "0", "--model", "chain"])
+        env = Env("", hive, closed_port(), root / "queen.db", cluster, {}, {})
+        env.queen = cluster.start("queen", env.queen_argv())
+
+        async def spawn() -> None:
+            async with JobClient(env.queen, token=TOKEN) as client:
+                await spawn_worker(client, "tiny")
+                env.slow_worker = await spawn_worker(client, "slow", token_delay_s=0.05)
+                body = {
+                    "operation": "worker_spawn",
+                    "model": "chain",
+                    "backend": "openai",
+                    "upstream_url": upstream,
+                }
+                _, events, terminal = await collect(client, body, timeout_s=30)
+                assert terminal is not None and terminal.wire == "[DONE]", terminal
+                env.chain_worker = dict(events[-1].fields["worker"])
+
+        trio.run(spawn)
+        yield env
+    finally:
+        cluster.close()
+
+
+def _expected(model: str, prompt: str, n: int, **sampling: Any) -> str:
+    return "".join(tiny_tokens(model, prompt, max_tokens=n, **sampling))
+
+
+def _job(env: Env, job_id: str) -> dict[str, Any]:
+    response = httpx.get(f"{env.queen}/v1/jobs/{job_id}", headers=_headers())
+    response.raise_for_status()
+    data: dict[str, Any] = response.json()
+    return data
+
+
+def _events(url: str, job_id: str) -> list[dict[str, Any]]:
+    """A finished job's events, read from its SSE stream."""
+    with httpx.stream("GET", f"{url}/v1/jobs/{job_id}/stream", headers=_headers()) as r:
+        lines = [line[5:].strip() for line in r.iter_lines() if line.startswith("data:")]
+    return [json.loads(line) for line in lines if line.startswith("{")]
+
+
+def _remote_job(env: Env, job_id: str) -> tuple[str, str]:
+    """(worker URL, worker job id) of the queen job ``job_id`` (running or not)."""
+    url = f"{env.queen}/v1/jobs/{job_id}/stream"
+    with httpx.stream("GET", url, headers=_headers(), timeout=10) as r:
+        for line in r.iter_lines():
+            if line.startswith("data: {"):
+                event = json.loads(line[6:])
+                if event["action"] == "forward":
+                    return event["target"], event["remote_job_id"]
+    raise AssertionError(f"{job_id} was not forwarded to a worker")
+
+
+def _wait_state(url: str, job_id: str, states: set[str], within_s: float = 10.0) -> dict[str, Any]:
+    deadline = time.monotonic() + within_s
+    while True:
+        record = httpx.get(f"{url}/v1/jobs/{job_id}", headers=_headers()).json()
+        if record["state"] in states or time.monotonic() > deadline:
+            assert record["state"] in states, record
+            return dict(record)
+        time.sleep(0.01)
+
+
+def _restart_queen(env: Env, name: str) -> None:
+    """Start the queen again on its port and store; wait until its workers reported."""
+    env.queen = env.cluster.start(name, env.queen_argv())
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        models = httpx.get(f"{env.base}/models", headers=_headers()).json()["data"]
+        if {"tiny", "slow"} <= {m["id"] for m in models}:
+            return
+        time.sleep(0.05)
+    raise AssertionError("the workers did not report to the restarted queen")
+
+
+def _epoch(iso: str) -> float:
+    return datetime.fromisoformat(iso.replace("Z", "+00:00")).timestamp()
+
+
+# ---- models, chat, completions --------------------------------------------------------------
+
+
+def test_models_are_the_live_workers_models(env: Env) -> None:
+    with env.client() as client:
+        ids = {m.id for m in client.models.list()}
+        assert {"tiny", "slow", "chain"} <= ids
+        assert client.models.retrieve("tiny").owned_by == "trio-jobs"
+        with pytest.raises(openai.NotFoundError) as info:
+            client.models.retrieve("no-such-model")
+    assert info.value.body["code"] == "model_not_found"  # type: ignore[index]
+
+
+def test_chat_completion_answers_with_the_job_in_its_id(env: Env) -> None:
+    messages = [
+        {"role": "system", "content": "be brief"},
+        {"role": "user", "content": [{"type": "text", "text": "hello trio"}]},
+    ]
+    with env.client() as client:
+        raw = client.chat.completions.with_raw_response.create(
+            model="tiny", messages=messages, max_tokens=6, user="u1", presence_penalty=0.5
+        )
+        answer = raw.parse()
+    job_id = raw.headers["X-Job-Id"]
+    assert answer.id == f"chatcmpl-{job_id}"
+    assert answer.object == "chat.completion"
+    choice = answer.choices[0]
+    prompt = render_messages(messages)
+    assert choice.message.role == "assistant"
+    assert choice.message.content == _expected("tiny", prompt, 6)
+    assert choice.finish_reason == "length"
+    assert answer.usage is not None
+    assert answer.usage.completion_tokens == 6
+    assert answer.usage.prompt_tokens == len(prompt.split())
+    assert answer.usage.total_tokens == 6 + len(prompt.split())
+    record = _job(env, job_id)
+    assert record["state"] == "completed"
+    assert record["tags"] == {"openai": "chat"}
+    assert record["payload"]["messages"][1]["content"][0]["text"] == "hello trio"
+
+
+def test_chat_stream_async_role_first_then_deltas_usage_and_done(env: Env) -> None:
+    """AsyncOpenAI on its home event loop (asyncio; under trio the SDK leaves its SSE
+    generators to the garbage collector)."""
+
+    async def main() -> list[Any]:
+        async with env.aclient() as client:
+            stream = await client.chat.completions.create(
+                model="tiny",
+                messages=[{"role": "user", "content": "stream it"}],
+                max_tokens=7,
+                stream=True,
+                stream_options={"include_usage": True},
+            )
+            return [chunk async for chunk in stream]
+
+    chunks = asyncio.run(main())
+    assert chunks[0].choices[0].delta.role == "assistant"
+    ids = {c.id for c in chunks}
+    assert len(ids) == 1
+    assert ids.pop().startswith("chatcmpl-job-")
+    content = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert content == _expected("tiny", "stream it", 7)
+    finishes = [c.choices[0].finish_reason for c in chunks if c.choices]
+    assert finishes[-1] == "length"
+    assert all(f is None for f in finishes[:-1])
+    assert chunks[-1].choices == []
+    assert chunks[-1].usage is not None
+    assert chunks[-1].usage.completion_tokens == 7
+    assert all(c.usage is None for c in chunks[:-1])
+
+
+def test_chat_stream_wire_ends_with_done_and_stop_strings_end_with_stop(env: Env) -> None:
+    full = _expected("tiny", "wire", 12, temperature=0.0)
+    stop = full.split()[5]
+    cut = full[: full.index(stop)] if stop in full else full
+    body = {
+        "model": "tiny",
+        "messages": [{"role": "user", "content": "wire"}],
+        "max_tokens": 12,
+        "temperature": 0,
+        "stop": stop,
+        "stream": True,
+    }
+    url = f"{env.base}/chat/completions"
+    with httpx.stream("POST", url, json=body, headers=_headers()) as response:
+        assert response.headers["content-type"].startswith("text/event-stream")
+        lines = [line for line in response.iter_lines() if line]
+    assert lines[-1] == "data: [DONE]"
+    chunks = [json.loads(line[6:]) for line in lines[:-1]]
+    text = "".join(c["choices"][0]["delta"].get("content", "") for c in chunks)
+    assert text == cut
+    assert chunks[-1]["choices"][0]["finish_reason"] == "stop"
+
+
+def test_completions_streamed_and_not_with_length_finish(env: Env) -> None:
+    with env.client() as client:
+        answer = client.completions.create(model="tiny", prompt="once upon", max_tokens=5)
+        assert answer.id.startswith("cmpl-job-")
+        assert answer.choices[0].text == _expected("tiny", "once upon", 5)
+        assert answer.choices[0].finish_reason == "length"
+        assert answer.usage is not None
+        assert answer.usage.completion_tokens == 5
+        default = client.completions.create(model="tiny", prompt="defaults")
+        assert default.usage is not None
+        assert default.usage.completion_tokens == 16  # OpenAI's default max_tokens
+        stream = client.completions.create(
+            model="tiny",
+            prompt=["once upon"],
+            max_tokens=5,
+            stream=True,
+            stream_options={"include_usage": True},
+        )
+        chunks = list(stream)
+    assert "".join(c.choices[0].text for c in chunks if c.choices) == answer.choices[0].text
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "length"
+    assert chunks[-1].usage is not None
+    assert chunks[-1].usage.completion_tokens == 5
+
+
+# ---- errors ---------------------------------------------------------------------------------
+
+
+def _error(exc: openai.APIStatusError) -> dict[str, Any]:
+    body = exc.body
+    assert isinstance(body, dict), body
+    assert set(body) >= {"message", "type", "param", "code"}, body
+    return body
+
+
+def test_every_error_is_an_openai_error_object_with_the_sdk_exception(env: Env) -> None:
+    hello = [{"role": "user", "content": "hi"}]
+    with openai.OpenAI(base_url=env.base, api_key="wrong", max_retries=0) as bad:
+        with pytest.raises(openai.AuthenticationError) as auth:
+            bad.chat.completions.create(model="tiny", messages=hello)
+        assert _error(auth.value)["code"] == "invalid_api_key"
+        with pytest.raises(openai.AuthenticationError):
+            bad.models.list()
+    with env.client() as client:
+        with pytest.raises(openai.NotFoundError) as missing:
+            client.chat.completions.create(model="gpt-nope", messages=hello)
+        assert _error(missing.value)["code"] == "model_not_found"
+        assert _error(missing.value)["param"] == "model"
+        for wrong, param in (
+            ({"messages": []}, "messages"),
+            ({"messages": [{"role": "wizard", "content": "x"}]}, "messages[0].role"),
+            ({"messages": hello, "temperature": 5}, "temperature"),
+            ({"messages": hello, "n": 2}, "n"),
+            ({"messages": hello, "max_tokens": 0}, "max_tokens"),
+            ({"messages": hello, "stop": ["a", "b", "c", "d", "e"]}, "stop"),
+            ({"messages": "hello"}, "messages"),
+        ):
+            with pytest.raises(openai.BadRequestError) as invalid:
+                client.chat.completions.create(model="tiny", **wrong)  # type: ignore[call-overload]
+            error = _error(invalid.value)
+            assert error["param"] == param, error
+            assert error["type"] == "invalid_request_error"
+        with pytest.raises(openai.BadRequestError):
+            client.completions.create(model="tiny", prompt=["a", "b"])
+        with pytest.raises(openai.BadRequestError) as previous:
+            client.responses.create(model="tiny", input="x", previous_response_id="resp_1")
+        assert "not supported" in _error(previous.value)["message"]
+        with pytest.raises(openai.NotFoundError):
+            client.responses.retrieve("resp_job-unknown")
+        with pytest.raises(openai.NotFoundError):
+            client.responses.retrieve("not-a-response")
+        with pytest.raises(openai.APIStatusError) as too_big:
+            client.chat.completions.create(
+                model="tiny", messages=[{"role": "user", "content": "x" * (9 << 20)}]
+            )
+        assert too_big.value.status_code == 413
+        assert _error(too_big.value)["code"] == "request_too_large"
+    raw = httpx.post(
+        f"{env.base}/chat/completions", content=b"{}", headers={**_headers(), "Content-Type": "x"}
+    )
+    assert raw.status_code == 415
+    assert raw.json()["error"]["type"] == "invalid_request_error"
+    broken = httpx.post(
+        f"{env.base}/chat/completions",
+        content=b"{nope",
+        headers={**_headers(), "Content-Type": "application/json"},
+    )
+    assert broken.status_code == 400
+    assert "JSON" in broken.json()["error"]["message"]
+
+
+def test_cross_site_rules_hold_and_a_browser_sdk_passes_the_preflight(env: Env) -> None:
+    url = f"{env.base}/chat/completions"
+    sdk_headers = "authorization,content-type,x-stainless-os,x-stainless-retry-count"
+    preflight = httpx.options(
+        url,
+        headers={
+            "Origin": ORIGIN,
+            "Access-Control-Request-Method": "POST",
+            "Access-Control-Request-Headers": sdk_headers,
+        },
+    )
+    assert preflight.status_code == 204
+    allowed = {
+        h.strip().lower() for h in preflight.headers["access-control-allow-headers"].split(",")
+    }
+    assert set(sdk_headers.split(",")) <= allowed
+    body = {"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
+    ok = httpx.post(url, json=body, headers={**_headers(), "Origin": ORIGIN})
+    assert ok.status_code == 200
+    assert ok.headers["access-control-allow-origin"] == ORIGIN
+    assert "X-Job-Id" in ok.headers["access-control-expose-headers"]
+    foreign = httpx.post(url, json=body, headers={**_headers(), "Origin": "https://evil.example"})
+    assert foreign.status_code == 403
+
+
+def test_no_worker_that_can_take_it_is_503_with_retry_after(env: Env) -> None:
+    """A worker that heartbeats but cannot be reached: the job fails before any worker
+    took it, answered 503 (the SDK's InternalServerError, which it retries)."""
+    beat = {
+        "worker_id": "ghost-1",
+        "url": f"http://127.0.0.1:{closed_port()}",
+        "model": "ghost",
+        "state": "ready",
+    }
+    httpx.post(f"{env.queen}/v1/workers/heartbeat", json=beat, headers=_headers())
+    with env.client() as client:
+        with pytest.raises(openai.InternalServerError) as info:
+            client.chat.completions.with_raw_response.create(
+                model="ghost", messages=[{"role": "user", "content": "x"}], stream=True
+            )
+    assert info.value.status_code == 503
+    assert info.value.response.headers["Retry-After"] == "1"
+    assert _error(info.value)["code"] == "no_worker_available"
+    job_id = info.value.response.headers.get("X-Job-Id")
+    failed = httpx.get(
+        f"{env.queen}/v1/jobs", params={"tag": "openai:chat", "state": "failed"}, headers=_headers()
+    ).json()["jobs"]
+    assert failed, job_id
+
+
+def test_a_failure_after_the_stream_started_is_an_error_object_and_no_done(env: Env) -> None:
+    """The job is cancelled through /v1/jobs mid-stream: the stream ends with an error
+    object and no [DONE]; the SDK raises APIError from it."""
+    body = {
+        "model": "slow",
+        "messages": [{"role": "user", "content": "long"}],
+        "max_tokens": 500,
+        "stream": True,
+    }
+    lines: list[str] = []
+    with httpx.Client(headers=_headers(), timeout=10) as http:
+        with http.stream("POST", f"{env.base}/chat/completions", json=body) as r:
+            job_id = r.headers["X-Job-Id"]
+            for line in r.iter_lines():
+                if not line:
+                    continue
+                lines.append(line)
+                if len(lines) == 3:
+                    cancel = http.delete(f"{env.queen}/v1/jobs/{job_id}")
+                    assert cancel.status_code == 200, cancel.text
+    assert "data: [DONE]" not in lines
+    last = json.loads(lines[-1][6:])
+    assert last["error"]["code"] == "cancelled"
+    assert set(last["error"]) == {"message", "type", "param", "code"}
+    # The SDK turns it into an exception.
+    with env.client() as client:
+        stream = client.chat.completions.create(
+            model="slow", messages=body["messages"], max_tokens=500, stream=True
+        )
+        with pytest.raises(openai.APIError, match="cancelled"):  # noqa: PT012
+            for chunk in stream:
+                job = chunk.id.removeprefix("chatcmpl-")
+                httpx.delete(f"{env.queen}/v1/jobs/{job}", headers=_headers())
+
+
+# ---- cancel by closing ------------------------------------------------------------------------
+
+
+def test_closing_the_stream_cancels_the_job_and_the_workers_generation(env: Env) -> None:
+    with env.client() as client:
+        stream = client.chat.completions.create(
+            model="slow",
+            messages=[{"role": "user", "content": "go on"}],
+            max_tokens=2000,
+            stream=True,
+        )
+        job_id = ""
+        for n, chunk in enumerate(stream):
+            job_id = chunk.id.removeprefix("chatcmpl-")
+            if n == 3:
+                break
+        stream.close()
+        closed_at = time.time()
+    queen_record = _wait_state(env.queen, job_id, {"cancelled"})
+    worker_url, remote = _remote_job(env, job_id)
+    worker_record = _wait_state(worker_url, remote, {"cancelled"})
+    ended_ms = (_epoch(worker_record["finished_at"]) - closed_at) * 1000
+    print(f"\nclient close -> worker job ended: {ended_ms:.1f} ms")
+    assert ended_ms < 2000
+    assert queen_record["state"] == "cancelled"
+    tokens = [e for e in _events(worker_url, remote) if e["action"] == "token"]
+    assert len(tokens) < 200  # the generation stopped, far before its 2000 tokens
+
+
+def test_closing_a_foreground_responses_stream_cancels_it(env: Env) -> None:
+    with env.client() as client:
+        stream = client.responses.create(
+            model="slow", input="stop me", max_output_tokens=2000, stream=True
+        )
+        for event in stream:
+            if event.type == "response.output_text.delta":
+                break
+        stream.close()
+        response_id = event.item_id.replace("msg_", "resp_", 1)  # type: ignore[union-attr]
+        job_id = response_id.removeprefix("resp_")
+        assert _wait_state(env.queen, job_id, {"cancelled"})["state"] == "cancelled"
+        assert client.responses.retrieve(response_id).status == "cancelled"
+    worker_url, remote = _remote_job(env, job_id)
+    assert _wait_state(worker_url, remote, {"cancelled"})["state"] == "cancelled"
+
+
+# ---- the Responses API -------------------------------------------------------------------------
+
+
+def test_responses_create_sync_and_streamed(env: Env) -> None:
+    with env.client() as client:
+        response = client.responses.create(
+            model="tiny", input="tell me", instructions="short", max_output_tokens=8
+        )
+        assert response.id.startswith("resp_job-")
+        assert response.status == "incomplete"  # the tiny model always hits max_output_tokens
+        assert response.incomplete_details is not None
+        assert response.incomplete_details.reason == "max_output_tokens"
+        prompt = render_messages([{"content": "short"}, {"content": "tell me"}])
+        assert response.output_text == _expected("tiny", prompt, 8)
+        assert response.usage is not None
+        assert response.usage.output_tokens == 8
+        again = client.responses.retrieve(response.id)
+        assert again.output_text == response.output_text
+        assert again.status == "incomplete"
+        events = list(
+            client.responses.create(model="tiny", input="tell me", max_output_tokens=4, stream=True)
+        )
+    types = [e.type for e in events]
+    assert types[:4] == [
+        "response.created",
+        "response.in_progress",
+        "response.output_item.added",
+        "response.content_part.added",
+    ]
+    assert types[-4:] == [
+        "response.output_text.done",
+        "response.content_part.done",
+        "response.output_item.done",
+        "response.incomplete",
+    ]
+    deltas = [e.delta for e in events if e.type == "response.output_text.delta"]
+    assert "".join(deltas) == _expected("tiny", "tell me", 4)
+    numbers = [e.sequence_number for e in events]
+    assert numbers == sorted(set(numbers))
+    assert numbers[0] == 0
+
+
+def test_background_response_resumes_after_a_forced_disconnect(env: Env) -> None:
+    with env.client() as client:
+        stream = client.responses.create(
+            model="slow", input="resume me", max_output_tokens=30, background=True, stream=True
+        )
+        seen = []
+        for event in stream:
+            seen.append(event)
+            if event.type == "response.output_text.delta" and len(seen) > 8:
+                break
+        stream.response.close()  # the connection drops; a background response goes on
+        response_id = seen[0].response.id  # type: ignore[union-attr]
+        after = seen[-1].sequence_number
+        rest = list(client.responses.retrieve(response_id, stream=True, starting_after=after))
+        assert rest[0].sequence_number > after
+        assert rest[-1].type == "response.incomplete"
+        text = "".join(e.delta for e in [*seen, *rest] if e.type == "response.output_text.delta")
+        assert text == _expected("slow", "resume me", 30)
+        assert client.responses.retrieve(response_id).output_text == text
+        # The whole stream again from the store, and the same tail from the same point.
+        whole = list(client.responses.retrieve(response_id, stream=True))
+        assert [e.sequence_number for e in whole if e.sequence_number > after] == [
+            e.sequence_number for e in rest
+        ]
+
+
+def test_background_response_cancel_is_idempotent_and_stops_the_worker(env: Env) -> None:
+    with env.client() as client:
+        response = client.responses.create(
+            model="slow", input="cancel me", max_output_tokens=2000, background=True
+        )
+        assert response.status in ("queued", "in_progress")
+        assert response.background is True
+        job_id = response.id.removeprefix("resp_")
+        _wait_state(env.queen, job_id, {"running"})
+        time.sleep(0.3)
+        cancelled = client.responses.cancel(response.id)
+        assert cancelled.status == "cancelled"
+        assert client.responses.cancel(response.id).status == "cancelled"
+        assert client.responses.retrieve(response.id).status == "cancelled"
+        events = list(client.responses.retrieve(response.id, stream=True))
+    assert events[-1].type == "response.failed"
+    assert events[-1].response.status == "cancelled"  # type: ignore[union-attr]
+    worker_url, remote = _remote_job(env, job_id)
+    assert _wait_state(worker_url, remote, {"cancelled"})["state"] == "cancelled"
+
+
+# ---- other clients and the OpenAI-backend worker -----------------------------------------------
+
+
+def test_openai_backend_worker_passes_the_chat_through_to_its_upstream(env: Env) -> None:
+    messages = [
+        {"role": "system", "content": "you relay"},
+        {"role": "user", "content": "through the chain"},
+    ]
+    expected = _expected("chain", render_messages(messages), 9)
+    with env.client() as client:
+        answer = client.chat.completions.create(model="chain", messages=messages, max_tokens=9)
+        assert answer.choices[0].message.content == expected
+        streamed = client.chat.completions.create(
+            model="chain", messages=messages, max_tokens=9, stream=True
+        )
+        assert "".join(c.choices[0].delta.content or "" for c in streamed if c.choices) == expected
+    job_id = answer.id.removeprefix("chatcmpl-")
+    worker_url, remote = _remote_job(env, job_id)
+    assert worker_url == env.chain_worker["url"]
+    start = next(e for e in _events(worker_url, remote) if e["action"] == "infer_start")
+    assert start["backend"] == "openai"
+
+
+def test_langchain_chat_openai_invoke_and_stream(env: Env) -> None:
+    from langchain_openai import ChatOpenAI
+
+    llm = ChatOpenAI(base_url=env.base, api_key=TOKEN, model="tiny", max_tokens=6, max_retries=0)  # type: ignore[call-arg]
+    answer = llm.invoke("hello langchain")
+    assert answer.content == _expected("tiny", "hello langchain", 6)
+    assert answer.response_metadata["finish_reason"] == "length"
+    chunks = list(llm.stream("hello langchain"))
+    assert "".join(str(c.content) for c in chunks) == answer.content
+    bad = ChatOpenAI(base_url=env.base, api_key="wrong", model="tiny", max_retries=0)  # type: ignore[call-arg]
+    with pytest.raises(openai.AuthenticationError):
+        bad.invoke("x")
+
+
+# ---- durability: a queen restart (keep last: it restarts the module's queen) -----------------
+
+
+def test_background_response_survives_a_queen_restart(env: Env) -> None:
+    with env.client() as client:
+        response = client.responses.create(
+            model="tiny", input="durable", max_output_tokens=12, background=True
+        )
+        job_id = response.id.removeprefix("resp_")
+        _wait_state(env.queen, job_id, {"completed"})
+        before = list(client.responses.retrieve(response.id, stream=True))
+        text = client.responses.retrieve(response.id).output_text
+    assert text == _expected("tiny", "durable", 12)
+    proc = env.cluster.proc("queen")
+    proc.terminate()
+    assert proc.wait(15) == 0
+    _restart_queen(env, "queen-again")
+    with env.client() as client:
+        again = client.responses.retrieve(response.id)
+        assert again.status == "incomplete"
+        assert again.output_text == text
+        middle = before[len(before) // 2].sequence_number
+        rest = list(client.responses.retrieve(response.id, stream=True, starting_after=middle))
+    assert [e.model_dump() for e in rest] == [
+        e.model_dump() for e in before if e.sequence_number > middle
+    ]
+
+
+def test_background_response_of_a_killed_queen_resumes_to_its_failure(env: Env) -> None:
+    """SIGKILL while generating: the restarted queen recovers the job as failed
+    (``interrupted``); resuming from a seen sequence number gives the rest of what was
+    stored and then ``response.failed``; the worker's job was cancelled with the stream."""
+    with env.client() as client:
+        stream = client.responses.create(
+            model="slow", input="crash", max_output_tokens=2000, background=True, stream=True
+        )
+        seen = []
+        for event in stream:
+            seen.append(event)
+            if len(seen) == 12:
+                break
+        assert seen[-1].type == "response.output_text.delta"
+        response_id = seen[0].response.id  # type: ignore[union-attr]
+        job_id = response_id.removeprefix("resp_")
+        worker_url, remote = _remote_job(env, job_id)
+        name = env.cluster.procs[-1][0]
+        env.cluster.kill(name)
+        stream.response.close()
+    assert _wait_state(worker_url, remote, {"cancelled"})["state"] == "cancelled"
+    _restart_queen(env, f"{name}-after-kill")
+    with env.client() as client:
+        after = seen[-1].sequence_number
+        rest = list(client.responses.retrieve(response_id, stream=True, starting_after=after))
+        final = client.responses.retrieve(response_id)
+    assert all(e.sequence_number > after for e in rest)
+    assert rest[-1].type == "response.failed"
+    assert final.status == "failed"
+    assert final.error is not None
+    assert "interrupted" in final.error.message
+    deltas = [e.delta for e in [*seen, *rest] if e.type == "response.output_text.delta"]
+    assert "".join(deltas) == _expected("slow", "crash", len(deltas))
+
+
+async def test_no_job_is_left_running(env: Env) -> None:
+    await wait_idle(env.queen, env.hive, within_s=10, token=TOKEN)
+
+
+@pytest.mark.parametrize("token", ["plain", ' "quoted"\n', "ünï\u2028code", "\x00nul\\", ""])
+def test_frame_template_writes_the_same_bytes_as_sse_frame(token: str) -> None:
+    chunk = chat_chunk("chatcmpl-job-1", 1, "m", {"content": PLACEHOLDER}, with_usage=True)
+    same = chat_chunk("chatcmpl-job-1", 1, "m", {"content": token}, with_usage=True)
+    assert frame_template(chunk)(token) == sse_frame(same)
+    assert json.loads(sse_frame(same)[6:])["choices"][0]["delta"]["content"] == token
