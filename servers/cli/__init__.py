@@ -6,15 +6,24 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from collections.abc import Sequence
 
 import trio
 
 from .._daemon import setup_logging
-from .._printer import Printer
+from .._printer import OutputClosed, Printer
 from ._daemons import DAEMONS
-from ._keeper import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_USAGE, run_operation
+from ._keeper import (
+    EXIT_FAILED,
+    EXIT_INTERRUPTED,
+    EXIT_OUTPUT_CLOSED,
+    EXIT_USAGE,
+    OPTION_FLAGS,
+    UsageError,
+    run_operation,
+)
 from ._parser import DEFAULT_QUEEN_URL, build_parser
 
 __all__ = ["main", "build_parser", "Printer", "DEFAULT_QUEEN_URL"]
@@ -32,8 +41,33 @@ def _leaf(exc: BaseException, kind: type[BaseException]) -> BaseException | None
     return None
 
 
+def _silence_stdout() -> None:
+    """Stdout's reader has gone: send what is left (the final flush) to /dev/null."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    except (OSError, ValueError):
+        pass
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    """The ``trio-jobs`` console script; returns the exit code."""
+    """The ``trio-jobs`` console script; returns the exit code.
+
+    Exit codes: 0 success, 1 failure, 2 bad usage, 130 interrupted, 141 stdout closed by
+    its reader (see :mod:`servers.cli._keeper`)."""
+    try:
+        return _main(argv)
+    except BaseException as exc:
+        if _leaf(exc, OutputClosed) or _leaf(exc, BrokenPipeError):
+            _silence_stdout()
+            return EXIT_OUTPUT_CLOSED
+        if _leaf(exc, KeyboardInterrupt) is not None:  # before the handlers were set
+            return EXIT_INTERRUPTED
+        raise
+
+
+def _main(argv: Sequence[str] | None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command in DAEMONS:
@@ -41,8 +75,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         try:
             return DAEMONS[args.command](args)
         except BaseException as exc:
-            if _leaf(exc, KeyboardInterrupt) is not None:  # before the handlers were set
-                return EXIT_INTERRUPTED
+            if _leaf(exc, KeyboardInterrupt) is not None:
+                raise
             from .._store import StoreUnavailable
 
             # the address is in use, not ours, ...; the job store cannot be opened
@@ -51,13 +85,24 @@ def main(argv: Sequence[str] | None = None) -> int:
                 raise
             sys.stderr.write(f"trio-jobs {args.command}: cannot serve: {error}\n")
             return EXIT_FAILED
-    handler = getattr(args, "handler", None)
-    if handler is not None:
-        code: int = trio.run(handler, args)
+    build = getattr(args, "build", None)
+    if build is None:  # a command that submits no job takes no job option but --timeout
+        given = [
+            flag
+            for name, flag in OPTION_FLAGS.items()
+            if name != "timeout_s" and getattr(args, name, None) is not None
+        ]
+        if given:
+            parser.exit(
+                EXIT_USAGE,
+                f"trio-jobs {args.command}: {', '.join(given)}: only for commands that "
+                "submit a job\n",
+            )
+        code: int = trio.run(args.handler, args)
         return code
     try:
-        body = args.build(args)
-    except OSError as exc:
+        body = build(args)
+    except (OSError, UsageError) as exc:
         parser.exit(EXIT_USAGE, f"trio-jobs {args.command}: {exc}\n")
     code = trio.run(run_operation, args, body)
     return code

@@ -15,6 +15,7 @@ from its start (Ctrl-C there stops watching and leaves the job running).
 from __future__ import annotations
 
 import argparse
+import json
 import os
 from typing import Any
 
@@ -51,19 +52,124 @@ def _add_keeper_options(parser: argparse.ArgumentParser, *, top: bool) -> None:
         help="machine-readable output: one JSON event per line, then the signal line",
     )
     parser.add_argument(
-        "--timeout", type=float, default=default, help="job timeout in seconds (timeout_s)"
-    )
-    parser.add_argument(
-        "--priority",
-        choices=["low", "normal", "high", "critical"],
+        "--timeout",
+        dest="timeout_s",
+        type=float,
         default=default,
-        help="job priority",
+        metavar="S",
+        help="job timeout in seconds (timeout_s); `follow` stops watching after S + 30",
     )
     parser.add_argument(
         "--detach",
         action="store_true",
         default=False if top else default,
         help="print the job id and exit without following (see: trio-jobs follow)",
+    )
+
+
+def _json_value(text: str) -> Any:
+    """``--metadata``: JSON text, or ``@FILE`` holding JSON."""
+    if text.startswith("@"):
+        try:
+            with open(text[1:], encoding="utf-8") as file:
+                text = file.read()
+        except OSError as exc:
+            raise argparse.ArgumentTypeError(f"cannot read {text[1:]}: {exc.strerror}") from None
+    try:
+        return json.loads(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"not JSON: {text!r} (a string needs quotes: '\"text\"')"
+        ) from None
+
+
+def _retry_value(text: str) -> Any:
+    """``--retry``: ``N`` (max attempts), ``key=value,...`` or a JSON object of the
+    retry policy (``max_attempts``, ``backoff_base``, ``factor``, ``cap``, ``jitter``,
+    ``retry_timeouts``); the values are checked with the job options."""
+    text = text.strip()
+    if text.isdigit():
+        return {"max_attempts": int(text)}
+    if text.startswith("{"):
+        return _json_value(text)
+    policy: dict[str, Any] = {}
+    for pair in text.split(","):
+        key, sep, value = pair.partition("=")
+        if not sep or not key.strip():
+            raise argparse.ArgumentTypeError(
+                f"want N, key=value[,key=value...] or a JSON object, got {text!r}"
+            )
+        try:
+            policy[key.strip()] = json.loads(value)
+        except ValueError:
+            policy[key.strip()] = value.strip()
+    return policy
+
+
+class _TagAction(argparse.Action):
+    """``--tag key=value`` (repeatable) collected into one ``tags`` dict."""
+
+    def __call__(
+        self,
+        parser: argparse.ArgumentParser,
+        namespace: argparse.Namespace,
+        values: Any,
+        option_string: str | None = None,
+    ) -> None:
+        key, sep, value = str(values).partition("=")
+        if not sep or not key:
+            parser.error(f"{option_string} wants key=value, got {values!r}")
+        tags = dict(getattr(namespace, self.dest, None) or {})
+        tags[key] = value
+        setattr(namespace, self.dest, tags)
+
+
+def _add_job_options(parser: argparse.ArgumentParser, *, top: bool) -> None:
+    """The job options besides ``--timeout`` (the keys of ``POST /v1/jobs``), for the
+    commands that submit a job; they win over the same keys of a ``submit`` body."""
+    default = None if top else argparse.SUPPRESS
+    parser.add_argument(
+        "--priority",
+        choices=["low", "normal", "high", "critical"],
+        default=default,
+        help="job priority (priority)",
+    )
+    parser.add_argument(
+        "--retry",
+        type=_retry_value,
+        default=default,
+        metavar="POLICY",
+        help="retry a failed job: N attempts in all, or max_attempts=N,backoff_base=S,"
+        "factor=F,cap=S,jitter=J,retry_timeouts=true (retry)",
+    )
+    parser.add_argument(
+        "--tag",
+        dest="tags",
+        action=_TagAction,
+        default=default,
+        metavar="KEY=VALUE",
+        help="a tag of the job (repeatable; tags)",
+    )
+    parser.add_argument(
+        "--metadata",
+        type=_json_value,
+        default=default,
+        metavar="JSON",
+        help="any JSON kept with the job, or @FILE (metadata)",
+    )
+    parser.add_argument(
+        "--on-disconnect",
+        choices=["detach", "cancel"],
+        default=default,
+        help="cancel the job when its last streaming client disconnects (on_disconnect)",
+    )
+    parser.add_argument(
+        "--expires",
+        dest="expires_s",
+        type=float,
+        default=default,
+        metavar="S",
+        help="a job still queued after S seconds fails without running (expires_s)",
     )
 
 
@@ -136,6 +242,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="trio-jobs", description=__doc__, formatter_class=argparse.RawTextHelpFormatter
     )
     _add_keeper_options(parser, top=True)
+    _add_job_options(parser, top=True)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     queen = sub.add_parser("queen", help="run the queen daemon (default port 7833)")
@@ -291,4 +398,7 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("id")
         hive_opt(p)
         p.set_defaults(build=_fields_body(name.replace("-", "_"), ("hive_id", "id")))
+    for command in sub.choices.values():  # every command that submits a job
+        if command.get_default("build") is not None:
+            _add_job_options(command, top=False)
     return parser
