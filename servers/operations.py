@@ -174,11 +174,27 @@ class HiveUninstall(OperationBase):
     alias: str = Field(min_length=1)
 
 
+def _check_absolute(value: str | None) -> str | None:
+    if value is not None and not value.startswith("/"):
+        raise ValueError("must be an absolute path (the keeper resolves relative ones)")
+    return value
+
+
 class HiveStart(OperationBase):
-    """Start the hive daemon (a local child of the queen, or over SSH)."""
+    """Start the hive daemon (a local child of the queen, or over SSH).
+
+    ``config``, ``state_dir`` and ``models_dir`` (absolute paths on the hive's host) are
+    passed to ``trio-jobs hive``; a local hive gets the queen's own config file and state
+    directory for those not given.
+    """
 
     operation: Literal["hive_start"] = "hive_start"
     alias: str = Field(default=DEFAULT_HIVE, min_length=1)
+    config: str | None = Field(default=None, min_length=1)
+    state_dir: str | None = Field(default=None, min_length=1)
+    models_dir: str | None = Field(default=None, min_length=1)
+
+    _absolute = field_validator("config", "state_dir", "models_dir")(_check_absolute)
 
 
 class HiveStop(OperationBase):

@@ -3,13 +3,21 @@
 from __future__ import annotations
 
 import argparse
+import os
+import sys
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NoReturn
 
 import trio
 
 from .._daemon import is_loopback
-from ._keeper import EXIT_OK
+from ._keeper import EXIT_FAILED, EXIT_OK, EXIT_USAGE
+
+
+def _usage(args: argparse.Namespace, message: str, code: int = EXIT_USAGE) -> NoReturn:
+    """Stop before serving: ``trio-jobs DAEMON: message`` on stderr, exit 2 (bad usage)."""
+    sys.stderr.write(f"trio-jobs {args.command}: {message}\n")
+    raise SystemExit(code)
 
 
 def _web_policy(args: argparse.Namespace, data: dict[str, Any]) -> tuple[list[str], list[str]]:
@@ -20,31 +28,35 @@ def _web_policy(args: argparse.Namespace, data: dict[str, Any]) -> tuple[list[st
     for flag, key in ((args.cors_origin, "cors_origins"), (args.allowed_host, "allowed_hosts")):
         value = _pick(flag, data, key, [])
         if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
-            raise SystemExit(f"trio-jobs {args.command}: {key} must be a list of strings")
+            _usage(args, f"{key} must be a list of strings")
         lists.append(value)
     try:
         SitePolicy(*lists)
     except ValueError as exc:
-        raise SystemExit(f"trio-jobs {args.command}: {exc}") from None
+        _usage(args, str(exc))
     return lists[0], lists[1]
 
 
 def _config(args: argparse.Namespace) -> dict[str, Any]:
-    """The daemon's settings from ``--config`` (flags given on the command line win)."""
-    from ..queen import load_config_file
+    """The daemon's settings from ``--config`` (flags given on the command line win); a
+    config file with an unknown key or section, or a wrong value, exits 2 naming it."""
+    from ..queen import read_config
 
     if not args.config:
         return {}
     try:
-        data = load_config_file(args.config)
-    except (OSError, ValueError) as exc:
-        raise SystemExit(f"trio-jobs {args.command}: cannot read {args.config}: {exc}") from None
-    # One file can serve every daemon: a [queen], [hive] or [worker] table overrides the
-    # top-level keys for that daemon.
-    section = data.get(args.command)
-    if isinstance(section, dict):
-        data = {**data, **section}
-    return data
+        return read_config(args.config, args.command)
+    except OSError as exc:
+        _usage(args, f"cannot read {args.config}: {exc.strerror or exc}")
+    except ValueError as exc:
+        _usage(args, f"{args.config}: {exc}")
+
+
+def _state_dir(args: argparse.Namespace) -> str | None:
+    """``--state-dir`` as an absolute path (relative to where the daemon was started)."""
+    if args.state_dir is None:
+        return None
+    return os.path.abspath(os.path.expanduser(str(args.state_dir)))
 
 
 def _pick(flag: Any, config: dict[str, Any], key: str, default: Any) -> Any:
@@ -53,12 +65,10 @@ def _pick(flag: Any, config: dict[str, Any], key: str, default: Any) -> Any:
     return config.get(key, default)
 
 
-def _check_bind(args: argparse.Namespace, host: str, token: str | None) -> None:
+def check_bind(args: argparse.Namespace, host: str, token: str | None) -> None:
+    """A daemon that binds a non-loopback address needs a token (exits 2 otherwise)."""
     if not is_loopback(host) and not token:
-        raise SystemExit(
-            f"trio-jobs {args.command}: binding {host} (not loopback) needs --token "
-            "(or $TRIO_JOBS_TOKEN)"
-        )
+        _usage(args, f"binding {host} (not loopback) needs --token (or $TRIO_JOBS_TOKEN)")
 
 
 def _store(args: argparse.Namespace, data: dict[str, Any], daemon: str) -> Any:
@@ -67,10 +77,13 @@ def _store(args: argparse.Namespace, data: dict[str, Any], daemon: str) -> Any:
     from .._store import StoreInUse, lock_store, resolve_store
 
     try:
-        spec = resolve_store(args.store, args.state_dir, data, daemon=daemon)
+        spec = resolve_store(args.store, _state_dir(args), data, daemon=daemon)
+    except ValueError as exc:
+        _usage(args, str(exc))
+    try:
         lock = lock_store(spec)
-    except (ValueError, OSError, StoreInUse) as exc:
-        raise SystemExit(f"trio-jobs {args.command}: {exc}") from None
+    except (OSError, StoreInUse) as exc:
+        _usage(args, str(exc), EXIT_FAILED)
     _HELD_LOCKS.append(lock)
     return spec
 
@@ -80,7 +93,7 @@ def _max_concurrent(args: argparse.Namespace, data: dict[str, Any]) -> int | Non
     if value is None:
         return None
     if int(value) < 1:
-        raise SystemExit(f"trio-jobs {args.command}: --max-concurrent must be >= 1")
+        _usage(args, "--max-concurrent must be >= 1")
     return int(value)
 
 
@@ -95,14 +108,14 @@ def run_queen(args: argparse.Namespace) -> int:
     host = _pick(args.host, data, "host", "127.0.0.1")
     port = _pick(args.port, data, "port", 7833)
     token = args.token or data.get("token")
-    _check_bind(args, host, token)
+    check_bind(args, host, token)
     try:
         hives = hives_from_config(data)
         for flag in args.hive:
             entry = parse_hive_flag(flag)
             hives[entry.alias] = entry
     except ValueError as exc:
-        raise SystemExit(f"trio-jobs queen: {exc}") from None
+        _usage(args, str(exc))
     if not hives:
         hives["localhost"] = parse_hive_flag("localhost=http://127.0.0.1:7834")
     cors_origins, allowed_hosts = _web_policy(args, data)
@@ -120,6 +133,8 @@ def run_queen(args: argparse.Namespace) -> int:
         max_concurrent=_max_concurrent(args, data),
         cors_origins=cors_origins,
         allowed_hosts=allowed_hosts,
+        config_file=os.path.abspath(os.path.expanduser(args.config)) if args.config else None,
+        state_dir=_state_dir(args) or data.get("state_dir"),
     )
     trio.run(lambda: serve_queen(config, host=host, port=int(port)))
     return EXIT_OK
@@ -132,7 +147,7 @@ def run_hive(args: argparse.Namespace) -> int:
     host = _pick(args.host, data, "host", "127.0.0.1")
     port = _pick(args.port, data, "port", 7834)
     token = args.token or data.get("token")
-    _check_bind(args, host, token)
+    check_bind(args, host, token)
     config = HiveConfig(
         hive_id=_pick(args.hive_id, data, "hive_id", "localhost"),
         models_dir=_pick(args.models_dir, data, "models_dir", "models"),
@@ -160,7 +175,7 @@ def run_worker(args: argparse.Namespace) -> int:
     host = _pick(args.host, data, "host", "127.0.0.1")
     port = _pick(args.port, data, "port", 0)
     token = args.token or data.get("token")
-    _check_bind(args, host, token)
+    check_bind(args, host, token)
     config = WorkerConfig(
         model=_pick(args.model, data, "model", "tiny"),
         hive_id=_pick(args.hive_id, data, "hive_id", None),

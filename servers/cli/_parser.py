@@ -67,6 +67,11 @@ def _add_keeper_options(parser: argparse.ArgumentParser, *, top: bool) -> None:
     )
 
 
+def _absolute_path(text: str) -> str:
+    """A path flag sent to the queen: made absolute here, against the operator's cwd."""
+    return os.path.abspath(os.path.expanduser(text))
+
+
 def _json_value(text: str) -> Any:
     """``--metadata``: JSON text, or ``@FILE`` holding JSON."""
     if text.startswith("@"):
@@ -352,6 +357,19 @@ def build_parser() -> argparse.ArgumentParser:
         p = _keeper(sub, name, text)
         p.add_argument("alias", nargs="?", default="localhost")
         p.set_defaults(build=_fields_body(name.replace("-", "_"), ("alias",)))
+    p = sub.choices["hive-start"]
+    for flag, what in (
+        ("--config", "config file"),
+        ("--state-dir", "state directory"),
+        ("--models-dir", "models directory"),
+    ):
+        p.add_argument(
+            flag,
+            type=_absolute_path,
+            default=None,
+            help=f"the hive's {what} (relative to here; a local hive defaults to the queen's)",
+        )
+    p.set_defaults(build=_fields_body("hive_start", ("alias", "config", "state_dir", "models_dir")))
 
     p = _keeper(sub, "hive-import-ssh", "add the Hosts of an ssh config as hives")
     p.add_argument("ssh_config_path")
