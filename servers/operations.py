@@ -60,6 +60,8 @@ MODEL_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"
 """A model id is a plain file name in the hive's models directory (no path separators)."""
 
 _MODEL_ID = re.compile(MODEL_ID_PATTERN)
+_PARTIAL_NAME = r"\.[Pp][Aa][Rr][Tt]$"
+"""A download is written to ``<model>.part`` first, so no model may be named so."""
 _HTTP_URL = r"^https?://"
 
 
@@ -305,11 +307,20 @@ class ModelDownload(_HiveTargeted):
     """
 
     operation: Literal["model_download"] = "model_download"
-    model: str = Field(json_schema_extra={"pattern": MODEL_ID_PATTERN})
+    model: str = Field(
+        json_schema_extra={"pattern": MODEL_ID_PATTERN, "not": {"pattern": _PARTIAL_NAME}}
+    )
     url: str | None = Field(default=None, json_schema_extra={"pattern": _HTTP_URL})
     sha256: str | None = Field(default=None, pattern=r"^[0-9a-fA-F]{64}$")
 
     _model_id = field_validator("model")(_check_model_id)
+
+    @field_validator("model")
+    @classmethod
+    def _not_a_partial_name(cls, value: str) -> str:
+        if re.search(_PARTIAL_NAME, value):
+            raise ValueError("must not end in '.part': that is the name of a partial download")
+        return value
 
     @field_validator("url")
     @classmethod
