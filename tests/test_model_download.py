@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -21,6 +22,7 @@ from pydantic import ValidationError
 
 from servers.hive import DownloadError, ModelStore
 from servers.operations import ModelDownload, parse_operation
+from tests.daemons import Cluster
 from trio_jobs import JobRegistry, execute_and_stream
 
 
@@ -436,3 +438,50 @@ async def test_a_second_download_of_the_same_model_is_refused(tmp_path: Path) ->
         assert signal == "[ERROR] m.bin is already being downloaded by another job"
         nursery.cancel_scope.cancel()
     assert list(tmp_path.iterdir()) == []
+
+
+async def test_a_killed_hive_resumes_only_the_same_file(
+    tmp_path: Path, nursery: trio.Nursery
+) -> None:
+    """Real hive processes: SIGKILL the hive mid-download, change the file on the server,
+    start a new hive on the same models dir: the download starts over (the server's
+    answer to ``If-Range`` is the new file) and the stored model has the new sha256. A
+    second ``model-download --sha256`` of the present model verifies it and succeeds."""
+    server = FileServer({"/m.bin": BLOB}, etag=True, stall_after=600_000)
+    await nursery.start(server.run)
+    models = tmp_path / "models"
+    cluster = Cluster(tmp_path)
+    argv = ["hive", "--port", "0", "--store", "memory", "--models-dir", str(models)]
+
+    async def keeper(hive: str, *args: str) -> tuple[int, str]:
+        with trio.fail_after(20):
+            result = await trio.run_process(
+                [sys.executable, "-m", "servers", "--queen", hive, "model-download", *args],
+                capture_stdout=True,
+                check=False,
+            )
+        return result.returncode, result.stdout.decode()
+
+    url = f"{server.url}/m.bin"
+    try:
+        hive = cluster.start("hive", argv)
+        code, out = await keeper(hive, "m.bin", "--url", url, "--detach")
+        assert code == 0, out
+        with trio.fail_after(10):
+            while not _size(models / "m.bin.part") or not (models / ".m.bin.part.json").exists():
+                await trio.sleep(0.02)
+        cluster.kill("hive")
+        server.files["/m.bin"], server.stall_after = BLOB2, None
+        hive = cluster.start("hive-again", argv)
+        code, out = await keeper(hive, "m.bin", "--url", url, "--sha256", BLOB2_SHA)
+        assert code == 0, out
+        assert server.requests[-1]["if-range"] == server.validator(BLOB)
+        assert "Resuming" not in out
+        assert (models / "m.bin").read_bytes() == BLOB2
+        assert sorted(p.name for p in models.iterdir()) == ["m.bin"]
+        code, out = await keeper(hive, "m.bin", "--url", url, "--sha256", BLOB2_SHA)
+        assert code == 0, out
+        assert "already downloaded (sha256 ok)" in out
+        assert f"ready at {models / 'm.bin'}" in out
+    finally:
+        cluster.close()
