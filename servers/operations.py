@@ -192,9 +192,9 @@ class HiveStart(OperationBase):
 
     operation: Literal["hive_start"] = "hive_start"
     alias: str = Field(default=DEFAULT_HIVE, min_length=1)
-    config: str | None = Field(default=None, min_length=1)
-    state_dir: str | None = Field(default=None, min_length=1)
-    models_dir: str | None = Field(default=None, min_length=1)
+    config: str | None = Field(default=None, min_length=1, json_schema_extra={"pattern": "^/"})
+    state_dir: str | None = Field(default=None, min_length=1, json_schema_extra={"pattern": "^/"})
+    models_dir: str | None = Field(default=None, min_length=1, json_schema_extra={"pattern": "^/"})
 
     _absolute = field_validator("config", "state_dir", "models_dir")(_check_absolute)
 
