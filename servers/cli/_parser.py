@@ -2,14 +2,18 @@
 
 Daemons: ``trio-jobs queen|hive|worker [--host H] [--port P] [--config F] ...``; with
 ``--port 0`` the first stdout line is ``listening on http://HOST:PORT``; SIGTERM or SIGINT
-stops them gracefully.
+stops them gracefully. A config file with an unknown key or section exits 2 naming it.
 
-Keeper: ``trio-jobs [--queen URL] [--json] [--timeout S] <command> ...`` submits one
-operation to the queen and shows its narration live until the terminal signal. Exit codes:
-0 on ``[DONE]``, 1 on ``[ERROR]``/``[CANCELLED]``/timeout/unreachable queen, 2 on bad usage,
-130 when interrupted (Ctrl-C or SIGTERM; the job is cancelled on the server first).
-``--detach`` prints the job id and exits; ``trio-jobs follow JOB_ID`` shows a job's stream
-from its start (Ctrl-C there stops watching and leaves the job running).
+Keeper: ``trio-jobs [--queen URL] [--json] <command> [job options] ...`` submits one
+operation to the queen and shows its narration live until the terminal signal. Job options
+(every command that submits a job): --timeout, --priority, --retry, --tag K=V,
+--metadata, --on-disconnect, --expires. Exit codes: 0 on ``[DONE]``, 1 on
+``[ERROR]``/``[CANCELLED]``/timeout/unreachable queen, 2 on bad usage (nothing is
+submitted), 130 when interrupted (Ctrl-C or SIGTERM), 141 when stdout's reader went away
+(``| head``); on 130 and 141 the job is cancelled on the server first. ``--json`` prints
+only JSON lines, the signal as ``{"signal": "DONE"}``. ``--detach`` prints the job id and
+exits; ``trio-jobs follow JOB_ID`` shows a job's stream from its start (Ctrl-C there stops
+watching and leaves the job running).
 """
 
 from __future__ import annotations
