@@ -24,7 +24,14 @@ from trio_jobs._json import dumps
 
 from ._units import human_bytes
 
-__all__ = ["OutputClosed", "Printer", "output_is_pipe", "pipe_reader_gone", "signal_json"]
+__all__ = [
+    "OutputClosed",
+    "Printer",
+    "output_is_pipe",
+    "pipe_reader_gone",
+    "signal_json",
+    "silence",
+]
 
 
 class OutputClosed(Exception):
@@ -39,6 +46,17 @@ def signal_json(signal: TerminalSignal, job_id: str | None = None) -> str:
     if job_id is not None:
         data["job_id"] = job_id
     return dumps(data)
+
+
+def silence(out: TextIO) -> None:
+    """Point ``out``'s file descriptor at /dev/null (its reader has gone), so that later
+    writes and the interpreter's final flush go nowhere instead of failing with EPIPE."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, out.fileno())
+        os.close(devnull)
+    except (OSError, ValueError, AttributeError):
+        pass
 
 
 def output_is_pipe(out: TextIO) -> bool:
@@ -87,15 +105,9 @@ class Printer:
             raise OutputClosed from None
 
     def mark_closed(self) -> None:
-        """Stdout's reader has gone: point stdout at /dev/null, so that later writes and
-        the interpreter's final flush go nowhere (instead of failing with EPIPE)."""
+        """Stdout's reader has gone: write nothing more (see :func:`silence`)."""
         self.closed = True
-        try:
-            devnull = os.open(os.devnull, os.O_WRONLY)
-            os.dup2(devnull, self.out.fileno())
-            os.close(devnull)
-        except (OSError, ValueError, AttributeError):
-            pass
+        silence(self.out)
 
     def _end_line(self) -> None:
         if self._inline or self._bar:

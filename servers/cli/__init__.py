@@ -6,14 +6,13 @@
 
 from __future__ import annotations
 
-import os
 import sys
 from collections.abc import Sequence
 
 import trio
 
 from .._daemon import setup_logging
-from .._printer import OutputClosed, Printer
+from .._printer import OutputClosed, Printer, silence
 from ._daemons import DAEMONS
 from ._keeper import (
     EXIT_FAILED,
@@ -41,16 +40,6 @@ def _leaf(exc: BaseException, kind: type[BaseException]) -> BaseException | None
     return None
 
 
-def _silence_stdout() -> None:
-    """Stdout's reader has gone: send what is left (the final flush) to /dev/null."""
-    try:
-        devnull = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(devnull, sys.stdout.fileno())
-        os.close(devnull)
-    except (OSError, ValueError):
-        pass
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     """The ``trio-jobs`` console script; returns the exit code.
 
@@ -60,7 +49,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _main(argv)
     except BaseException as exc:
         if _leaf(exc, OutputClosed) or _leaf(exc, BrokenPipeError):
-            _silence_stdout()
+            silence(sys.stdout)
             return EXIT_OUTPUT_CLOSED
         if _leaf(exc, KeyboardInterrupt) is not None:  # before the handlers were set
             return EXIT_INTERRUPTED
