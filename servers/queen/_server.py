@@ -394,7 +394,7 @@ class Queen:
             hives=added,
         )
 
-    async def hive_start(self, op: HiveStart) -> None:
+    async def hive_start(self, op: HiveStart | str) -> None:
         """Start the hive ``op.alias`` unless it answers: as a child of this queen when its
         URL is on this machine, else over SSH on its ``ssh_host``.
 
@@ -402,7 +402,10 @@ class Queen:
         the queen was started with (or those of ``op``), its models directory from ``op``,
         else from the config file, else ``<state dir>/models``; never a path relative to
         the queen's working directory. Both get the hive's token and this queen's URL.
+        ``op`` may be just the alias.
         """
+        if isinstance(op, str):
+            op = HiveStart(alias=op)
         alias = op.alias
         entry = self.hive(alias)
         results: dict[str, dict[str, Any]] = {}
