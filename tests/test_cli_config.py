@@ -129,6 +129,10 @@ async def test_hive_start_gives_a_local_hive_the_operators_config(
         keeper = ("--queen", queen, "--token", TOKEN)
         code, out, err = await _run(*keeper, "hive-start", cwd=operator)
         assert code == 0, out + err
+        assert (
+            f"Starting hive localhost here: config {config}, state dir {conf / 'state'}, "
+            f"models in {conf / 'models-here'}"
+        ) in out
         code, out, _ = await _run(*keeper, "model-list", cwd=operator)
         assert code == 0 and "from-config.bin" in out, out
         assert (conf / "state" / "hive.db").exists()

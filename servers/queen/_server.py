@@ -418,7 +418,16 @@ class Queen:
         if not is_loopback(host):
             await self._ssh_start(op, entry, token)
         else:
-            argv = hive_argv(entry, host, self.url, *self._local_paths(op))
+            config_file, state_dir, models_dir = self._local_paths(op)
+            narrate(
+                "hive_start_local",
+                f"Starting hive {alias} here: config {config_file or '(none)'}, state dir "
+                f"{state_dir or default_state_dir()}, models in {models_dir}",
+                config=config_file,
+                state_dir=state_dir,
+                models_dir=models_dir,
+            )
+            argv = hive_argv(entry, host, self.url, config_file, state_dir, models_dir)
             process: trio.Process = await self._nursery.start(self._run_hive, alias, argv, token)
             self._started_hives[alias] = process
         with trio.fail_after(20):
