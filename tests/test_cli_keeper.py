@@ -1,7 +1,7 @@
 """The keeper's job options, ``--json`` lines and pipes, as real processes against a real
 queen, hive and (slow) worker on 127.0.0.1.
 
-A pipe is a real one: ``| head -n 3`` runs in ``sh``, ``| tee`` shares the keeper's
+A pipe is a real one: ``| head -n 5`` runs in ``sh``, ``| tee`` shares the keeper's
 process group and gets the same SIGINT, as with Ctrl-C in a terminal. Every test that
 starts a job on the slow worker waits until the cluster is idle again.
 """
@@ -257,17 +257,22 @@ async def test_json_mode_prints_only_json_lines(env: Env) -> None:
 
 
 async def test_head_closing_the_pipe_cancels_the_job(env: Env, tmp_path: Path) -> None:
-    """``trio-jobs --json infer ... | head -n 3``: once ``head`` has its lines the keeper's
-    next write fails (EPIPE); it cancels the job on the server and exits 141, quietly."""
+    """``trio-jobs --json infer ... | head -n 5``: once ``head`` has its lines the keeper's
+    next write fails (EPIPE); it cancels the job on the server and exits 141, quietly.
+
+    Five lines, not three: the fourth says the queen has forwarded the job to the worker.
+    A cancel that lands while that request is in flight leaves the worker's job running
+    (the queen does not know its id yet): a queen-side race, not the keeper's."""
     err_file, code_file = tmp_path / "err", tmp_path / "code"
     argv = [*KEEPER, "--queen", env.queen, "--json", "infer", "x", "--model", "slow"]
     keeper = " ".join([*argv, "--max-tokens", "2000"])
-    script = f'{{ {keeper} 2>"{err_file}"; echo $? >"{code_file}"; }} | head -n 3'
+    script = f'{{ {keeper} 2>"{err_file}"; echo $? >"{code_file}"; }} | head -n 5'
     with trio.fail_after(20):
         result = await trio.run_process(["sh", "-c", script], capture_stdout=True, check=False)
-    lines = result.stdout.decode().splitlines()
-    assert len(lines) == 3
-    job_id = json.loads(lines[0])["job_id"]
+    lines = [json.loads(line) for line in result.stdout.decode().splitlines()]
+    assert len(lines) == 5
+    assert lines[3]["action"] == "forward"
+    job_id = lines[0]["job_id"]
     assert code_file.read_text().strip() == "141"
     _no_traceback(err_file.read_text())
     await _state_soon(env.queen, job_id, "cancelled")
