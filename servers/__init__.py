@@ -13,5 +13,6 @@ then the job's SSE stream, ``DELETE`` to cancel)::
   their events, schedules ``infer`` on live workers.
 - :mod:`servers.hive`: worker processes and model downloads.
 - :mod:`servers.worker`: ``infer`` with the tiny built-in generator or an OpenAI upstream.
-- :mod:`servers.cli`: the ``trio-jobs`` console script; :mod:`servers.demo`: the demo.
+- :mod:`servers.cli`: the ``trio-jobs`` console script (:mod:`servers._printer` shows
+  streams); :mod:`servers.demo`: the demo.
 """

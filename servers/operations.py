@@ -60,6 +60,8 @@ MODEL_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"
 """A model id is a plain file name in the hive's models directory (no path separators)."""
 
 _MODEL_ID = re.compile(MODEL_ID_PATTERN)
+_PARTIAL_NAME = r"\.[Pp][Aa][Rr][Tt]$"
+"""A download is written to ``<model>.part`` first, so no model may be named so."""
 _HTTP_URL = r"^https?://"
 
 
@@ -174,11 +176,27 @@ class HiveUninstall(OperationBase):
     alias: str = Field(min_length=1)
 
 
+def _check_absolute(value: str | None) -> str | None:
+    if value is not None and not value.startswith("/"):
+        raise ValueError("must be an absolute path (the keeper resolves relative ones)")
+    return value
+
+
 class HiveStart(OperationBase):
-    """Start the hive daemon (a local child of the queen, or over SSH)."""
+    """Start the hive daemon (a local child of the queen, or over SSH).
+
+    ``config``, ``state_dir`` and ``models_dir`` (absolute paths on the hive's host) are
+    passed to ``trio-jobs hive``; a local hive gets the queen's own config file and state
+    directory for those not given.
+    """
 
     operation: Literal["hive_start"] = "hive_start"
     alias: str = Field(default=DEFAULT_HIVE, min_length=1)
+    config: str | None = Field(default=None, min_length=1, json_schema_extra={"pattern": "^/"})
+    state_dir: str | None = Field(default=None, min_length=1, json_schema_extra={"pattern": "^/"})
+    models_dir: str | None = Field(default=None, min_length=1, json_schema_extra={"pattern": "^/"})
+
+    _absolute = field_validator("config", "state_dir", "models_dir")(_check_absolute)
 
 
 class HiveStop(OperationBase):
@@ -289,11 +307,20 @@ class ModelDownload(_HiveTargeted):
     """
 
     operation: Literal["model_download"] = "model_download"
-    model: str = Field(json_schema_extra={"pattern": MODEL_ID_PATTERN})
+    model: str = Field(
+        json_schema_extra={"pattern": MODEL_ID_PATTERN, "not": {"pattern": _PARTIAL_NAME}}
+    )
     url: str | None = Field(default=None, json_schema_extra={"pattern": _HTTP_URL})
     sha256: str | None = Field(default=None, pattern=r"^[0-9a-fA-F]{64}$")
 
     _model_id = field_validator("model")(_check_model_id)
+
+    @field_validator("model")
+    @classmethod
+    def _not_a_partial_name(cls, value: str) -> str:
+        if re.search(_PARTIAL_NAME, value):
+            raise ValueError("must not end in '.part': that is the name of a partial download")
+        return value
 
     @field_validator("url")
     @classmethod

@@ -123,9 +123,9 @@ async def test_json_lines(env: Env) -> None:
     args = ("--json", "infer", "--prompt", "p", "--max-tokens", "3", "--hive", "localhost")
     code, out, _ = await keeper(env, *args)
     assert code == 0
-    lines = out.splitlines()
-    assert lines[-1] == "[DONE]"
-    events = [json.loads(line) for line in lines[:-1]]
+    lines = [json.loads(line) for line in out.splitlines()]
+    events = lines[:-1]
+    assert lines[-1] == {"signal": "DONE", "job_id": events[0]["job_id"]}
     tokens = [e["token"] for e in events if e["action"] == "token"]
     assert tokens == list(tiny_tokens("tiny", "p", max_tokens=3))
     assert len({e["job_id"] for e in events}) == 1
@@ -299,9 +299,16 @@ def test_printer_json_lines() -> None:
     printer = Printer(json_lines=True, out=out)
     printer.item(_event("token", "Hi", token="Hi"))
     printer.item(TerminalSignal(Signal.CANCELLED))
-    first, second = out.getvalue().splitlines()
+    printer.job_id = "job-1"
+    printer.item(TerminalSignal(Signal.ERROR, "boom"))
+    printer.error("keeper's own")
+    first, *signals = out.getvalue().splitlines()
     assert json.loads(first)["token"] == "Hi"
-    assert second == "[CANCELLED]"
+    assert [json.loads(line) for line in signals] == [
+        {"signal": "CANCELLED"},
+        {"signal": "ERROR", "message": "boom", "job_id": "job-1"},
+        {"signal": "ERROR", "message": "keeper's own", "job_id": "job-1"},
+    ]
 
 
 async def test_daemon_on_a_busy_port_fails_clearly() -> None:

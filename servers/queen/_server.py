@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import logging
 import os
+import shlex
 import socket
 import subprocess
 import sys
 from functools import partial
+from pathlib import Path
 from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
@@ -20,7 +22,7 @@ from trio_jobs.http import ApiError, create_app, validation_detail
 
 from .._daemon import is_loopback, run_daemon
 from .._proc import drain, read_first_line, terminate, wait_healthy
-from .._store import make_store, start_store
+from .._store import default_state_dir, make_store, start_store
 from .._ui import add_ui_routes
 from ..operations import (
     HiveGet,
@@ -40,7 +42,7 @@ from ..operations import (
     operation_schema,
     parse_operation,
 )
-from ._config import HiveEntry, QueenConfig
+from ._config import HiveEntry, QueenConfig, read_config
 from ._forward import ForwardFailed, forward_job
 from ._openai import add_openai_routes
 from ._scheduler import NoWorker, WorkerEntry, WorkerTable
@@ -50,7 +52,9 @@ __all__ = [
     "make_registry",
     "parse_queen_payload",
     "serve_queen",
+    "hive_argv",
     "parse_ssh_config",
+    "remote_hive_command",
 ]
 
 logger = logging.getLogger("servers.queen")
@@ -139,6 +143,40 @@ def parse_ssh_config(text: str) -> list[tuple[str, str]]:
     return hosts
 
 
+def hive_argv(
+    entry: HiveEntry,
+    bind: str,
+    queen_url: str | None,
+    config: str | None = None,
+    state_dir: str | None = None,
+    models_dir: str | None = None,
+) -> list[str]:
+    """The ``trio-jobs`` arguments that start the hive of ``entry`` bound to ``bind`` (its
+    token goes in ``$TRIO_JOBS_TOKEN``, never on the command line)."""
+    argv = ["hive", "--host", bind, "--port", str(urlsplit(entry.url).port or 7834)]
+    argv += ["--hive-id", entry.alias]
+    for flag, value in (
+        ("--queen", queen_url),
+        ("--config", config),
+        ("--state-dir", state_dir),
+        ("--models-dir", models_dir),
+    ):
+        if value is not None:
+            argv += [flag, value]
+    return argv
+
+
+def remote_hive_command(argv: list[str]) -> str:
+    """The command run over SSH to start ``trio-jobs <argv>`` in the background: a POSIX
+    ``sh`` script (whatever the login shell) that reads the token from its first input
+    line into ``$TRIO_JOBS_TOKEN``, so it shows in neither ``ps`` nor the narration."""
+    script = (  # not one and-or list: "&" would run the read in the background too
+        "IFS= read -r TRIO_JOBS_TOKEN || exit 1; export TRIO_JOBS_TOKEN; "
+        f"nohup {shlex.join(['trio-jobs', *argv])} </dev/null >/dev/null 2>&1 &"
+    )
+    return f"sh -c {shlex.quote(script)}"
+
+
 class Queen:
     """The queen's state (hives, worker heartbeats, hives it started) and its executor."""
 
@@ -178,7 +216,7 @@ class Queen:
         elif isinstance(op, SshTest):
             await self.ssh_test(op.alias)
         elif isinstance(op, HiveStart):
-            await self.hive_start(op.alias)
+            await self.hive_start(op)
         elif isinstance(op, HiveStop):
             await self.hive_stop(op.alias)
         elif isinstance(op, HiveInstall | HiveUninstall):
@@ -345,8 +383,11 @@ class Queen:
 
     # ---- hive lifecycle and SSH ----------------------------------------------------------------
 
-    async def _ssh(self, host: str, *command: str) -> subprocess.CompletedProcess[bytes]:
-        """Run ``ssh host command`` (batch mode, bounded); never prompts, never hangs."""
+    async def _ssh(
+        self, host: str, *command: str, stdin: str | None = None
+    ) -> subprocess.CompletedProcess[bytes]:
+        """Run ``ssh host command`` (batch mode, bounded); never prompts, never hangs.
+        ``stdin`` (a secret, say) is sent as one line on the command's standard input."""
         argv = ["ssh", "-o", "BatchMode=yes", "-o", "ConnectTimeout=5", host, *command]
         narrate("ssh", f"$ {' '.join(argv)}")
         try:
@@ -356,7 +397,7 @@ class Queen:
                     capture_stdout=True,
                     capture_stderr=True,
                     check=False,
-                    stdin=subprocess.DEVNULL,
+                    stdin=subprocess.DEVNULL if stdin is None else (stdin + "\n").encode(),
                 )
         except trio.TooSlowError:
             raise ForwardFailed(
@@ -398,55 +439,99 @@ class Queen:
             hives=added,
         )
 
-    async def hive_start(self, alias: str) -> None:
+    async def hive_start(self, op: HiveStart | str) -> None:
+        """Start the hive ``op.alias`` unless it answers: as a child of this queen when its
+        URL is on this machine, else over SSH on its ``ssh_host``.
+
+        A local hive gets the operator's settings: the config file and state directory
+        the queen was started with (or those of ``op``), its models directory from ``op``,
+        else from the config file, else ``<state dir>/models``; never a path relative to
+        the queen's working directory. Both get the hive's token and this queen's URL.
+        ``op`` may be just the alias.
+        """
+        if isinstance(op, str):
+            op = HiveStart(alias=op)
+        alias = op.alias
         entry = self.hive(alias)
         results: dict[str, dict[str, Any]] = {}
         await self._health(entry, results)
         if results[alias]["reachable"]:
             narrate("hive_start", f"hive {alias} at {entry.url} is already running")
             return
-        parts = urlsplit(entry.url)
-        host, port = parts.hostname or "127.0.0.1", parts.port or 7834
+        host = urlsplit(entry.url).hostname or "127.0.0.1"
+        token = entry.token or self.config.token
         if not is_loopback(host):
-            if entry.ssh_host is None:
-                raise NotSupported(f"hive_start of remote hive {alias!r} without an ssh_host")
-            result = await self._ssh(
-                entry.ssh_host,
-                f"nohup trio-jobs hive --host 0.0.0.0 --port {port} --hive-id {alias}"
-                " >/dev/null 2>&1 &",
-            )
-            if result.returncode != 0:
-                detail = result.stderr.decode(errors="replace").strip()[-300:]
-                raise ForwardFailed(f"starting hive {alias} over ssh failed: {detail}")
+            await self._ssh_start(op, entry, token)
         else:
-            process: trio.Process = await self._nursery.start(self._run_hive, alias, host, port)
+            config_file, state_dir, models_dir = self._local_paths(op)
+            narrate(
+                "hive_start_local",
+                f"Starting hive {alias} here: config {config_file or '(none)'}, state dir "
+                f"{state_dir or default_state_dir()}, models in {models_dir}",
+                config=config_file,
+                state_dir=state_dir,
+                models_dir=models_dir,
+            )
+            argv = hive_argv(entry, host, self.url, config_file, state_dir, models_dir)
+            process: trio.Process = await self._nursery.start(self._run_hive, alias, argv, token)
             self._started_hives[alias] = process
         with trio.fail_after(20):
             await wait_healthy(entry.url, interval_s=0.1)
         narrate("hive_start", f"hive {alias} is up at {entry.url}")
 
+    def _local_paths(self, op: HiveStart) -> tuple[str | None, str | None, str]:
+        """``(config file, state dir, models dir)`` of a hive started on this machine."""
+        config_file = op.config or self.config.config_file
+        state_dir = op.state_dir or self.config.state_dir
+        models_dir = op.models_dir
+        if models_dir is None and config_file is not None:
+            try:
+                models_dir = read_config(config_file, "hive").get("models_dir")
+            except (OSError, ValueError) as exc:
+                raise ForwardFailed(f"hive {op.alias}: config {config_file}: {exc}") from None
+        if models_dir is None:
+            models_dir = str((Path(state_dir) if state_dir else default_state_dir()) / "models")
+        return config_file, state_dir, models_dir
+
+    async def _ssh_start(self, op: HiveStart, entry: HiveEntry, token: str | None) -> None:
+        if entry.ssh_host is None:
+            raise NotSupported(f"hive_start of remote hive {entry.alias!r} without an ssh_host")
+        if not token:
+            raise ForwardFailed(
+                f"hive_start of remote hive {entry.alias!r}: a hive reachable from other "
+                f"machines needs a token; set token in [hives.{entry.alias}] or the queen's "
+                "--token"
+            )
+        queen_url = self.url
+        if queen_url is not None and is_loopback(urlsplit(queen_url).hostname or ""):
+            narrate(
+                "hive_start_warning",
+                f"not passing the queen's URL {queen_url} to hive {entry.alias}: it is "
+                "loopback (start the queen with --advertise-url so remote workers can "
+                "heartbeat)",
+            )
+            queen_url = None
+        argv = hive_argv(entry, "0.0.0.0", queen_url, op.config, op.state_dir, op.models_dir)
+        result = await self._ssh(entry.ssh_host, remote_hive_command(argv), stdin=token)
+        if result.returncode != 0:
+            detail = result.stderr.decode(errors="replace").strip()[-300:]
+            raise ForwardFailed(f"starting hive {entry.alias} over ssh failed: {detail}")
+
     async def _run_hive(
         self,
         alias: str,
-        host: str,
-        port: int,
+        argv: list[str],
+        token: str | None,
         task_status: trio.TaskStatus[trio.Process] = trio.TASK_STATUS_IGNORED,
     ) -> None:
-        argv = [
-            sys.executable,
-            "-m",
-            "servers.hive",
-            "--host",
-            host,
-            "--port",
-            str(port),
-            "--hive-id",
-            alias,
-        ]
-        if self.url:
-            argv += ["--queen", self.url]
+        env = dict(os.environ)
+        if token:
+            env["TRIO_JOBS_TOKEN"] = token  # not on the command line, where ps shows it
         process = await trio.lowlevel.open_process(
-            argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE
+            [sys.executable, "-m", "servers", *argv],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            env=env,
         )
         try:
             assert process.stdout is not None

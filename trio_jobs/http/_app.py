@@ -33,7 +33,7 @@ from ._fastpath import CancelFastPath, wraps_quart_directly
 from ._guard import ConnectionGuard, on_request_end
 from ._metrics import CONTENT_TYPE
 from ._openapi import openapi_document
-from ._options import OPTION_KEYS, JobOptions, non_finite_at
+from ._options import non_finite_at, split_job_options
 from ._service import JobService, PayloadParser, not_found
 from ._sse import SSE_HEADERS, SseBody, ws_follow
 
@@ -316,9 +316,8 @@ def jobs_blueprint(
         bad_number = non_finite_at(data)
         if bad_number is not None:
             raise _one_error(bad_number, "must be a finite number", "finite_number")
-        options_raw = {key: data.pop(key) for key in OPTION_KEYS if key in data}
         try:
-            options = JobOptions.model_validate(options_raw)
+            data, options = split_job_options(data)
         except ValidationError as exc:
             raise _loc_errors(validation_detail(exc.errors())) from None
         payload: Any = data

@@ -23,6 +23,7 @@ __all__ = [
     "JobRecordBody",
     "RetryOptions",
     "TransitionBody",
+    "split_job_options",
 ]
 
 
@@ -93,6 +94,21 @@ class JobOptions(BaseModel):
 
 OPTION_KEYS = frozenset(JobOptions.model_fields)
 """Top-level keys of a POST body that are job options, not payload."""
+
+
+def split_job_options(body: dict[str, Any]) -> tuple[dict[str, Any], JobOptions]:
+    """Split a ``POST /v1/jobs`` body into the payload (every other key) and its validated
+    job options; ``body`` itself is left as it was.
+
+    The one validation of job options: the job endpoint and the ``trio-jobs`` keeper
+    (which checks what it is about to send) both call it.
+
+    Raises:
+        pydantic.ValidationError: an option is wrong; its ``loc`` is the option's key.
+    """
+    payload = {key: value for key, value in body.items() if key not in OPTION_KEYS}
+    options = JobOptions.model_validate({k: v for k, v in body.items() if k in OPTION_KEYS})
+    return payload, options
 
 
 def non_finite_at(value: Any, path: tuple[str | int, ...] = ()) -> list[str | int] | None:

@@ -1,0 +1,7 @@
+"""``python -m servers.cli ...`` is ``trio-jobs ...``."""
+
+import sys
+
+from . import main
+
+sys.exit(main())
