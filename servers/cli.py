@@ -258,11 +258,33 @@ def _validation_text(exc: ValidationError) -> str:
     )
 
 
+def _positive_int(text: str) -> int:
+    """An argparse type: an integer >= 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
 async def run_jobs_list(args: argparse.Namespace) -> int:
     printer = Printer(json_lines=args.json)
     async with JobClient(args.queen, token=args.token) as client:
         try:
-            jobs = await client.list_jobs(state=args.state, tag=args.tag)
+            jobs = await client.list_jobs(
+                args.state,
+                args.tag or None,
+                operation=args.operation,
+                since=args.since,
+                until=args.until,
+                limit=args.limit,
+                order=args.order,
+            )
+        except HTTPStatusError as exc:
+            printer.error(f"cannot list jobs: {exc}")
+            return EXIT_USAGE if exc.status_code == 422 else EXIT_FAILED
         except TransportError as exc:
             printer.error(f"cannot list jobs at {args.queen}: {exc}")
             return EXIT_FAILED
@@ -569,9 +591,16 @@ def build_parser() -> argparse.ArgumentParser:
     p = _keeper(sub, "status", "hives, live workers and jobs, as the queen sees them")
     p.set_defaults(build=_fields_body("status", ()))
 
-    p = _keeper(sub, "jobs", "list the queen's jobs")
-    p.add_argument("--state", default=None)
-    p.add_argument("--tag", default=None, help="key:value")
+    p = _keeper(sub, "jobs", "list the queen's jobs (from its store: finished ones too)")
+    p.add_argument("--state", default=None, help="queued, running, retrying, completed, ...")
+    p.add_argument(
+        "--tag", action="append", default=[], help="key:value (repeat: every tag must match)"
+    )
+    p.add_argument("--operation", default=None, help="only jobs of this operation")
+    p.add_argument("--since", default=None, help="created at or after (ISO-8601, UTC if no zone)")
+    p.add_argument("--until", default=None, help="created before (ISO-8601)")
+    p.add_argument("--limit", type=_positive_int, default=None, help="at most N jobs")
+    p.add_argument("--order", choices=["asc", "desc"], default="asc", help="by creation time")
     p.set_defaults(handler=run_jobs_list)
 
     p = _keeper(sub, "cancel", "cancel a job")

@@ -17,10 +17,11 @@ from typing import Any, Protocol, runtime_checkable
 import trio
 
 from .._json import dumps, loads
-from .._models import JobRecord, NarrationEvent, RetryPolicy, Transition
+from .._models import JobPage, JobQuery, JobRecord, NarrationEvent, RetryPolicy, Transition
 
 __all__ = [
     "JobStore",
+    "Member",
     "JobWrite",
     "SharedStore",
     "StoredJob",
@@ -76,6 +77,21 @@ class StoredJob:
     cancel_requested: bool = False
     reserved_id: int = 0
     """Event ids up to this one may have been handed out to readers."""
+
+
+@dataclass(frozen=True, slots=True)
+class Member:
+    """One entry of a store's directory of cluster members (a worker, a hive).
+
+    ``data`` is the member's JSON-ready description; ``seen_at`` the epoch time it was
+    last recorded (a heartbeat); ``node`` the node that recorded it.
+    """
+
+    kind: str
+    key: str
+    data: dict[str, Any]
+    seen_at: float
+    node: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -162,6 +178,28 @@ class JobStore(abc.ABC):
     async def schema_version(self) -> int:
         """The highest schema migration applied (0 for a store without a schema)."""
 
+    async def query_jobs(self, query: JobQuery) -> JobPage:
+        """One page of the stored jobs matching ``query`` (see :class:`JobQuery`), jobs
+        that retention dropped from memory included. This default reads every job; the
+        SQL stores filter and paginate in the database."""
+        return query.page(stored.record for stored in await self.load_jobs())
+
+    async def put_member(
+        self, kind: str, key: str, data: dict[str, Any], *, node: str | None = None
+    ) -> None:
+        """Record (or refresh) a cluster member: a worker's heartbeat, a hive's address.
+        Several queens on one store see each other's members."""
+        raise NotImplementedError(f"{self!r} keeps no members")
+
+    async def drop_member(self, kind: str, key: str) -> None:
+        """Forget a member (a worker that stopped, a hive removed)."""
+        raise NotImplementedError(f"{self!r} keeps no members")
+
+    async def members(self, kind: str, *, seen_since: float | None = None) -> list[Member]:
+        """The members of a kind (recorded at or after ``seen_since``, epoch time),
+        oldest recorded first."""
+        raise NotImplementedError(f"{self!r} keeps no members")
+
     async def ping(self) -> None:
         """Raise unless the store answers (reconnecting first if it had gone away)."""
         await self.schema_version()
@@ -213,6 +251,18 @@ class SharedStore(Protocol):
 
     async def poll(self, after: dict[str, int]) -> list[tuple[StoredJob, list[NarrationEvent]]]:
         """Rows other nodes hold among ``after``'s ids, each with its events after the id."""
+
+    async def put_member(
+        self, kind: str, key: str, data: dict[str, Any], *, node: str | None = None
+    ) -> None:
+        """Record a member (a worker heartbeat reaching this node, a hive): every node
+        reads it back with :meth:`members`."""
+
+    async def drop_member(self, kind: str, key: str) -> None:
+        """Forget a member for every node."""
+
+    async def members(self, kind: str, *, seen_since: float | None = None) -> list[Member]:
+        """The members every node recorded."""
 
 
 def check_json(what: str, value: Any) -> str:

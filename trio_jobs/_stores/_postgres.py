@@ -83,6 +83,7 @@ class PostgresStore(ThreadedSQLStore["psycopg.Connection[Any]"]):
     float_type = "DOUBLE PRECISION"
     migrations = POSTGRES
     job_columns = f"{JOB_COLUMNS}, owner, cancel_requested"
+    id_order = 'id COLLATE "C"'
 
     def __init__(
         self,
