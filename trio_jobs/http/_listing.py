@@ -20,6 +20,7 @@ def _bad(name: str, msg: str, kind: str = "value_error") -> ApiError:
 
 
 _EPOCH = datetime(1970, 1, 1)
+_HALF_US = 5e-7
 
 
 def _time(args: Any, name: str) -> float | None:
@@ -39,7 +40,9 @@ def _time(args: Any, name: str) -> float | None:
         ) from None
     offset = when.utcoffset()
     seconds = (when.replace(tzinfo=None) - _EPOCH).total_seconds() + leap
-    return seconds - (offset.total_seconds() if offset is not None else 0.0)
+    # Records show times rounded to the microsecond: a job's own ``created_at`` passed
+    # back as ``since`` includes it, as ``until`` excludes it.
+    return seconds - (offset.total_seconds() if offset is not None else 0.0) - _HALF_US
 
 
 def job_query(args: Any) -> JobQuery:
