@@ -137,7 +137,11 @@ class Worker:
         return {**self.health(), "url": self.url, "state": state}
 
     async def heartbeat_loop(self, url: str) -> None:
-        """Tell the queen every ``heartbeat_s`` that this worker is alive and where."""
+        """Tell the queen every ``heartbeat_s`` that this worker is alive and where.
+
+        Queens sharing a store name each other in their answers (``queens``): when the
+        queen this worker beats to stops answering, the next one that does is used, so
+        the worker stays schedulable (by every queen) while any of them lives."""
         self.url = url
         queen = self.config.queen_url
         if not queen:
@@ -146,20 +150,25 @@ class Worker:
         # A fresh connection per beat: a kept-alive one would hold a stopping queen open
         # until its grace period ends.
         headers["Connection"] = "close"
+        queens = [queen.rstrip("/")]
         async with httpx.AsyncClient(timeout=httpx.Timeout(2.0), headers=headers) as client:
             warned = False
             while True:
                 state = "busy" if self.registry.running else "ready"
-                try:
-                    response = await client.post(
-                        f"{queen.rstrip('/')}/v1/workers/heartbeat", json=self._beat(state)
-                    )
-                    response.raise_for_status()
+                for target in list(queens):
+                    try:
+                        response = await client.post(
+                            f"{target}/v1/workers/heartbeat", json=self._beat(state)
+                        )
+                        response.raise_for_status()
+                    except httpx.HTTPError as exc:
+                        if not warned:
+                            logger.warning("heartbeat to %s failed: %s", target, exc)
+                            warned = True
+                        continue
                     warned = False
-                except httpx.HTTPError as exc:
-                    if not warned:
-                        logger.warning("heartbeat to %s failed: %s", queen, exc)
-                        warned = True
+                    queens = _queens_after(target, queens, response)
+                    break
                 await trio.sleep(self.config.heartbeat_s)
 
     async def say_goodbye(self) -> None:
@@ -322,3 +331,13 @@ async def serve_worker(
         on_stop=worker.say_goodbye,
         task_status=task_status,
     )
+
+
+def _queens_after(answered: str, known: list[str], response: httpx.Response) -> list[str]:
+    """The queens to beat to, the one that answered first, then the others it named."""
+    try:
+        named = response.json().get("queens") or []
+    except (ValueError, AttributeError):
+        named = []
+    others = [str(u).rstrip("/") for u in named if isinstance(u, str)]
+    return list(dict.fromkeys([answered, *known, *others]))
