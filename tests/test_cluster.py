@@ -17,7 +17,7 @@ import pytest
 import trio
 
 from tests import pg
-from tests.daemons import Cluster, collect, spawn_worker
+from tests.daemons import Cluster, collect
 from trio_jobs import JobClient
 
 CAP = 60.0

@@ -16,7 +16,9 @@ nodes that died, and forwards cancels. Its promises:
 
 from __future__ import annotations
 
+import functools
 import logging
+import math
 from typing import Any
 
 import trio
@@ -26,7 +28,14 @@ from .._models import JobState, NarrationEvent, Transition
 from .._registry import JobRegistry
 from .._runner import Executor, execute
 from .._signals import Signal, TerminalSignal
-from .._stores._base import SharedStore, StoredJob
+from .._stores._base import (
+    CANCEL,
+    FOLLOW,
+    WRITTEN,
+    SharedStore,
+    StoredJob,
+    parse_notice,
+)
 from ._writer import Persister
 
 __all__ = ["SharedRunner"]
@@ -86,6 +95,15 @@ class SharedRunner:
         self._in_touch_since: float | None = None
         """Trio time since which every round reached the store (None: the last failed)."""
         self._wake = trio.Event()
+        self.listening = False
+        """True while the store's notices reach this node (LISTEN is connected): rows
+        written and cancels asked elsewhere are then acted on as they are committed,
+        and polled for only as a safety net (every ``safety_interval``)."""
+        self.safety_interval = 1.0
+        self._last_safety = -math.inf
+        self._notified: set[str] = set()
+        self._resync = False
+        self._notice_wake = trio.Event()
         registry.add_observer(self._observe)
 
     def _observe(self, job: Job, transition: Transition) -> None:
@@ -174,16 +192,81 @@ class SharedRunner:
             return True
         self.persister.disown(job_id)
         self._wake.set()
+        await self._tell(FOLLOW, [job_id])
         return True
+
+    async def _tell(self, kind: str, job_ids: list[str]) -> None:
+        """Notify the other nodes (best effort: polling is the safety net)."""
+        notify = getattr(self.store, "notify", None)
+        if notify is None:
+            await trio.lowlevel.checkpoint()
+            return
+        try:
+            await notify(kind, job_ids)
+        except Exception as exc:
+            logger.debug("notice %s to the other nodes failed: %s", kind, exc)
+
+    def _notice(self, payload: str) -> None:
+        """A notice from the store (see ``SharedStore.listen``), acted on at once."""
+        kind, ids = parse_notice(payload)
+        if kind == WRITTEN and ids != ["*"]:
+            self._notified.update(ids)
+            self._notice_wake.set()
+        elif kind == CANCEL:
+            for job_id in ids:
+                if job_id in self.here:
+                    self.registry.cancel_job(job_id, "cancelled through another node")
+        elif kind == FOLLOW:
+            for job_id in ids:
+                if job_id in self.here:
+                    self.persister.watch(job_id)
+        else:  # a (re)connection or an overflow: notices may have been missed
+            self._resync = True
+            self._notice_wake.set()
+            self._wake.set()
+
+    def _on_listening(self, up: bool) -> None:
+        self.listening = up
+
+    async def _follow_notified(self) -> None:
+        """Forever: read the rows of followed jobs that notices say were written."""
+        while True:
+            await self._notice_wake.wait()
+            self._notice_wake = trio.Event()
+            ids, self._notified = self._notified, set()
+            resync, self._resync = self._resync, False
+            followed = self._followed()
+            want = followed if resync else {i: followed[i] for i in ids if i in followed}
+            if not want:
+                continue
+            try:
+                await self._apply(await self.store.poll(want))
+            except Exception as exc:
+                logger.debug("reading notified jobs failed (%s); the next round polls", exc)
+
+    async def _apply(self, polled: list[tuple[StoredJob, list[NarrationEvent]]]) -> None:
+        """Copy what other nodes wrote of jobs followed here into their mirrors."""
+        for stored, events in polled:
+            job = self.registry.job(stored.record.id)
+            if job is None:
+                continue
+            if job.id not in self.persister.foreign:
+                self.persister.disown(job.id)
+            await trio.lowlevel.checkpoint()
+            self._copy_events(job, events)
+            job.follow(stored.record, stored.history)
 
     async def _start(self, nursery: trio.Nursery, stored: StoredJob) -> None:
         job_id = stored.record.id
         if job_id in self.here:
             return
+        fresh = job_id not in self.registry
         job = await self._load(stored)
         if job.state is not JobState.RUNNING:
             return
         self.here.add(job_id)
+        if fresh:  # created on another node, which streams it: write its events at once
+            self.persister.watch(job_id)
         if job.cancel_requested:  # cancelled here before the claim: it ends at once
             self._cancelling.discard(job_id)
             job.finish(TerminalSignal(Signal.CANCELLED), job.cancel_reason or "cancelled")
@@ -196,6 +279,7 @@ class SharedRunner:
             await execute(self.registry, job, self.executor)
         finally:
             self.running_here -= 1
+            self.persister.watched.discard(job.id)
             self._wake.set()
 
     async def _take_over(self, stored: StoredJob) -> None:
@@ -231,6 +315,10 @@ class SharedRunner:
         lease time), so an outage of the store pauses the node instead of ending it."""
         failing = 0
         health = self.persister.health
+        listen = getattr(self.store, "listen", None)
+        if listen is not None:
+            nursery.start_soon(self._follow_notified)
+            nursery.start_soon(functools.partial(listen, self._notice, on_state=self._on_listening))
         while True:
             self._wake = trio.Event()
             try:
@@ -293,20 +381,14 @@ class SharedRunner:
         if self.claim and in_touch is not None and now - in_touch >= self.lease:
             for stored in await store.take_over(16, self.lease):
                 await self._take_over(stored)
-        for job_id in await store.cancel_requests():
-            if job_id in self.here:
-                self.registry.cancel_job(job_id, "cancelled through another node")
-        followed = self._followed()
-        if followed:
-            for stored, events in await store.poll(followed):
-                job = self.registry.job(stored.record.id)
-                if job is None:
-                    continue
-                if job.id not in self.persister.foreign:
-                    self.persister.disown(job.id)
-                await trio.lowlevel.checkpoint()
-                self._copy_events(job, events)
-                job.follow(stored.record, stored.history)
+        if not self.listening or now - self._last_safety >= self.safety_interval:
+            self._last_safety = now
+            for job_id in await store.cancel_requests():
+                if job_id in self.here:
+                    self.registry.cancel_job(job_id, "cancelled through another node")
+            followed = self._followed()
+            if followed:
+                await self._apply(await store.poll(followed))
         self._prune_queue()
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import abc
 import importlib
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
@@ -263,6 +264,55 @@ class SharedStore(Protocol):
 
     async def members(self, kind: str, *, seen_since: float | None = None) -> list[Member]:
         """The members every node recorded."""
+
+    async def notify(self, kind: str, job_ids: list[str]) -> None:
+        """Tell every node about these jobs at once (see :func:`notices`). Writes and
+        cancel requests notify by themselves: ``w`` and ``c`` notices at commit."""
+
+    async def listen(
+        self,
+        deliver: Callable[[str], None],
+        *,
+        on_state: Callable[[bool], None] = ...,
+        task_status: trio.TaskStatus[None] = ...,
+    ) -> None:
+        """Forever: every notice of every node, as it is committed; ``"*"`` after each
+        (re)connection, when notices may have been missed."""
+
+
+WRITTEN, CANCEL, FOLLOW = "w", "c", "f"
+"""Notice kinds: rows of these jobs were written; their cancel was asked; a node follows
+them (their owner then writes their events at once)."""
+_NOTICE_BYTES = 7900
+"""PostgreSQL's notification payloads hold less than 8000 bytes."""
+
+
+def notices(kind: str, job_ids: Iterable[str]) -> list[str]:
+    """``kind`` and the job ids, space-separated, split to fit notification payloads."""
+    out: list[str] = []
+    current = kind
+    for job_id in job_ids:
+        if len(current) + len(job_id.encode()) + 1 > _NOTICE_BYTES:
+            out.append(current)
+            current = kind
+        current += " " + job_id
+    if current != kind or not out:
+        out.append(current)
+    return out
+
+
+def written_notice(batch: WriteBatch) -> str:
+    """The notice of a written batch: its job ids, or ``"w *"`` when they do not fit."""
+    ids = dict.fromkeys(w.record.id for w in batch.jobs)
+    ids.update(dict.fromkeys(e.job_id for e in batch.events))
+    parts = notices(WRITTEN, ids)
+    return parts[0] if len(parts) == 1 else f"{WRITTEN} *"
+
+
+def parse_notice(payload: str) -> tuple[str, list[str]]:
+    """A notice as ``(kind, job ids)``; ``"*"`` (after a reconnection) is ``("*", [])``."""
+    kind, _, rest = payload.partition(" ")
+    return kind, rest.split()
 
 
 def check_json(what: str, value: Any) -> str:
