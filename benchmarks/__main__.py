@@ -1,11 +1,16 @@
-"""Run every benchmark: ``python -m benchmarks [core|store|http ...]`` (default: all)."""
+"""Run every benchmark: ``python -m benchmarks [core|store|http|cluster ...]`` (default: all)."""
 
 from __future__ import annotations
 
 import importlib
 import sys
 
-SUITES = {"core": "bench_core", "store": "bench_store", "http": "bench_http"}
+SUITES = {
+    "core": "bench_core",
+    "store": "bench_store",
+    "http": "bench_http",
+    "cluster": "bench_cluster",
+}
 
 
 def main(argv: list[str]) -> None:

@@ -31,6 +31,7 @@ from .._signals import Signal, TerminalSignal
 from .._stores._base import (
     CANCEL,
     FOLLOW,
+    QUEUED,
     WRITTEN,
     SharedStore,
     StoredJob,
@@ -212,6 +213,9 @@ class SharedRunner:
         if kind == WRITTEN and ids != ["*"]:
             self._notified.update(ids)
             self._notice_wake.set()
+        elif kind == QUEUED:
+            if self.claim:
+                self._wake.set()  # claim it now (free capacity permitting)
         elif kind == CANCEL:
             for job_id in ids:
                 if job_id in self.here:
@@ -260,12 +264,13 @@ class SharedRunner:
         job_id = stored.record.id
         if job_id in self.here:
             return
-        fresh = job_id not in self.registry
+        # created on another node (or followed here from it): that node streams it
+        fresh = job_id not in self.registry or job_id in self.persister.foreign
         job = await self._load(stored)
         if job.state is not JobState.RUNNING:
             return
         self.here.add(job_id)
-        if fresh:  # created on another node, which streams it: write its events at once
+        if fresh:  # write its events at once
             self.persister.watch(job_id)
         if job.cancel_requested:  # cancelled here before the claim: it ends at once
             self._cancelling.discard(job_id)

@@ -18,7 +18,15 @@ from typing import Any, Protocol, runtime_checkable
 import trio
 
 from .._json import dumps, loads
-from .._models import JobPage, JobQuery, JobRecord, NarrationEvent, RetryPolicy, Transition
+from .._models import (
+    JobPage,
+    JobQuery,
+    JobRecord,
+    JobState,
+    NarrationEvent,
+    RetryPolicy,
+    Transition,
+)
 
 __all__ = [
     "JobStore",
@@ -280,9 +288,9 @@ class SharedStore(Protocol):
         (re)connection, when notices may have been missed."""
 
 
-WRITTEN, CANCEL, FOLLOW = "w", "c", "f"
-"""Notice kinds: rows of these jobs were written; their cancel was asked; a node follows
-them (their owner then writes their events at once)."""
+WRITTEN, QUEUED, CANCEL, FOLLOW = "w", "q", "c", "f"
+"""Notice kinds: rows of these jobs were written; new jobs were queued (claim them); their
+cancel was asked; a node follows them (their owner then writes their events at once)."""
 _NOTICE_BYTES = 7900
 """PostgreSQL's notification payloads hold less than 8000 bytes."""
 
@@ -301,12 +309,17 @@ def notices(kind: str, job_ids: Iterable[str]) -> list[str]:
     return out
 
 
-def written_notice(batch: WriteBatch) -> str:
-    """The notice of a written batch: its job ids, or ``"w *"`` when they do not fit."""
+def written_notices(batch: WriteBatch) -> list[str]:
+    """The notices of a written batch: its job ids (``"w *"`` when they do not fit in
+    one notice), and the new queued jobs among them."""
     ids = dict.fromkeys(w.record.id for w in batch.jobs)
     ids.update(dict.fromkeys(e.job_id for e in batch.events))
     parts = notices(WRITTEN, ids)
-    return parts[0] if len(parts) == 1 else f"{WRITTEN} *"
+    out = [parts[0] if len(parts) == 1 else f"{WRITTEN} *"]
+    new = [w.record.id for w in batch.jobs if w.first and w.record.state is JobState.QUEUED]
+    if new:
+        out += notices(QUEUED, new)
+    return out
 
 
 def parse_notice(payload: str) -> tuple[str, list[str]]:
