@@ -74,9 +74,11 @@ class SharedRunner:
         poll_interval: float,
         lease: float,
         claim: bool = True,
+        listen: bool = True,
     ) -> None:
         self.registry = registry
         self.claim = claim
+        self.listen = listen
         self.store = store
         self.persister = persister
         self.executor = executor
@@ -320,7 +322,7 @@ class SharedRunner:
         lease time), so an outage of the store pauses the node instead of ending it."""
         failing = 0
         health = self.persister.health
-        listen = getattr(self.store, "listen", None)
+        listen = getattr(self.store, "listen", None) if self.listen else None
         if listen is not None:
             nursery.start_soon(self._follow_notified)
             nursery.start_soon(functools.partial(listen, self._notice, on_state=self._on_listening))
