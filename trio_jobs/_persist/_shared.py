@@ -30,6 +30,7 @@ from .._runner import Executor, execute
 from .._signals import Signal, TerminalSignal
 from .._stores._base import (
     CANCEL,
+    EVENTS,
     FOLLOW,
     QUEUED,
     WRITTEN,
@@ -37,6 +38,7 @@ from .._stores._base import (
     StoredJob,
     parse_notice,
 )
+from .._stores._rows import events_from_chunks
 from ._writer import Persister
 
 __all__ = ["SharedRunner"]
@@ -94,6 +96,7 @@ class SharedRunner:
         """Cancels asked here of jobs that may be held elsewhere, not yet sent."""
         self._cancelling: set[str] = set()
         """Sent cancels whose jobs have not ended here yet."""
+        self._cancel_wake = trio.Event()
         self._next_beat = 0.0
         self._in_touch_since: float | None = None
         """Trio time since which every round reached the store (None: the last failed)."""
@@ -120,8 +123,35 @@ class SharedRunner:
         if job.id in self.here or not self.persister.stored(job.id):
             return False
         self._cancel_queue.append(job.id)
+        self._cancel_wake.set()
         self._wake.set()
         return True
+
+    async def _send_cancels(self) -> None:
+        """Ask the store to cancel the jobs whose cancel was asked here (their owners
+        hear it at once); on failure they stay queued for the next try."""
+        if not self._cancel_queue:
+            await trio.lowlevel.checkpoint()
+            return
+        asked, self._cancel_queue = self._cancel_queue, []
+        try:
+            await self.persister.flush()  # the rows must be there to carry the request
+            await self.store.request_cancel(asked)
+        except BaseException:
+            self._cancel_queue[:0] = asked
+            raise
+        self._cancelling.update(asked)
+
+    async def _cancel_sender(self) -> None:
+        """Forever: send cancels as soon as they are asked (not at the next round)."""
+        while True:
+            await self._cancel_wake.wait()
+            self._cancel_wake = trio.Event()
+            try:
+                await self._send_cancels()
+            except Exception as exc:
+                logger.debug("sending cancels failed (%s); the next round retries", exc)
+            self._wake.set()  # the round takes those nobody claimed
 
     def _followed(self) -> dict[str, int]:
         """Jobs in this registry that may run elsewhere, with their last local event id."""
@@ -211,6 +241,9 @@ class SharedRunner:
 
     def _notice(self, payload: str) -> None:
         """A notice from the store (see ``SharedStore.listen``), acted on at once."""
+        if payload.startswith(EVENTS + " "):
+            self._stored_events(payload)
+            return
         kind, ids = parse_notice(payload)
         if kind == WRITTEN and ids != ["*"]:
             self._notified.update(ids)
@@ -230,6 +263,26 @@ class SharedRunner:
             self._resync = True
             self._notice_wake.set()
             self._wake.set()
+
+    def _stored_events(self, payload: str) -> None:
+        """Events another node just stored for a job followed here: copied into its
+        mirror when they continue it exactly, else read from the store."""
+        _, job_id, chunk = payload.split(" ", 2)
+        if job_id not in self.persister.foreign:
+            return
+        job = self.registry.job(job_id)
+        if job is None or job.log.terminal is not None:
+            return
+        after = job.log.next_id - 1
+        try:
+            events = events_from_chunks(job_id, [chunk], after, None)
+        except ValueError:
+            events = []
+        if not events or events[0].id != after + 1:
+            self._notified.add(job_id)  # a gap (or nothing new): the store has it all
+            self._notice_wake.set()
+            return
+        self._copy_events(job, events)
 
     def _on_listening(self, up: bool) -> None:
         self.listening = up
@@ -323,6 +376,7 @@ class SharedRunner:
         failing = 0
         health = self.persister.health
         listen = getattr(self.store, "listen", None) if self.listen else None
+        nursery.start_soon(self._cancel_sender)
         if listen is not None:
             nursery.start_soon(self._follow_notified)
             nursery.start_soon(functools.partial(listen, self._notice, on_state=self._on_listening))
@@ -348,12 +402,7 @@ class SharedRunner:
         """Send the cancels asked here, and end those of jobs nobody claimed: this node
         takes them (so no other node can) and writes their end."""
         registry = self.registry
-        if self._cancel_queue:
-            asked = self._cancel_queue
-            await self.persister.flush()  # the rows must be there to carry the request
-            await self.store.request_cancel(asked)
-            self._cancel_queue = []
-            self._cancelling.update(asked)
+        await self._send_cancels()
         for job_id in list(self._cancelling):
             job = registry.job(job_id)
             if job is None or job.state.is_terminal:

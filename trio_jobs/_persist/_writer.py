@@ -391,6 +391,7 @@ class Persister:
         self._inflight = done
         parts = self._collect()
         batch = WriteBatch()
+        batch.followed = self.watched
         alone = []
         refused: set[str] = set()
         for part in parts:

@@ -137,6 +137,8 @@ class WriteBatch:
     jobs: list[JobWrite] = field(default_factory=list)
     events: list[NarrationEvent] = field(default_factory=list)
     prune: list[tuple[str, int]] = field(default_factory=list)
+    followed: set[str] = field(default_factory=set)
+    """Jobs other nodes follow: a store that notifies sends their new events along."""
 
     def __bool__(self) -> bool:
         return bool(self.jobs or self.events or self.prune)
@@ -288,9 +290,11 @@ class SharedStore(Protocol):
         (re)connection, when notices may have been missed."""
 
 
-WRITTEN, QUEUED, CANCEL, FOLLOW = "w", "q", "c", "f"
+WRITTEN, QUEUED, CANCEL, FOLLOW, EVENTS = "w", "q", "c", "f", "e"
 """Notice kinds: rows of these jobs were written; new jobs were queued (claim them); their
-cancel was asked; a node follows them (their owner then writes their events at once)."""
+cancel was asked; a node follows them (their owner then writes their events at once);
+``e <job id> <chunk>``: events of a followed job just stored (as the events table holds
+them), so followers need not read them back."""
 _NOTICE_BYTES = 7900
 """PostgreSQL's notification payloads hold less than 8000 bytes."""
 
@@ -320,6 +324,15 @@ def written_notices(batch: WriteBatch) -> list[str]:
     if new:
         out += notices(QUEUED, new)
     return out
+
+
+def event_notices(chunks: list[tuple[str, int, int, str]], followed: set[str]) -> list[str]:
+    """``e`` notices for the stored event chunks of followed jobs that fit a notice."""
+    return [
+        f"{EVENTS} {job_id} {chunk}"
+        for job_id, _first, _last, chunk in chunks
+        if job_id in followed and len(chunk.encode()) + len(job_id.encode()) < _NOTICE_BYTES
+    ]
 
 
 def parse_notice(payload: str) -> tuple[str, list[str]]:

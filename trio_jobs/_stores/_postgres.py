@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 import trio
 
 from .._models import NarrationEvent
-from ._base import CANCEL, StoredJob, WriteBatch, notices, written_notices
+from ._base import CANCEL, StoredJob, WriteBatch, event_notices, notices, written_notices
 from ._listen import listen
 from ._migrations import POSTGRES
 from ._rows import (
@@ -164,7 +164,10 @@ class PostgresStore(ThreadedSQLStore["psycopg.Connection[Any]"]):
                     cur.executemany(_PRUNE, batch.prune)
                 if node is not None and (batch.jobs or batch.events):
                     # Delivered at commit: the nodes following these jobs read them now.
-                    for notice in written_notices(batch):
+                    notes = written_notices(batch)
+                    if batch.followed:
+                        notes = event_notices(chunks, batch.followed) + notes
+                    for notice in notes:
                         cur.execute(_NOTIFY, (self.channel, notice))
 
         await self._run(write)
