@@ -29,6 +29,9 @@ __all__ = ["ClusterBook"]
 logger = logging.getLogger("servers.queen")
 
 WORKER, HIVE, QUEEN = "worker", "hive", "queen"
+_FORGET_AFTER_S = 600.0
+"""Workers and queens silent this long leave the store (their last record is history)."""
+_PRUNE_EVERY_S = 60.0
 
 
 def hive_data(entry: HiveEntry, source: str) -> dict[str, Any]:
@@ -90,6 +93,7 @@ class ClusterBook:
         self._hive_writes: dict[str, dict[str, Any]] = {}
         self._wake = trio.Event()
         self._next_read = 0.0
+        self._next_prune = time.time() + _PRUNE_EVERY_S
         if shared:
             workers.refresh = self.refresh_workers
 
@@ -147,10 +151,8 @@ class ClusterBook:
         beats, self._beats = self._beats, {}
         try:
             for worker_id, beat in beats.items():
-                if beat.get("state") == "stopping":
-                    await self.store.drop_member(WORKER, worker_id)
-                else:
-                    await self.store.put_member(WORKER, worker_id, beat, node=self.node)
+                # a "stopping" beat is kept too: the other queens drop the worker at once
+                await self.store.put_member(WORKER, worker_id, beat, node=self.node)
         except BaseException:
             for worker_id, beat in beats.items():
                 self._beats.setdefault(worker_id, beat)
@@ -167,6 +169,12 @@ class ClusterBook:
         if not self.shared or now < self._next_read:
             return
         self._next_read = now + self.interval
+        if now >= self._next_prune:
+            self._next_prune = now + _PRUNE_EVERY_S
+            for kind in (WORKER, QUEEN):
+                for member in await self.store.members(kind):
+                    if member.seen_at < now - _FORGET_AFTER_S:
+                        await self.store.drop_member(kind, member.key)
         if self.url is not None:
             await self.store.put_member(QUEEN, self.node, {"url": self.url}, node=self.node)
         queens = await self.store.members(QUEEN, seen_since=now - 3 * self.interval - 1)

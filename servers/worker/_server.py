@@ -78,6 +78,8 @@ class Worker:
         self.backend = backend
         self.registry = registry
         self.url: str | None = None
+        self.queen_now: str | None = config.queen_url
+        """The queen that answered the last heartbeat (the goodbye goes there)."""
         self.started_at = time.time()
         self.tokens_total = 0
         self.open_completions = 0
@@ -167,13 +169,14 @@ class Worker:
                             warned = True
                         continue
                     warned = False
+                    self.queen_now = target
                     queens = _queens_after(target, queens, response)
                     break
                 await trio.sleep(self.config.heartbeat_s)
 
     async def say_goodbye(self) -> None:
         """Tell the queen this worker is stopping, so it is no longer scheduled."""
-        queen = self.config.queen_url
+        queen = self.queen_now
         if not queen or self.url is None:
             return
         headers = {"Authorization": f"Bearer {self.config.token}"} if self.config.token else {}
