@@ -108,6 +108,10 @@ class SharedRunner:
         self.safety_interval = 1.0
         self._last_safety = -math.inf
         self._notified: set[str] = set()
+        self._wanted: set[str] = set()
+        """Jobs of this registry another node follows that do not run here (yet)."""
+        self._poll_lock = trio.Lock()
+        """One read-and-copy of followed jobs at a time (so none applies an older row)."""
         self._resync = False
         self._notice_wake = trio.Event()
         registry.add_observer(self._observe)
@@ -259,6 +263,8 @@ class SharedRunner:
             for job_id in ids:
                 if job_id in self.here:
                     self.persister.watch(job_id)
+                elif job_id in self.registry:
+                    self._wanted.add(job_id)  # watched once it runs here
         else:  # a (re)connection or an overflow: notices may have been missed
             self._resync = True
             self._notice_wake.set()
@@ -299,28 +305,34 @@ class SharedRunner:
             if not want:
                 continue
             try:
-                await self._apply(await self.store.poll(want))
+                await self._apply(want)
             except Exception as exc:
                 logger.debug("reading notified jobs failed (%s); the next round polls", exc)
 
-    async def _apply(self, polled: list[tuple[StoredJob, list[NarrationEvent]]]) -> None:
-        """Copy what other nodes wrote of jobs followed here into their mirrors."""
-        for stored, events in polled:
-            job = self.registry.job(stored.record.id)
-            if job is None:
-                continue
-            if job.id not in self.persister.foreign:
-                self.persister.disown(job.id)
-            await trio.lowlevel.checkpoint()
-            self._copy_events(job, events)
-            job.follow(stored.record, stored.history)
+    async def _apply(self, followed: dict[str, int]) -> None:
+        """Read what other nodes wrote of jobs followed here (each with the last event id
+        known here) and copy it into their mirrors."""
+        async with self._poll_lock:
+            for stored, events in await self.store.poll(followed):
+                job = self.registry.job(stored.record.id)
+                if job is None:
+                    continue
+                self._wanted.discard(job.id)
+                if job.id not in self.persister.foreign:
+                    self.persister.disown(job.id)
+                await trio.lowlevel.checkpoint()
+                self._copy_events(job, events)
+                job.follow(stored.record, stored.history)
 
     async def _start(self, nursery: trio.Nursery, stored: StoredJob) -> None:
         job_id = stored.record.id
         if job_id in self.here:
             return
-        # created on another node (or followed here from it): that node streams it
+        # created on another node (or followed here from it), or followed by another:
+        # that node streams it
         fresh = job_id not in self.registry or job_id in self.persister.foreign
+        fresh = fresh or job_id in self._wanted
+        self._wanted.discard(job_id)
         job = await self._load(stored)
         if job.state is not JobState.RUNNING:
             return
@@ -444,7 +456,7 @@ class SharedRunner:
                     self.registry.cancel_job(job_id, "cancelled through another node")
             followed = self._followed()
             if followed:
-                await self._apply(await store.poll(followed))
+                await self._apply(followed)
         self._prune_queue()
 
 
