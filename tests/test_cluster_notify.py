@@ -127,6 +127,11 @@ async def test_streams_and_cancels_through_the_other_node_move_by_notices() -> N
     with trio.fail_after(CAP):
         async with two_nodes(pg.dsn_or_skip(), pg.fresh_schema(), steps) as (a, b, _):
             await _live_streams_and_a_cancel(a, b, steps)
+            # either node lists every job of the table, whoever created or ran it
+            async with httpx.AsyncClient() as http:
+                listed = [(await http.get(f"{url}/v1/jobs")).json()["jobs"] for url in (a, b)]
+            assert listed[0] == listed[1]
+            assert [j["state"] for j in listed[0]] == ["completed", "completed", "cancelled"]
 
 
 @pytest.mark.slow
