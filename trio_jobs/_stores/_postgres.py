@@ -262,14 +262,16 @@ class PostgresStore(ThreadedSQLStore["psycopg.Connection[Any]"]):
         """Ask the owners of these jobs to cancel them (they see it at their heartbeat)."""
 
         def ask(conn: psycopg.Connection[Any]) -> None:
-            with conn.transaction():
-                conn.execute(
-                    "UPDATE jobs SET cancel_requested = TRUE "
-                    f"WHERE id = ANY(%s) AND state IN {_ACTIVE}",
-                    (job_ids,),
-                )
-                for notice in notices(CANCEL, job_ids):
-                    conn.execute(_NOTIFY, (self.channel, notice))
+            first, *more = notices(CANCEL, job_ids)
+            # One statement (one round trip): the notice goes out as the request commits.
+            conn.execute(
+                "WITH asked AS (UPDATE jobs SET cancel_requested = TRUE "
+                f"WHERE id = ANY(%s) AND state IN {_ACTIVE} RETURNING id) "
+                "SELECT pg_notify(%s, %s)",
+                (job_ids, self.channel, first),
+            )
+            for notice in more:
+                conn.execute(_NOTIFY, (self.channel, notice))
 
         await self._run(ask)
 
