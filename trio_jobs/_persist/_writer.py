@@ -391,7 +391,7 @@ class Persister:
         self._inflight = done
         parts = self._collect()
         batch = WriteBatch()
-        batch.followed = self.watched
+        batch.followed = set(self.watched)  # read by the store in its thread
         alone = []
         refused: set[str] = set()
         for part in parts:
