@@ -21,7 +21,6 @@ import trio
 
 from tests import pg
 from trio_jobs import JobClient, JobQuery, JobRegistry, MemoryStore, PostgresStore, SQLiteStore
-
 from trio_jobs._run import open_registry
 from trio_jobs.http import create_app, serve
 
