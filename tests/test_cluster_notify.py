@@ -91,6 +91,14 @@ async def two_nodes(
         nursery.cancel_scope.cancel()
 
 
+def _notify(dsn: str, channel: str, payloads: list[str]) -> None:
+    import psycopg
+
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        for payload in payloads:
+            conn.execute("SELECT pg_notify(%s, %s)", (channel, payload))
+
+
 async def _stream(url: str, job_id: str, steps: Steps) -> str:
     """Read the job's stream at ``url``, acknowledging each step; the terminal signal."""
     async with JobClient(url) as client, client.stream(job_id) as stream:
@@ -124,8 +132,13 @@ async def _live_streams_and_a_cancel(a: str, b: str, steps: Steps) -> None:
 
 async def test_streams_and_cancels_through_the_other_node_move_by_notices() -> None:
     steps = Steps()
+    dsn, schema = pg.dsn_or_skip(), pg.fresh_schema()
     with trio.fail_after(CAP):
-        async with two_nodes(pg.dsn_or_skip(), pg.fresh_schema(), steps) as (a, b, _):
+        async with two_nodes(dsn, schema, steps) as (a, b, runners):
+            # anyone may notify the channel: nonsense is ignored
+            channel = runners[0].store.channel  # type: ignore[attr-defined]
+            junk = ["e", "e x", "e x [[1]]", "e x {", "zzz", "c", "w", "q", "f nobody"]
+            await trio.to_thread.run_sync(_notify, dsn, channel, junk)
             await _live_streams_and_a_cancel(a, b, steps)
             # either node lists every job of the table, whoever created or ran it
             async with httpx.AsyncClient() as http:

@@ -244,7 +244,14 @@ class SharedRunner:
             logger.debug("notice %s to the other nodes failed: %s", kind, exc)
 
     def _notice(self, payload: str) -> None:
-        """A notice from the store (see ``SharedStore.listen``), acted on at once."""
+        """A notice from the store (see ``SharedStore.listen``), acted on at once; a
+        malformed one (anyone may notify the channel) is logged and ignored."""
+        try:
+            self._act_on(payload)
+        except Exception:
+            logger.warning("ignoring a notice that could not be read: %.200r", payload)
+
+    def _act_on(self, payload: str) -> None:
         if payload.startswith(EVENTS + " "):
             self._stored_events(payload)
             return

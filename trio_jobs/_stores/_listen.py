@@ -76,16 +76,19 @@ async def _query(pgconn: PGconn, sql: bytes) -> None:
 async def _session(
     dsn: str, listen_sql: bytes, deliver: Callable[[str], None], up: Callable[[], None]
 ) -> None:
-    pgconn = await _connect(dsn)
+    with trio.fail_after(_IDLE):
+        pgconn = await _connect(dsn)
     try:
-        await _query(pgconn, listen_sql)
+        with trio.fail_after(_IDLE):
+            await _query(pgconn, listen_sql)
         up()
         deliver(RESYNC)
         while True:
             with trio.move_on_after(_IDLE) as idle:
                 await trio.lowlevel.wait_readable(pgconn.socket)
             if idle.cancelled_caught:
-                await _query(pgconn, b"SELECT 1")  # still there?
+                with trio.fail_after(_IDLE):
+                    await _query(pgconn, b"SELECT 1")  # still there?
             else:
                 pgconn.consume_input()
             while (notice := pgconn.notifies()) is not None:
@@ -123,7 +126,7 @@ async def listen(
     while True:
         try:
             await _session(dsn, listen_sql, deliver, up)
-        except (_Broken, OperationalError, OSError) as exc:
+        except (_Broken, OperationalError, OSError, trio.TooSlowError) as exc:
             on_state(False)
             logger.debug("listener lost its connection (%s); reconnecting", exc)
         if not started:
