@@ -113,7 +113,9 @@ async def _stream(url: str, job_id: str, steps: Steps) -> str:
 async def _live_streams_and_a_cancel(a: str, b: str, steps: Steps) -> None:
     async with httpx.AsyncClient(timeout=10) as http:
         # submitted to B, run on A, streamed through B: each step needs B's client
-        job_id = (await http.post(f"{b}/v1/jobs", json={"steps": 5})).json()["job_id"]
+        answer = await http.post(f"{b}/v1/jobs", json={"steps": 5})
+        assert answer.status_code == 201, answer.text
+        job_id = answer.json()["job_id"]
         assert await _stream(b, job_id, steps) == "[DONE]"
         # submitted to A, streamed through B
         job_id = (await http.post(f"{a}/v1/jobs", json={"steps": 5})).json()["job_id"]
@@ -170,6 +172,12 @@ async def test_the_listener_comes_back_after_a_postgres_restart() -> None:
                     async with httpx.AsyncClient() as http:
                         for url in (a, b):
                             while (await http.get(f"{url}/health")).status_code != 200:
+                                await trio.sleep(0.05)
+                            # a node's first write on the connection the restart closed
+                            # fails (503, retry): it reconnects on the next
+                            while (
+                                await http.post(f"{url}/v1/jobs", json={"steps": 0})
+                            ).status_code != 201:
                                 await trio.sleep(0.05)
                 await _live_streams_and_a_cancel(a, b, steps)
     finally:

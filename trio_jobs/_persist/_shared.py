@@ -313,8 +313,11 @@ class SharedRunner:
                 continue
             try:
                 await self._apply(want)
-            except Exception as exc:
-                logger.debug("reading notified jobs failed (%s); the next round polls", exc)
+            except Exception as exc:  # read them again shortly (the store reconnects)
+                logger.debug("reading notified jobs failed (%s); retrying", exc)
+                self._notified.update(want)
+                self._notice_wake.set()
+                await trio.sleep(min(self.poll_interval, 0.05))
 
     async def _apply(self, followed: dict[str, int]) -> None:
         """Read what other nodes wrote of jobs followed here (each with the last event id
