@@ -1,4 +1,4 @@
-"""Run every benchmark: ``python -m benchmarks [core|store|http ...]`` (default: all)."""
+"""Run every benchmark: ``python -m benchmarks [core|store|http|cluster ...]`` (default: all)."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ SUITES = {
     "store": "bench_store",
     "http": "bench_http",
     "openai": "bench_openai",
+    "cluster": "bench_cluster",
 }
 
 

@@ -137,8 +137,9 @@ async def test_cancel_through_a_node_that_has_not_seen_the_claim(
     dsn_schema: tuple[str, str],
 ) -> None:
     """The front still sees its two jobs queued while the worker runs them: one already
-    completed there, one hangs. Cancelling them through the front decides nothing there:
-    the request goes to the worker, and the front's view ends as the store's does."""
+    completed there, one hangs (the front hears no notices and polls rarely, as when its
+    listener is down). Cancelling them through the front decides nothing there: the
+    request goes to the worker, and the front's view ends as the store's does."""
     release = trio.Event()
 
     async def work(job_id: str, payload: Any) -> None:
@@ -149,7 +150,7 @@ async def test_cancel_through_a_node_that_has_not_seen_the_claim(
             await trio.sleep_forever()
 
     with trio.fail_after(CAP):
-        async with node(dsn_schema, "front", work, claim=False, poll_interval=30) as (
+        async with node(dsn_schema, "front", work, claim=False, poll_interval=30, listen=False) as (
             front,
             shared,
         ):

@@ -98,3 +98,39 @@ async def test_liveness_of_stopping_and_not_ready_workers(autojump_clock: trio.a
         await table.pick("tiny", None, wait_s=0)
     beat(table, "w3", state="busy")
     assert (await table.pick("tiny", None, wait_s=0)).worker_id == "w3"
+
+
+async def test_heartbeats_heard_by_other_queens_merge_by_age(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    """Beats another queen recorded join the table with their age; a worker forgotten
+    here is scheduled again only after a beat newer than the forgetting (it stays live
+    meanwhile); ``pick`` asks for fresh beats before it waits."""
+    import time
+
+    table = WorkerTable(ttl_s=5)
+    remote = {"worker_id": "w1", "url": "http://127.0.0.1/w1/", "model": "tiny"}
+    table.merge([(remote, time.time() - 4.0, "a")])
+    assert table.is_live("w1") and table.snapshot()[0]["via"] == "a"
+    await trio.sleep(1.1)
+    assert not table.is_live("w1")  # 4 s old when heard, so past the 5 s TTL now
+    table.merge([(remote, time.time(), "a")])
+    table.forget("w1")
+    table.merge([(remote, time.time() - 1.0, "a")])
+    assert table.is_live("w1") and table.live_for("tiny") == []
+    await trio.sleep(0.5)
+    table.merge([(remote, time.time(), "a")])
+    assert [w.worker_id for w in table.live_for("tiny")] == ["w1"]
+
+    beat(table, "w2", running=3)
+    assert [w.worker_id for w in table.live_for("tiny")] == ["w1", "w2"]
+
+    asked: list[int] = []
+
+    async def refresh() -> None:
+        asked.append(1)
+        table.merge([({**remote, "worker_id": "w3", "model": "big"}, time.time(), "b")])
+
+    table.refresh = refresh
+    assert (await table.pick("big", None, wait_s=1)).worker_id == "w3"
+    assert asked == [1]

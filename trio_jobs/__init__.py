@@ -37,6 +37,8 @@ from ._exceptions import StoreUnavailable as StoreUnavailable
 from ._exceptions import StreamEndedWithoutSignal as StreamEndedWithoutSignal
 from ._exceptions import TransportError as TransportError
 from ._exceptions import TrioJobsError as TrioJobsError
+from ._models import JobPage as JobPage
+from ._models import JobQuery as JobQuery
 from ._models import JobRecord as JobRecord
 from ._models import JobState as JobState
 from ._models import NarrationEvent as NarrationEvent
@@ -109,6 +111,8 @@ __all__ = [
     "JobEventStream",
     "JobFailed",
     "JobNotFound",
+    "JobPage",
+    "JobQuery",
     "JobRecord",
     "JobRegistry",
     "JobState",

@@ -6,13 +6,16 @@ import enum
 import json
 import math
 import random
-from collections.abc import Mapping
+import struct
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from types import MappingProxyType
 from typing import Any, NamedTuple
 
 __all__ = [
+    "JobPage",
+    "JobQuery",
     "JobRecord",
     "JobState",
     "NarrationEvent",
@@ -204,6 +207,117 @@ class JobRecord:
 
 
 _dumps = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False, default=str).encode
+
+MAX_PAGE = 1000
+"""The most records one page of a job listing holds."""
+
+
+CURSOR_PATTERN = "^[0-9a-f]{16}(?:[0-9a-f]{2})*$"
+"""A listing cursor: a creation time (a double's 16 hex digits) and a job id (UTF-8 hex).
+Any text of this shape is a position, so a cursor is only refused when malformed."""
+
+
+def _encode_cursor(created_at: float, job_id: str) -> str:
+    return struct.pack(">d", created_at).hex() + job_id.encode("utf-8", "replace").hex()
+
+
+def _decode_cursor(cursor: str) -> tuple[float, str]:
+    if len(cursor) < 16 or len(cursor) % 2 or not all(c in "0123456789abcdef" for c in cursor):
+        raise ValueError("cursor is not one this server handed out")
+    (created_at,) = struct.unpack(">d", bytes.fromhex(cursor[:16]))
+    if math.isnan(created_at):
+        created_at = math.inf
+    # Job ids are valid text without NUL; a hand-made cursor's id is made so (every
+    # store can then compare with it).
+    return created_at, bytes.fromhex(cursor[16:]).decode("utf-8", "replace").replace("\0", "")
+
+
+@dataclass(frozen=True, slots=True)
+class JobQuery:
+    """A filtered, paginated listing of jobs (``GET /v1/jobs``), answered by the store.
+
+    Jobs are ordered by creation time, then id (``order`` ``"asc"``: oldest first); a
+    page holds at most ``limit`` records and ends with an opaque cursor when more
+    follow. Tags all have to match (``key: value``); ``operation`` matches the payload's
+    ``"operation"`` field; ``since`` (inclusive) and ``until`` (exclusive) bound the
+    creation time (epoch seconds).
+
+    Raises:
+        ValueError: a limit out of 1..1000, an unknown order or a malformed cursor.
+    """
+
+    state: JobState | None = None
+    tags: tuple[tuple[str, str], ...] = ()
+    operation: str | None = None
+    since: float | None = None
+    until: float | None = None
+    limit: int = 100
+    cursor: str | None = None
+    order: str = "asc"
+
+    def __post_init__(self) -> None:
+        if isinstance(self.limit, bool) or not 1 <= self.limit <= MAX_PAGE:
+            raise ValueError(f"limit must be between 1 and {MAX_PAGE}")
+        if self.order not in ("asc", "desc"):
+            raise ValueError("order must be 'asc' or 'desc'")
+        if self.cursor is not None:
+            _decode_cursor(self.cursor)
+
+    @property
+    def descending(self) -> bool:
+        return self.order == "desc"
+
+    @property
+    def position(self) -> tuple[float, str] | None:
+        """The ``(created_at, id)`` the page starts after (before, descending)."""
+        return None if self.cursor is None else _decode_cursor(self.cursor)
+
+    def matches(self, record: JobRecord) -> bool:
+        """True when the record passes every filter and lies past the cursor."""
+        if self.state is not None and record.state is not self.state:
+            return False
+        if self.since is not None and record.created_at < self.since:
+            return False
+        if self.until is not None and record.created_at >= self.until:
+            return False
+        if self.tags:
+            tags = record.tags or {}
+            if any(tags.get(k) != v for k, v in self.tags):
+                return False
+        if self.operation is not None:
+            payload = record.payload
+            if not isinstance(payload, dict) or payload.get("operation") != self.operation:
+                return False
+        position = self.position
+        if position is not None:
+            key = (record.created_at, record.id)
+            return key < position if self.descending else key > position
+        return True
+
+    def page(self, records: Iterable[JobRecord]) -> JobPage:
+        """The page of ``records`` (any order, any filter state) this query asks for."""
+        ordered = sorted(
+            (r for r in records if self.matches(r)),
+            key=lambda r: (r.created_at, r.id),
+            reverse=self.descending,
+        )
+        return self.take(ordered)
+
+    def take(self, ordered: list[JobRecord]) -> JobPage:
+        """The page from matching records already in the query's order (at least
+        ``limit + 1`` of them when more follow)."""
+        if len(ordered) <= self.limit:
+            return JobPage(ordered, None)
+        last = ordered[self.limit - 1]
+        return JobPage(ordered[: self.limit], _encode_cursor(last.created_at, last.id))
+
+
+@dataclass(frozen=True, slots=True)
+class JobPage:
+    """One page of a job listing: records, and the cursor of the next page (None: last)."""
+
+    records: list[JobRecord]
+    next_cursor: str | None = None
 
 
 _NO_FIELDS: Mapping[str, Any] = MappingProxyType({})

@@ -20,7 +20,7 @@ import trio
 from ._channel import JobLog, JobStream
 from ._exceptions import JobNotFound
 from ._job import Job, JobTally
-from ._models import JobRecord, JobState, Priority, RetryPolicy, Transition
+from ._models import JobPage, JobQuery, JobRecord, JobState, Priority, RetryPolicy, Transition
 from ._signals import Signal, TerminalSignal
 
 if TYPE_CHECKING:
@@ -56,6 +56,10 @@ class Backing(Protocol):
 
     async def acknowledge(self, job: Job) -> None:
         """Wait until a new job's row is stored; raises when the store cannot take it."""
+
+    async def query(self, query: JobQuery) -> JobPage:
+        """A page of the stored jobs (this node's changes written first); raises
+        ``StoreUnavailable`` when the store cannot answer."""
 
 
 def _parse_tag(tag: str | tuple[str, str] | Mapping[str, str] | None) -> dict[str, str]:
@@ -399,6 +403,22 @@ class JobRegistry:
                     continue
             out.append(job.record())
         return out
+
+    async def query_jobs(self, query: JobQuery | None = None) -> JobPage:
+        """A page of jobs matching ``query`` (filters, order, cursor: see
+        :class:`~trio_jobs._models.JobQuery`).
+
+        While the registry is persisted the store answers, so jobs that retention dropped
+        from memory and, in shared mode, jobs of every node are listed; else the jobs in
+        memory. Raises ``StoreUnavailable`` when the store cannot answer.
+        """
+        query = query if query is not None else JobQuery()
+        if self.backing is not None:
+            return await self.backing.query(query)
+        if self._expiry:
+            self._purge_if_in_trio()
+        await trio.lowlevel.checkpoint()
+        return query.page(job.record() for job in self._jobs.values())
 
     def counts(self) -> dict[JobState, int]:
         """Number of jobs in memory per state."""

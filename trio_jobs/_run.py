@@ -105,6 +105,7 @@ async def run_shared_jobs(
     poll_interval: float = 0.05,
     lease: float = 10.0,
     claim: bool = True,
+    listen: bool = True,
     task_status: trio.TaskStatus[SharedRunner] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Run jobs of a PostgreSQL table shared by several nodes (queens), until cancelled.
@@ -119,7 +120,10 @@ async def run_shared_jobs(
     them as restart recovery does. Persistence is started here if it is not running yet.
     When cancelled, this node's running jobs end ``[CANCELLED]`` and are written.
 
-    ``claim=False`` makes a node that submits and follows jobs but runs none.
+    ``claim=False`` makes a node that submits and follows jobs but runs none. With
+    ``listen`` (the default) the node hears the store's notices (PostgreSQL
+    LISTEN/NOTIFY): streams of jobs running elsewhere, cancels and new jobs reach it as
+    they are committed, and polling is only a safety net; ``listen=False`` polls.
     ``task_status.started()`` hands out the :class:`SharedRunner` (its ``follow`` loads
     a job created elsewhere).
     """
@@ -154,6 +158,7 @@ async def run_shared_jobs(
             poll_interval=poll_interval,
             lease=lease,
             claim=claim,
+            listen=listen,
         )
         backing.shared = shared
         try:

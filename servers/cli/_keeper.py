@@ -250,7 +250,18 @@ async def run_jobs_list(args: argparse.Namespace) -> int:
     printer = Printer(json_lines=args.json)
     async with JobClient(args.queen, token=args.token) as client:
         try:
-            jobs = await client.list_jobs(state=args.state, tag=args.tag)
+            jobs = await client.list_jobs(
+                args.state,
+                args.tag or None,
+                operation=args.operation,
+                since=args.since,
+                until=args.until,
+                limit=args.limit,
+                order=args.order,
+            )
+        except HTTPStatusError as exc:
+            printer.error(f"cannot list jobs: {exc}")
+            return EXIT_USAGE if exc.status_code == 422 else EXIT_FAILED
         except TransportError as exc:
             printer.error(f"cannot list jobs at {args.queen}: {exc}")
             return EXIT_FAILED

@@ -182,6 +182,17 @@ def _add_job_options(parser: argparse.ArgumentParser, *, top: bool) -> None:
     )
 
 
+def _positive_int(text: str) -> int:
+    """An argparse type: an integer >= 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
 def _keeper(sub: Any, name: str, help_text: str) -> argparse.ArgumentParser:
     parser: argparse.ArgumentParser = sub.add_parser(name, help=help_text, description=help_text)
     _add_keeper_options(parser, top=False)
@@ -342,9 +353,16 @@ def build_parser() -> argparse.ArgumentParser:
     p = _keeper(sub, "status", "hives, live workers and jobs, as the queen sees them")
     p.set_defaults(build=_fields_body("status", ()))
 
-    p = _keeper(sub, "jobs", "list the queen's jobs")
-    p.add_argument("--state", default=None)
-    p.add_argument("--tag", default=None, help="key:value")
+    p = _keeper(sub, "jobs", "list the queen's jobs (from its store: finished ones too)")
+    p.add_argument("--state", default=None, help="queued, running, retrying, completed, ...")
+    p.add_argument(
+        "--tag", action="append", default=[], help="key:value (repeat: every tag must match)"
+    )
+    p.add_argument("--operation", default=None, help="only jobs of this operation")
+    p.add_argument("--since", default=None, help="created at or after (ISO-8601, UTC if no zone)")
+    p.add_argument("--until", default=None, help="created before (ISO-8601)")
+    p.add_argument("--limit", type=_positive_int, default=None, help="at most N jobs")
+    p.add_argument("--order", choices=["asc", "desc"], default="asc", help="by creation time")
     p.set_defaults(handler=run_jobs_list)
 
     p = _keeper(sub, "cancel", "cancel a job")

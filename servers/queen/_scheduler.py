@@ -1,7 +1,14 @@
-"""Live workers, as told by their heartbeats, and picking one for an ``infer``."""
+"""Live workers, as told by their heartbeats, and picking one for an ``infer``.
+
+A worker heartbeats to one queen. Queens sharing a PostgreSQL store record each heartbeat
+there and read the others' back (:meth:`WorkerTable.merge`), so every queen schedules on
+every live worker; liveness is the same TTL rule whichever queen heard the worker.
+"""
 
 from __future__ import annotations
 
+import time
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -27,6 +34,8 @@ class WorkerEntry:
     running: int
     backend: str | None
     last_seen: float
+    via: str | None = None
+    """The queen (node) that heard this heartbeat; None: this one."""
 
     def to_dict(self, now: float) -> dict[str, Any]:
         return {
@@ -39,6 +48,7 @@ class WorkerEntry:
             "running": self.running,
             "backend": self.backend,
             "seen_s_ago": round(now - self.last_seen, 3),
+            "via": self.via,
         }
 
 
@@ -49,16 +59,28 @@ class WorkerTable:
     ``stopping``; it is scheduled only while it says ``ready`` or ``busy`` (a worker whose
     backend cannot serve says ``not_ready``). A ``stopping`` worker still counts for
     :meth:`is_live` while it heartbeats: its jobs are ending with their own signals.
+    Heartbeats heard by other queens come in through :meth:`merge`; ``refresh`` (when
+    given) is awaited by :meth:`pick` before it waits for a worker to appear, so a worker
+    another queen just heard is found at once.
     """
 
     SCHEDULABLE = frozenset({"ready", "busy"})
 
-    def __init__(self, ttl_s: float = 5.0) -> None:
+    def __init__(
+        self, ttl_s: float = 5.0, *, refresh: Callable[[], Awaitable[None]] | None = None
+    ) -> None:
         self.ttl_s = ttl_s
+        self.refresh = refresh
         self._workers: dict[str, WorkerEntry] = {}
         self._changed = trio.Event()
-        self._forgotten: set[str] = set()
+        self._forgotten: dict[str, float] = {}
+        """Worker id -> trio time it was forgotten: not scheduled again until a heartbeat
+        newer than that (heard here or by another queen)."""
         self.assigned: dict[str, int] = {}
+
+    def _wake(self) -> None:
+        self._changed.set()
+        self._changed = trio.Event()
 
     def beat(self, data: dict[str, Any]) -> WorkerEntry | None:
         """Record a heartbeat (validated by the caller); ``stopping`` ends scheduling on it."""
@@ -75,16 +97,49 @@ class WorkerTable:
             last_seen=trio.current_time(),
         )
         self._workers[worker_id] = entry
-        self._forgotten.discard(worker_id)
-        self._changed.set()
-        self._changed = trio.Event()
+        self._forgotten.pop(worker_id, None)
+        self._wake()
         return entry
 
+    def merge(self, beats: Iterable[tuple[dict[str, Any], float, str | None]]) -> None:
+        """Take heartbeats other queens heard: ``(heartbeat, epoch time heard, node)``.
+
+        A worker heard here more recently keeps its entry; one that was forgotten is not
+        scheduled until a heartbeat newer than the forgetting.
+        """
+        now_trio, now = trio.current_time(), time.time()
+        changed = False
+        for data, seen_at, node in beats:
+            worker_id = str(data["worker_id"])
+            last_seen = now_trio - max(0.0, now - seen_at)
+            known = self._workers.get(worker_id)
+            if known is not None and known.last_seen >= last_seen:
+                continue
+            forgotten = self._forgotten.get(worker_id)
+            if forgotten is not None and last_seen > forgotten:
+                del self._forgotten[worker_id]
+            self._workers[worker_id] = WorkerEntry(
+                worker_id=worker_id,
+                url=str(data["url"]).rstrip("/"),
+                model=str(data["model"]),
+                hive_id=data.get("hive_id"),
+                pid=data.get("pid"),
+                state=str(data.get("state", "ready")),
+                running=int(data.get("running", 0)),
+                backend=data.get("backend"),
+                last_seen=last_seen,
+                via=node,
+            )
+            changed = True
+        if changed:
+            self._wake()
+
     def forget(self, worker_id: str) -> None:
-        """Stop scheduling on ``worker_id`` until its next heartbeat (one job could not
-        reach it; :meth:`is_live` still follows its heartbeats, so its other jobs go on)."""
+        """Stop scheduling on ``worker_id`` until a heartbeat newer than now (one job could
+        not reach it; :meth:`is_live` still follows its heartbeats, so its other jobs go
+        on)."""
         if worker_id in self._workers:
-            self._forgotten.add(worker_id)
+            self._forgotten[worker_id] = trio.current_time()
 
     def status(self, worker_id: str) -> str | None:
         """The state a heartbeating worker reports, None once its heartbeat is older than
@@ -97,6 +152,16 @@ class WorkerTable:
     def is_live(self, worker_id: str) -> bool:
         """True while ``worker_id`` heartbeats (``stopping`` included)."""
         return self.status(worker_id) is not None
+
+    def live_for(self, model: str, hive_id: str | None = None) -> list[WorkerEntry]:
+        """Schedulable workers serving ``model`` (on hive ``hive_id``), least busy first."""
+        return sorted(self._schedulable(model, hive_id), key=self._load)
+
+    def _schedulable(self, model: str, hive_id: str | None) -> list[WorkerEntry]:
+        return [e for e in self.live(model, hive_id) if e.state in self.SCHEDULABLE]
+
+    def _load(self, entry: WorkerEntry) -> tuple[int, str]:
+        return (entry.running + self.assigned.get(entry.worker_id, 0), entry.worker_id)
 
     def live(self, model: str | None = None, hive_id: str | None = None) -> list[WorkerEntry]:
         """Live workers, optionally only those serving ``model`` on hive ``hive_id``."""
@@ -124,20 +189,15 @@ class WorkerTable:
         Raises:
             NoWorker: none appeared in time.
         """
-
-        def schedulable() -> list[WorkerEntry]:
-            return [e for e in self.live(model, hive_id) if e.state in self.SCHEDULABLE]
-
         with trio.move_on_after(wait_s):
-            while not schedulable():
+            if not self._schedulable(model, hive_id) and self.refresh is not None:
+                await self.refresh()
+            while not self._schedulable(model, hive_id):
                 await self._changed.wait()
-        candidates = schedulable()
+        candidates = self._schedulable(model, hive_id)
         if candidates:
             await trio.lowlevel.checkpoint()
-            return min(
-                candidates,
-                key=lambda e: (e.running + self.assigned.get(e.worker_id, 0), e.worker_id),
-            )
+            return min(candidates, key=self._load)
         where = f" on hive {hive_id!r}" if hive_id else ""
         others = sorted(
             f"{e.worker_id} ({e.model}{'' if e.state in self.SCHEDULABLE else ', ' + e.state})"

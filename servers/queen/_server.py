@@ -42,6 +42,7 @@ from ..operations import (
     operation_schema,
     parse_operation,
 )
+from ._cluster import ClusterBook
 from ._config import HiveEntry, QueenConfig, read_config
 from ._forward import ForwardFailed, forward_job
 from ._openai import add_openai_routes
@@ -187,6 +188,21 @@ class Queen:
         self.url: str | None = config.advertise_url
         self._nursery = nursery
         self._started_hives: dict[str, trio.Process] = {}
+        self.book: ClusterBook | None = None
+        """Where hives (and, shared, workers) are kept in the store; None without one."""
+
+    async def keep_hive(self, entry: HiveEntry, source: str) -> None:
+        """Record a registered or imported hive in the store (so it outlives a restart and
+        other queens on the store know it); if the store cannot take it now, it is
+        written once it can."""
+        if self.book is None:
+            await trio.lowlevel.checkpoint()
+            return
+        try:
+            await self.book.save_hive(entry, source)
+        except Exception as exc:
+            logger.warning("hive %s is not stored yet (%s); retrying", entry.alias, exc)
+            self.book.keep_hive(entry, source)
 
     # ---- routing ------------------------------------------------------------------------
 
@@ -431,6 +447,7 @@ class Queen:
                 continue
             entry = HiveEntry(alias, f"http://{hostname}:{op.default_hive_port}", ssh_host=alias)
             self.config.hives[alias] = entry
+            await self.keep_hive(entry, "ssh")
             added.append(entry.to_dict())
         narrate(
             "hive_import_ssh",
@@ -571,7 +588,8 @@ class Queen:
         async def heartbeat() -> Any:
             beat = _validated(Heartbeat, await request.get_json(force=True, silent=True))
             before = self.workers.status(beat.worker_id)
-            self.workers.beat(beat.model_dump())
+            data = beat.model_dump()
+            self.workers.beat(data)
             if beat.state != before and not {beat.state, before} <= {"ready", "busy"}:
                 logger.info(
                     "worker %s %s: model %s at %s",
@@ -581,7 +599,12 @@ class Queen:
                     beat.url,
                 )
             logger.debug("heartbeat from worker %s (%s)", beat.worker_id, beat.state)
-            return jsonify({"status": "ok", "ttl_s": self.workers.ttl_s})
+            answer: dict[str, Any] = {"status": "ok", "ttl_s": self.workers.ttl_s}
+            if self.book is not None:
+                self.book.heard(data)
+                if self.book.shared:
+                    answer["queens"] = sorted(set(self.book.queens.values()))
+            return jsonify(answer)
 
         async def register_hive() -> Any:
             hive = _validated(HiveRegistration, await request.get_json(force=True, silent=True))
@@ -593,6 +616,7 @@ class Queen:
                 token=known.token if known else None,
             )
             self.config.hives[hive.alias] = entry
+            await self.keep_hive(entry, "registered")
             logger.info("hive %s registered at %s", entry.alias, entry.url)
             return jsonify(entry.to_dict())
 
@@ -652,6 +676,8 @@ async def serve_queen(
         def started(url: str) -> None:
             if queen.url is None:
                 queen.url = url
+            if queen.book is not None:
+                queen.book.url = queen.url
 
         # Persistence (and in shared mode the runner) outlives the server: it is stopped
         # only once the server and its jobs have ended, so their final states are written.
@@ -670,6 +696,20 @@ async def serve_queen(
                 await start_store(jobs, config.store, run_persistence, registry)
             if owned and registry.store is not None:
                 logger.info("queen: %d job(s) recovered from %s", len(registry), config.store)
+                queen.book = ClusterBook(
+                    registry.store,
+                    config.hives,
+                    configured=set(config.hives),
+                    workers=queen.workers,
+                    node=node,
+                    shared=shared_mode,
+                    interval=min(1.0, config.heartbeat_ttl_s / 5),
+                )
+                try:
+                    await queen.book.load()
+                except Exception as exc:
+                    logger.warning("queen: stored hives not read (%s)", exc)
+                jobs.start_soon(queen.book.run)
             await run_daemon(
                 app,
                 host=host,

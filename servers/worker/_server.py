@@ -102,6 +102,8 @@ class Worker:
         self.backend = backend
         self.registry = registry
         self.url: str | None = None
+        self.queen_now: str | None = config.queen_url
+        """The queen that answered the last heartbeat (the goodbye goes there)."""
         self.started_at = time.time()
         self.tokens_total = 0
         self.open_completions = 0
@@ -286,7 +288,11 @@ class Worker:
         return {**self.health(), "url": self.url, "state": state}
 
     async def heartbeat_loop(self, url: str) -> None:
-        """Tell the queen every ``heartbeat_s`` that this worker is alive and where."""
+        """Tell the queen every ``heartbeat_s`` that this worker is alive and where.
+
+        Queens sharing a store name each other in their answers (``queens``): when the
+        queen this worker beats to stops answering, the next one that does is used, so
+        the worker stays schedulable (by every queen) while any of them lives."""
         self.url = url
         queen = self.config.queen_url
         if not queen:
@@ -297,27 +303,33 @@ class Worker:
         headers["Connection"] = "close"
         with trio.move_on_after(5.0):
             await self.checked.wait()
+        queens = [queen.rstrip("/")]
         async with httpx.AsyncClient(timeout=httpx.Timeout(2.0), headers=headers) as client:
             warned = False
             while True:
-                try:
-                    response = await client.post(
-                        f"{queen.rstrip('/')}/v1/workers/heartbeat", json=self._beat(self.state)
-                    )
-                    response.raise_for_status()
+                for target in list(queens):
+                    try:
+                        response = await client.post(
+                            f"{target}/v1/workers/heartbeat", json=self._beat(self.state)
+                        )
+                        response.raise_for_status()
+                    except httpx.HTTPError as exc:
+                        if not warned:
+                            logger.warning("heartbeat to %s failed: %s", target, exc)
+                            warned = True
+                        continue
                     if warned:
-                        logger.info("heartbeats to %s go through again", queen)
+                        logger.info("heartbeats to %s go through again", target)
                     warned = False
-                    logger.debug("heartbeat to %s: %s", queen, self.state)
-                except httpx.HTTPError as exc:
-                    if not warned:
-                        logger.warning("heartbeat to %s failed: %s", queen, exc)
-                        warned = True
+                    logger.debug("heartbeat to %s: %s", target, self.state)
+                    self.queen_now = target
+                    queens = _queens_after(target, queens, response)
+                    break
                 await trio.sleep(self.config.heartbeat_s)
 
     async def say_goodbye(self) -> None:
         """Tell the queen this worker is stopping, so it is no longer scheduled."""
-        queen = self.config.queen_url
+        queen = self.queen_now
         if not queen or self.url is None:
             return
         headers = {"Authorization": f"Bearer {self.config.token}"} if self.config.token else {}
@@ -524,3 +536,13 @@ async def serve_worker(
             stop_grace_s=config.stop_grace_s + 3.0,
             task_status=task_status,
         )
+
+
+def _queens_after(answered: str, known: list[str], response: httpx.Response) -> list[str]:
+    """The queens to beat to, the one that answered first, then the others it named."""
+    try:
+        named = response.json().get("queens") or []
+    except (ValueError, AttributeError):
+        named = []
+    others = [str(u).rstrip("/") for u in named if isinstance(u, str)]
+    return list(dict.fromkeys([answered, *known, *others]))

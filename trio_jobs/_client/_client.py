@@ -29,8 +29,9 @@ from __future__ import annotations
 
 import functools
 import ssl
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from contextlib import asynccontextmanager
+from datetime import UTC, datetime
 from types import TracebackType
 from typing import Any, Literal, Protocol, Self, TypedDict, Unpack
 
@@ -108,6 +109,22 @@ def _job_body(op: Operation, options: Mapping[str, Any]) -> dict[str, Any]:
             value = dict(value)
         body[name] = value
     return body
+
+
+TagFilter = str | Sequence[str] | Mapping[str, str] | None
+"""``"k:v"``, several of them, or a mapping of tags."""
+TimeBound = datetime | float | str | None
+"""An aware ``datetime`` (naive: UTC), epoch seconds, or ISO-8601 text."""
+
+
+def _iso(bound: datetime | float | str) -> str:
+    if isinstance(bound, str):
+        return bound
+    if isinstance(bound, datetime):
+        when = bound if bound.tzinfo is not None else bound.replace(tzinfo=UTC)
+    else:
+        when = datetime.fromtimestamp(bound, UTC)
+    return when.isoformat()
 
 
 def _member(data: Any, key: str, what: str) -> Any:
@@ -249,17 +266,90 @@ class JobClient:
         return history
 
     async def list_jobs(
-        self, state: JobState | str | None = None, tag: str | None = None
+        self,
+        state: JobState | str | None = None,
+        tag: TagFilter = None,
+        *,
+        operation: str | None = None,
+        since: TimeBound = None,
+        until: TimeBound = None,
+        limit: int | None = None,
+        order: Literal["asc", "desc"] = "asc",
     ) -> list[dict[str, Any]]:
-        """Records of the known jobs, filtered by ``state`` and by ``tag`` (``"k:v"``)."""
-        params: dict[str, str] = {}
+        """Records of the server's jobs (its store's, so also finished jobs no longer in
+        memory), oldest first (``order="desc"``: newest first), following pages.
+
+        Args:
+            state: only jobs in this state.
+            tag: ``"k:v"``, several of them, or a mapping: jobs carrying every tag.
+            operation: only jobs whose payload's ``operation`` is this.
+            since: only jobs created at or after this time (aware ``datetime``, epoch
+                seconds, or ISO-8601 text; zone-less means UTC).
+            until: only jobs created before this time.
+            limit: at most this many records (None: all of them).
+            order: ``"asc"`` (oldest first) or ``"desc"``.
+        """
+        out: list[dict[str, Any]] = []
+        cursor: str | None = None
+        while True:
+            want = None if limit is None else limit - len(out)
+            page = await self.jobs_page(
+                state,
+                tag,
+                operation=operation,
+                since=since,
+                until=until,
+                limit=None if want is None else min(want, 1000),
+                cursor=cursor,
+                order=order,
+            )
+            out.extend(page["jobs"])
+            cursor = page.get("next_cursor")
+            if cursor is None or (limit is not None and len(out) >= limit):
+                return out
+
+    async def jobs_page(
+        self,
+        state: JobState | str | None = None,
+        tag: TagFilter = None,
+        *,
+        operation: str | None = None,
+        since: TimeBound = None,
+        until: TimeBound = None,
+        limit: int | None = None,
+        cursor: str | None = None,
+        order: Literal["asc", "desc"] = "asc",
+    ) -> dict[str, Any]:
+        """One page of ``GET /v1/jobs``: ``{"jobs": [...], "next_cursor": str | None}``
+        (filters as :meth:`list_jobs`; ``limit`` up to 1000, the server's default 100;
+        ``cursor``: the previous page's ``next_cursor``).
+
+        Raises:
+            HTTPStatusError: 422 for a bad filter (the detail names it).
+        """
+        params: list[tuple[str, str]] = []
         if state is not None:
-            params["state"] = state.value if isinstance(state, JobState) else state
-        if tag is not None:
-            params["tag"] = tag
+            params.append(("state", state.value if isinstance(state, JobState) else state))
+        if isinstance(tag, str):
+            params.append(("tag", tag))
+        elif isinstance(tag, Mapping):
+            params += [("tag", f"{k}:{v}") for k, v in tag.items()]
+        elif tag is not None:
+            params += [("tag", t) for t in tag]
+        if operation is not None:
+            params.append(("operation", operation))
+        for name, bound in (("since", since), ("until", until)):
+            if bound is not None:
+                params.append((name, _iso(bound)))
+        if limit is not None:
+            params.append(("limit", str(limit)))
+        if cursor is not None:
+            params.append(("cursor", cursor))
+        if order != "asc":
+            params.append(("order", order))
         data = await self._json("GET", "/v1/jobs", params=params)
         jobs: list[dict[str, Any]] = _member(data, "jobs", "GET /v1/jobs")
-        return jobs
+        return {"jobs": jobs, "next_cursor": data.get("next_cursor")}
 
     async def cancel(self, job_id: str) -> dict[str, Any]:
         """Cancel the job (``DELETE``) and return its record.

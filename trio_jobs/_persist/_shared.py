@@ -16,7 +16,9 @@ nodes that died, and forwards cancels. Its promises:
 
 from __future__ import annotations
 
+import functools
 import logging
+import math
 from typing import Any
 
 import trio
@@ -26,7 +28,17 @@ from .._models import JobState, NarrationEvent, Transition
 from .._registry import JobRegistry
 from .._runner import Executor, execute
 from .._signals import Signal, TerminalSignal
-from .._stores._base import SharedStore, StoredJob
+from .._stores._base import (
+    CANCEL,
+    EVENTS,
+    FOLLOW,
+    QUEUED,
+    WRITTEN,
+    SharedStore,
+    StoredJob,
+    parse_notice,
+)
+from .._stores._rows import events_from_chunks
 from ._writer import Persister
 
 __all__ = ["SharedRunner"]
@@ -64,9 +76,11 @@ class SharedRunner:
         poll_interval: float,
         lease: float,
         claim: bool = True,
+        listen: bool = True,
     ) -> None:
         self.registry = registry
         self.claim = claim
+        self.listen = listen
         self.store = store
         self.persister = persister
         self.executor = executor
@@ -82,10 +96,24 @@ class SharedRunner:
         """Cancels asked here of jobs that may be held elsewhere, not yet sent."""
         self._cancelling: set[str] = set()
         """Sent cancels whose jobs have not ended here yet."""
+        self._cancel_wake = trio.Event()
         self._next_beat = 0.0
         self._in_touch_since: float | None = None
         """Trio time since which every round reached the store (None: the last failed)."""
         self._wake = trio.Event()
+        self.listening = False
+        """True while the store's notices reach this node (LISTEN is connected): rows
+        written and cancels asked elsewhere are then acted on as they are committed,
+        and polled for only as a safety net (every ``safety_interval``)."""
+        self.safety_interval = 1.0
+        self._last_safety = -math.inf
+        self._notified: set[str] = set()
+        self._wanted: set[str] = set()
+        """Jobs of this registry another node follows that do not run here (yet)."""
+        self._poll_lock = trio.Lock()
+        """One read-and-copy of followed jobs at a time (so none applies an older row)."""
+        self._resync = False
+        self._notice_wake = trio.Event()
         registry.add_observer(self._observe)
 
     def _observe(self, job: Job, transition: Transition) -> None:
@@ -99,8 +127,35 @@ class SharedRunner:
         if job.id in self.here or not self.persister.stored(job.id):
             return False
         self._cancel_queue.append(job.id)
+        self._cancel_wake.set()
         self._wake.set()
         return True
+
+    async def _send_cancels(self) -> None:
+        """Ask the store to cancel the jobs whose cancel was asked here (their owners
+        hear it at once); on failure they stay queued for the next try."""
+        if not self._cancel_queue:
+            await trio.lowlevel.checkpoint()
+            return
+        asked, self._cancel_queue = self._cancel_queue, []
+        try:
+            await self.persister.flush()  # the rows must be there to carry the request
+            await self.store.request_cancel(asked)
+        except BaseException:
+            self._cancel_queue[:0] = asked
+            raise
+        self._cancelling.update(asked)
+
+    async def _cancel_sender(self) -> None:
+        """Forever: send cancels as soon as they are asked (not at the next round)."""
+        while True:
+            await self._cancel_wake.wait()
+            self._cancel_wake = trio.Event()
+            try:
+                await self._send_cancels()
+            except Exception as exc:
+                logger.debug("sending cancels failed (%s); the next round retries", exc)
+            self._wake.set()  # the round takes those nobody claimed
 
     def _followed(self) -> dict[str, int]:
         """Jobs in this registry that may run elsewhere, with their last local event id."""
@@ -174,16 +229,126 @@ class SharedRunner:
             return True
         self.persister.disown(job_id)
         self._wake.set()
+        await self._tell(FOLLOW, [job_id])
         return True
+
+    async def _tell(self, kind: str, job_ids: list[str]) -> None:
+        """Notify the other nodes (best effort: polling is the safety net)."""
+        notify = getattr(self.store, "notify", None)
+        if notify is None:
+            await trio.lowlevel.checkpoint()
+            return
+        try:
+            await notify(kind, job_ids)
+        except Exception as exc:
+            logger.debug("notice %s to the other nodes failed: %s", kind, exc)
+
+    def _notice(self, payload: str) -> None:
+        """A notice from the store (see ``SharedStore.listen``), acted on at once; a
+        malformed one (anyone may notify the channel) is logged and ignored."""
+        try:
+            self._act_on(payload)
+        except Exception:
+            logger.warning("ignoring a notice that could not be read: %.200r", payload)
+
+    def _act_on(self, payload: str) -> None:
+        if payload.startswith(EVENTS + " "):
+            self._stored_events(payload)
+            return
+        kind, ids = parse_notice(payload)
+        if kind == WRITTEN and ids != ["*"]:
+            self._notified.update(ids)
+            self._notice_wake.set()
+        elif kind == QUEUED:
+            if self.claim:
+                self._wake.set()  # claim it now (free capacity permitting)
+        elif kind == CANCEL:
+            for job_id in ids:
+                if job_id in self.here:
+                    self.registry.cancel_job(job_id, "cancelled through another node")
+        elif kind == FOLLOW:
+            for job_id in ids:
+                if job_id in self.here:
+                    self.persister.watch(job_id)
+                elif job_id in self.registry:
+                    self._wanted.add(job_id)  # watched once it runs here
+        else:  # a (re)connection or an overflow: notices may have been missed
+            self._resync = True
+            self._notice_wake.set()
+            self._wake.set()
+
+    def _stored_events(self, payload: str) -> None:
+        """Events another node just stored for a job followed here: copied into its
+        mirror when they continue it exactly, else read from the store."""
+        _, job_id, chunk = payload.split(" ", 2)
+        if job_id not in self.persister.foreign:
+            return
+        job = self.registry.job(job_id)
+        if job is None or job.log.terminal is not None:
+            return
+        after = job.log.next_id - 1
+        try:
+            events = events_from_chunks(job_id, [chunk], after, None)
+        except ValueError:
+            events = []
+        if not events or events[0].id != after + 1:
+            self._notified.add(job_id)  # a gap (or nothing new): the store has it all
+            self._notice_wake.set()
+            return
+        self._copy_events(job, events)
+
+    def _on_listening(self, up: bool) -> None:
+        self.listening = up
+
+    async def _follow_notified(self) -> None:
+        """Forever: read the rows of followed jobs that notices say were written."""
+        while True:
+            await self._notice_wake.wait()
+            self._notice_wake = trio.Event()
+            ids, self._notified = self._notified, set()
+            resync, self._resync = self._resync, False
+            followed = self._followed()
+            want = followed if resync else {i: followed[i] for i in ids if i in followed}
+            if not want:
+                continue
+            try:
+                await self._apply(want)
+            except Exception as exc:  # read them again shortly (the store reconnects)
+                logger.debug("reading notified jobs failed (%s); retrying", exc)
+                self._notified.update(want)
+                self._notice_wake.set()
+                await trio.sleep(min(self.poll_interval, 0.05))
+
+    async def _apply(self, followed: dict[str, int]) -> None:
+        """Read what other nodes wrote of jobs followed here (each with the last event id
+        known here) and copy it into their mirrors."""
+        async with self._poll_lock:
+            for stored, events in await self.store.poll(followed):
+                job = self.registry.job(stored.record.id)
+                if job is None:
+                    continue
+                self._wanted.discard(job.id)
+                if job.id not in self.persister.foreign:
+                    self.persister.disown(job.id)
+                await trio.lowlevel.checkpoint()
+                self._copy_events(job, events)
+                job.follow(stored.record, stored.history)
 
     async def _start(self, nursery: trio.Nursery, stored: StoredJob) -> None:
         job_id = stored.record.id
         if job_id in self.here:
             return
+        # created on another node (or followed here from it), or followed by another:
+        # that node streams it
+        fresh = job_id not in self.registry or job_id in self.persister.foreign
+        fresh = fresh or job_id in self._wanted
+        self._wanted.discard(job_id)
         job = await self._load(stored)
         if job.state is not JobState.RUNNING:
             return
         self.here.add(job_id)
+        if fresh:  # write its events at once
+            self.persister.watch(job_id)
         if job.cancel_requested:  # cancelled here before the claim: it ends at once
             self._cancelling.discard(job_id)
             job.finish(TerminalSignal(Signal.CANCELLED), job.cancel_reason or "cancelled")
@@ -196,6 +361,7 @@ class SharedRunner:
             await execute(self.registry, job, self.executor)
         finally:
             self.running_here -= 1
+            self.persister.watched.discard(job.id)
             self._wake.set()
 
     async def _take_over(self, stored: StoredJob) -> None:
@@ -231,6 +397,11 @@ class SharedRunner:
         lease time), so an outage of the store pauses the node instead of ending it."""
         failing = 0
         health = self.persister.health
+        listen = getattr(self.store, "listen", None) if self.listen else None
+        nursery.start_soon(self._cancel_sender)
+        if listen is not None:
+            nursery.start_soon(self._follow_notified)
+            nursery.start_soon(functools.partial(listen, self._notice, on_state=self._on_listening))
         while True:
             self._wake = trio.Event()
             try:
@@ -253,12 +424,7 @@ class SharedRunner:
         """Send the cancels asked here, and end those of jobs nobody claimed: this node
         takes them (so no other node can) and writes their end."""
         registry = self.registry
-        if self._cancel_queue:
-            asked = self._cancel_queue
-            await self.persister.flush()  # the rows must be there to carry the request
-            await self.store.request_cancel(asked)
-            self._cancel_queue = []
-            self._cancelling.update(asked)
+        await self._send_cancels()
         for job_id in list(self._cancelling):
             job = registry.job(job_id)
             if job is None or job.state.is_terminal:
@@ -293,20 +459,14 @@ class SharedRunner:
         if self.claim and in_touch is not None and now - in_touch >= self.lease:
             for stored in await store.take_over(16, self.lease):
                 await self._take_over(stored)
-        for job_id in await store.cancel_requests():
-            if job_id in self.here:
-                self.registry.cancel_job(job_id, "cancelled through another node")
-        followed = self._followed()
-        if followed:
-            for stored, events in await store.poll(followed):
-                job = self.registry.job(stored.record.id)
-                if job is None:
-                    continue
-                if job.id not in self.persister.foreign:
-                    self.persister.disown(job.id)
-                await trio.lowlevel.checkpoint()
-                self._copy_events(job, events)
-                job.follow(stored.record, stored.history)
+        if not self.listening or now - self._last_safety >= self.safety_interval:
+            self._last_safety = now
+            for job_id in await store.cancel_requests():
+                if job_id in self.here:
+                    self.registry.cancel_job(job_id, "cancelled through another node")
+            followed = self._followed()
+            if followed:
+                await self._apply(followed)
         self._prune_queue()
 
 

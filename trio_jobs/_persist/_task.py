@@ -5,8 +5,9 @@ from __future__ import annotations
 
 import trio
 
+from .._exceptions import StoreUnavailable
 from .._job import Job
-from .._models import JobRecord
+from .._models import JobPage, JobQuery, JobRecord
 from .._registry import JobRegistry
 from .._stores._base import JobStore
 from ._recovery import load_finished, recover
@@ -42,6 +43,13 @@ class StoreBacking:
 
     async def acknowledge(self, job: Job) -> None:
         await self.persister.acknowledge(job)
+
+    async def query(self, query: JobQuery) -> JobPage:
+        try:
+            await self.persister.flush()  # this node's latest states are what is listed
+            return await self.persister.store.query_jobs(query)
+        except Exception as exc:
+            raise StoreUnavailable(f"the job store cannot list jobs: {exc}") from exc
 
 
 async def run_persistence(

@@ -157,6 +157,8 @@ class Persister:
         self._wake = trio.lowlevel.ParkingLot()
         self.foreign: set[str] = set()
         """Ids of jobs another node owns: followed here, never written from here."""
+        self.watched: set[str] = set()
+        """Ids of jobs another node follows: their events are written at once."""
         self.poisoned: dict[str, str] = {}
         """Jobs the store refused to take (id -> error), written alone each flush."""
         self.flushes = 0
@@ -196,7 +198,15 @@ class Persister:
             return
         job = self.registry.job(log.job_id)
         if job is not None and job.log is log:
-            self._mark(job, log.next_id - 1 > log.limit or log.terminal is not None)
+            urgent = log.next_id - 1 > log.limit or log.terminal is not None
+            self._mark(job, urgent or log.job_id in self.watched)
+
+    def watch(self, job_id: str) -> None:
+        """Another node follows this job: write its events at once from now on."""
+        self.watched.add(job_id)
+        job = self._dirty.get(job_id)
+        if job is not None:
+            self._mark(job, True)
 
     def _log_held(self, log: JobLog) -> None:
         """A log's ``on_held`` hook: it went past its reservation; readers wait."""
@@ -381,6 +391,7 @@ class Persister:
         self._inflight = done
         parts = self._collect()
         batch = WriteBatch()
+        batch.followed = set(self.watched)  # read by the store in its thread
         alone = []
         refused: set[str] = set()
         for part in parts:

@@ -3,6 +3,7 @@ and the memory, SQLite and PostgreSQL implementations."""
 
 from ._base import JobStore as JobStore
 from ._base import JobWrite as JobWrite
+from ._base import Member as Member
 from ._base import SharedStore as SharedStore
 from ._base import StoredJob as StoredJob
 from ._base import WriteBatch as WriteBatch
@@ -14,6 +15,7 @@ from ._sqlite import SQLiteStore as SQLiteStore
 __all__ = [
     "JobStore",
     "JobWrite",
+    "Member",
     "MemoryStore",
     "PostgresStore",
     "SQLiteStore",

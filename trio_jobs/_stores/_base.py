@@ -11,16 +11,26 @@ from __future__ import annotations
 
 import abc
 import importlib
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
 import trio
 
 from .._json import dumps, loads
-from .._models import JobRecord, NarrationEvent, RetryPolicy, Transition
+from .._models import (
+    JobPage,
+    JobQuery,
+    JobRecord,
+    JobState,
+    NarrationEvent,
+    RetryPolicy,
+    Transition,
+)
 
 __all__ = [
     "JobStore",
+    "Member",
     "JobWrite",
     "SharedStore",
     "StoredJob",
@@ -79,6 +89,21 @@ class StoredJob:
 
 
 @dataclass(frozen=True, slots=True)
+class Member:
+    """One entry of a store's directory of cluster members (a worker, a hive).
+
+    ``data`` is the member's JSON-ready description; ``seen_at`` the epoch time it was
+    last recorded (a heartbeat); ``node`` the node that recorded it.
+    """
+
+    kind: str
+    key: str
+    data: dict[str, Any]
+    seen_at: float
+    node: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
 class JobWrite:
     """One job row to insert or update, with the job's whole history.
 
@@ -112,6 +137,8 @@ class WriteBatch:
     jobs: list[JobWrite] = field(default_factory=list)
     events: list[NarrationEvent] = field(default_factory=list)
     prune: list[tuple[str, int]] = field(default_factory=list)
+    followed: set[str] = field(default_factory=set)
+    """Jobs other nodes follow: a store that notifies sends their new events along."""
 
     def __bool__(self) -> bool:
         return bool(self.jobs or self.events or self.prune)
@@ -161,6 +188,28 @@ class JobStore(abc.ABC):
     @abc.abstractmethod
     async def schema_version(self) -> int:
         """The highest schema migration applied (0 for a store without a schema)."""
+
+    async def query_jobs(self, query: JobQuery) -> JobPage:
+        """One page of the stored jobs matching ``query`` (see :class:`JobQuery`), jobs
+        that retention dropped from memory included. This default reads every job; the
+        SQL stores filter and paginate in the database."""
+        return query.page(stored.record for stored in await self.load_jobs())
+
+    async def put_member(
+        self, kind: str, key: str, data: dict[str, Any], *, node: str | None = None
+    ) -> None:
+        """Record (or refresh) a cluster member: a worker's heartbeat, a hive's address.
+        Several queens on one store see each other's members."""
+        raise NotImplementedError(f"{self!r} keeps no members")
+
+    async def drop_member(self, kind: str, key: str) -> None:
+        """Forget a member (a worker that stopped, a hive removed)."""
+        raise NotImplementedError(f"{self!r} keeps no members")
+
+    async def members(self, kind: str, *, seen_since: float | None = None) -> list[Member]:
+        """The members of a kind (recorded at or after ``seen_since``, epoch time),
+        oldest recorded first."""
+        raise NotImplementedError(f"{self!r} keeps no members")
 
     async def ping(self) -> None:
         """Raise unless the store answers (reconnecting first if it had gone away)."""
@@ -213,6 +262,83 @@ class SharedStore(Protocol):
 
     async def poll(self, after: dict[str, int]) -> list[tuple[StoredJob, list[NarrationEvent]]]:
         """Rows other nodes hold among ``after``'s ids, each with its events after the id."""
+
+    async def put_member(
+        self, kind: str, key: str, data: dict[str, Any], *, node: str | None = None
+    ) -> None:
+        """Record a member (a worker heartbeat reaching this node, a hive): every node
+        reads it back with :meth:`members`."""
+
+    async def drop_member(self, kind: str, key: str) -> None:
+        """Forget a member for every node."""
+
+    async def members(self, kind: str, *, seen_since: float | None = None) -> list[Member]:
+        """The members every node recorded."""
+
+    async def notify(self, kind: str, job_ids: list[str]) -> None:
+        """Tell every node about these jobs at once (see :func:`notices`). Writes and
+        cancel requests notify by themselves: ``w`` and ``c`` notices at commit."""
+
+    async def listen(
+        self,
+        deliver: Callable[[str], None],
+        *,
+        on_state: Callable[[bool], None] = ...,
+        task_status: trio.TaskStatus[None] = ...,
+    ) -> None:
+        """Forever: every notice of every node, as it is committed; ``"*"`` after each
+        (re)connection, when notices may have been missed."""
+
+
+WRITTEN, QUEUED, CANCEL, FOLLOW, EVENTS = "w", "q", "c", "f", "e"
+"""Notice kinds: rows of these jobs were written; new jobs were queued (claim them); their
+cancel was asked; a node follows them (their owner then writes their events at once);
+``e <job id> <chunk>``: events of a followed job just stored (as the events table holds
+them), so followers need not read them back."""
+_NOTICE_BYTES = 7900
+"""PostgreSQL's notification payloads hold less than 8000 bytes."""
+
+
+def notices(kind: str, job_ids: Iterable[str]) -> list[str]:
+    """``kind`` and the job ids, space-separated, split to fit notification payloads."""
+    out: list[str] = []
+    current = kind
+    for job_id in job_ids:
+        if len(current) + len(job_id.encode()) + 1 > _NOTICE_BYTES:
+            out.append(current)
+            current = kind
+        current += " " + job_id
+    if current != kind or not out:
+        out.append(current)
+    return out
+
+
+def written_notices(batch: WriteBatch) -> list[str]:
+    """The notices of a written batch: its job ids (``"w *"`` when they do not fit in
+    one notice), and the new queued jobs among them."""
+    ids = dict.fromkeys(w.record.id for w in batch.jobs)
+    ids.update(dict.fromkeys(e.job_id for e in batch.events))
+    parts = notices(WRITTEN, ids)
+    out = [parts[0] if len(parts) == 1 else f"{WRITTEN} *"]
+    new = [w.record.id for w in batch.jobs if w.first and w.record.state is JobState.QUEUED]
+    if new:
+        out += notices(QUEUED, new)
+    return out
+
+
+def event_notices(chunks: list[tuple[str, int, int, str]], followed: set[str]) -> list[str]:
+    """``e`` notices for the stored event chunks of followed jobs that fit a notice."""
+    return [
+        f"{EVENTS} {job_id} {chunk}"
+        for job_id, _first, _last, chunk in chunks
+        if job_id in followed and len(chunk.encode()) + len(job_id.encode()) < _NOTICE_BYTES
+    ]
+
+
+def parse_notice(payload: str) -> tuple[str, list[str]]:
+    """A notice as ``(kind, job ids)``; ``"*"`` (after a reconnection) is ``("*", [])``."""
+    kind, _, rest = payload.partition(" ")
+    return kind, rest.split()
 
 
 def check_json(what: str, value: Any) -> str:

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import dataclasses
+import time
 from dataclasses import dataclass, field
+from typing import Any
 
 import trio
 
+from .._json import dumps, loads
 from .._models import NarrationEvent
-from ._base import JobStore, StoredJob, WriteBatch
+from ._base import JobStore, Member, StoredJob, WriteBatch
 from ._rows import event_chunks, events_from_chunks, job_row, stored_job_from_row
 
 __all__ = ["MemoryStore"]
@@ -32,6 +35,7 @@ class MemoryStore(JobStore):
         self._jobs: dict[str, _MemJob] = {}
         self._open = False
         self.writes = 0
+        self._members: dict[tuple[str, str], Member] = {}
 
     async def open(self) -> None:
         self._open = True
@@ -111,3 +115,26 @@ class MemoryStore(JobStore):
     async def schema_version(self) -> int:
         await trio.lowlevel.checkpoint()
         return 1
+
+    async def put_member(
+        self, kind: str, key: str, data: dict[str, Any], *, node: str | None = None
+    ) -> None:
+        self._check()
+        await trio.lowlevel.checkpoint()
+        self._members[kind, key] = Member(kind, key, loads(dumps(data)), time.time(), node)
+
+    async def drop_member(self, kind: str, key: str) -> None:
+        self._check()
+        await trio.lowlevel.checkpoint()
+        self._members.pop((kind, key), None)
+
+    async def members(self, kind: str, *, seen_since: float | None = None) -> list[Member]:
+        self._check()
+        await trio.lowlevel.checkpoint()
+        out = [
+            m
+            for m in self._members.values()
+            if m.kind == kind and (seen_since is None or m.seen_at >= seen_since)
+        ]
+        out.sort(key=lambda m: m.seen_at)
+        return out

@@ -5,7 +5,8 @@ queens may start together). A job's history is a JSON column of its row; its eve
 stored in chunks, one row per run of events written by one flush
 (``[[id, ts, actor, action, human, fields], ...]``). From version 2 the ``error`` column
 holds JSON text (PostgreSQL's ``text`` cannot hold NUL) and ``reserved_id`` records the
-event ids a process may have handed out.
+event ids a process may have handed out. Version 3 indexes jobs by creation (listings) and
+adds ``members``: the workers and hives the nodes sharing a store know.
 """
 
 from __future__ import annotations
@@ -55,6 +56,20 @@ SQLITE: Migrations = [
             "UPDATE jobs SET error = json_quote(error) WHERE error IS NOT NULL",
         ],
     ),
+    (
+        3,
+        [
+            "CREATE INDEX jobs_created ON jobs (created_at, id)",
+            """CREATE TABLE members (
+                kind TEXT NOT NULL,
+                key TEXT NOT NULL,
+                data TEXT NOT NULL,
+                seen_at REAL NOT NULL,
+                node TEXT,
+                PRIMARY KEY (kind, key)
+            ) WITHOUT ROWID""",
+        ],
+    ),
 ]
 
 POSTGRES: Migrations = [
@@ -101,6 +116,20 @@ POSTGRES: Migrations = [
         [
             "ALTER TABLE jobs ADD COLUMN reserved_id BIGINT NOT NULL DEFAULT 0",
             "UPDATE jobs SET error = to_json(error)::text WHERE error IS NOT NULL",
+        ],
+    ),
+    (
+        3,
+        [
+            'CREATE INDEX jobs_created ON jobs (created_at, id COLLATE "C")',
+            """CREATE TABLE members (
+                kind TEXT NOT NULL,
+                key TEXT NOT NULL,
+                data TEXT NOT NULL,
+                seen_at DOUBLE PRECISION NOT NULL,
+                node TEXT,
+                PRIMARY KEY (kind, key)
+            )""",
         ],
     ),
 ]

@@ -8,13 +8,14 @@ connection from worker threads (see ``ThreadedSQLStore``). Batched writes go thr
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 import trio
 
 from .._models import NarrationEvent
-from ._base import StoredJob, WriteBatch
+from ._base import CANCEL, StoredJob, WriteBatch, event_notices, notices, written_notices
+from ._listen import listen
 from ._migrations import POSTGRES
 from ._rows import (
     JOB_COLUMNS,
@@ -83,6 +84,7 @@ class PostgresStore(ThreadedSQLStore["psycopg.Connection[Any]"]):
     float_type = "DOUBLE PRECISION"
     migrations = POSTGRES
     job_columns = f"{JOB_COLUMNS}, owner, cancel_requested"
+    id_order = 'id COLLATE "C"'
 
     def __init__(
         self,
@@ -160,6 +162,13 @@ class PostgresStore(ThreadedSQLStore["psycopg.Connection[Any]"]):
                     cur.executemany(_EVENTS, chunks)
                 if batch.prune:
                     cur.executemany(_PRUNE, batch.prune)
+                if node is not None and (batch.jobs or batch.events):
+                    # Delivered at commit: the nodes following these jobs read them now.
+                    notes = written_notices(batch)
+                    if batch.followed:
+                        notes = event_notices(chunks, batch.followed) + notes
+                    for notice in notes:
+                        cur.execute(_NOTIFY, (self.channel, notice))
 
         await self._run(write)
 
@@ -253,11 +262,16 @@ class PostgresStore(ThreadedSQLStore["psycopg.Connection[Any]"]):
         """Ask the owners of these jobs to cancel them (they see it at their heartbeat)."""
 
         def ask(conn: psycopg.Connection[Any]) -> None:
+            first, *more = notices(CANCEL, job_ids)
+            # One statement (one round trip): the notice goes out as the request commits.
             conn.execute(
-                "UPDATE jobs SET cancel_requested = TRUE "
-                f"WHERE id = ANY(%s) AND state IN {_ACTIVE}",
-                (job_ids,),
+                "WITH asked AS (UPDATE jobs SET cancel_requested = TRUE "
+                f"WHERE id = ANY(%s) AND state IN {_ACTIVE} RETURNING id) "
+                "SELECT pg_notify(%s, %s)",
+                (job_ids, self.channel, first),
             )
+            for notice in more:
+                conn.execute(_NOTIFY, (self.channel, notice))
 
         await self._run(ask)
 
@@ -297,9 +311,10 @@ class PostgresStore(ThreadedSQLStore["psycopg.Connection[Any]"]):
             held = [r[0] for r in rows]
             chunks: dict[str, list[str]] = {job_id: [] for job_id in held}
             for job_id, last_id, events in conn.execute(
-                "SELECT job_id, last_id, events FROM events WHERE job_id = ANY(%s) "
-                "ORDER BY job_id, first_id",
-                (held,),
+                "SELECT e.job_id, e.last_id, e.events FROM events e "
+                "JOIN unnest(%s::text[], %s::bigint[]) AS a(id, after) ON e.job_id = a.id "
+                "WHERE e.last_id > a.after ORDER BY e.job_id, e.first_id",
+                (held, [after[job_id] for job_id in held]),
             ):
                 if last_id > after[job_id]:
                     chunks[job_id].append(events)
@@ -309,6 +324,45 @@ class PostgresStore(ThreadedSQLStore["psycopg.Connection[Any]"]):
             ]
 
         return await self._run(poll)
+
+    # ---- notifications (LISTEN/NOTIFY) ----------------------------------------------------
+
+    @property
+    def channel(self) -> str:
+        """The notification channel of the nodes sharing this schema."""
+        return f"trio_jobs.{self.schema}"[:63]
+
+    async def notify(self, kind: str, job_ids: list[str]) -> None:
+        """Tell every node on the schema something about these jobs (see
+        :func:`~trio_jobs._stores._base.notices`)."""
+
+        def send(conn: psycopg.Connection[Any]) -> None:
+            for notice in notices(kind, job_ids):
+                conn.execute(_NOTIFY, (self.channel, notice))
+
+        await self._run(send)
+
+    async def listen(
+        self,
+        deliver: Callable[[str], None],
+        *,
+        on_state: Callable[[bool], None] = lambda up: None,
+        task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+    ) -> None:
+        """Hand every notice on the schema's channel to ``deliver`` as it arrives (on a
+        connection of its own, reconnected after the server went away; ``"*"`` after
+        each connection: notices may have been missed)."""
+        quoted = '"' + self.channel.replace('"', '""') + '"'
+        await listen(
+            self.dsn,
+            f"LISTEN {quoted}".encode(),
+            deliver,
+            on_state=on_state,
+            task_status=task_status,
+        )
+
+
+_NOTIFY = "SELECT pg_notify(%s, %s)"
 
 
 def _stored(row: Any) -> StoredJob:

@@ -12,8 +12,9 @@ from typing import Any, ClassVar, Generic, Protocol, TypeVar
 
 import trio
 
-from .._models import NarrationEvent
-from ._base import JobStore, StoredJob
+from .._json import dumps, loads
+from .._models import JobPage, JobQuery, JobRecord, NarrationEvent
+from ._base import JobStore, Member, StoredJob
 from ._rows import JOB_COLUMNS, events_from_chunks, stored_job_from_row
 
 __all__ = ["Connection", "ThreadedSQLStore"]
@@ -54,6 +55,8 @@ class ThreadedSQLStore(JobStore, Generic[ConnT]):
     """Schema versions, applied in order; each version's statements in one transaction."""
     job_columns: ClassVar[str] = JOB_COLUMNS
     """What the job queries select (:meth:`_stored` reads a row of them back)."""
+    id_order: ClassVar[str] = "id"
+    """How ids compare in listings: by code point, as Python compares them."""
 
     def __init__(self, *, threaded: bool = True) -> None:
         self._conn: ConnT | None = None
@@ -203,3 +206,112 @@ class ThreadedSQLStore(JobStore, Generic[ConnT]):
             return events_from_chunks(job_id, [r[0] for r in rows], after, limit)
 
         return await self._run(load)
+
+    # ---- listing -------------------------------------------------------------------------
+
+    async def query_jobs(self, query: JobQuery) -> JobPage:
+        """Filter and page in the database (``created_at, id`` index). Tags and the
+        operation are narrowed with ``LIKE`` on their JSON text and checked exactly on
+        the rows read, so a page is read in one query in practice."""
+        cols, p, ident = self.job_columns, self.param, self.id_order
+        where: list[str] = []
+        params: list[Any] = []
+        if query.state is not None:
+            where.append(f"state = {p}")
+            params.append(query.state.value)
+        if query.since is not None:
+            where.append(f"created_at >= {p}")
+            params.append(query.since)
+        if query.until is not None:
+            where.append(f"created_at < {p}")
+            params.append(query.until)
+        for key, value in query.tags:
+            pattern = _like({key: value})
+            if pattern is not None:
+                where.append(f"tags LIKE {p} ESCAPE '\\'")
+                params.append(pattern)
+        if query.operation is not None:
+            pattern = _like({"operation": query.operation})
+            if pattern is not None:
+                where.append(f"payload LIKE {p} ESCAPE '\\'")
+                params.append(pattern)
+        way = "DESC" if query.descending else "ASC"
+        after = "<" if query.descending else ">"
+        batch = query.limit + 1
+
+        def run(conn: ConnT) -> list[JobRecord]:
+            out: list[JobRecord] = []
+            position = query.position
+            while True:
+                clauses, args = list(where), list(params)
+                if position is not None:
+                    clauses.append(
+                        f"(created_at {after} {p} OR (created_at = {p} AND {ident} {after} {p}))"
+                    )
+                    args += [position[0], position[0], position[1]]
+                sql = f"SELECT {cols} FROM jobs"
+                if clauses:
+                    sql += " WHERE " + " AND ".join(clauses)
+                sql += f" ORDER BY created_at {way}, {ident} {way} LIMIT {batch}"
+                rows = conn.execute(sql, args).fetchall()
+                for row in rows:
+                    record = self._stored(row).record
+                    if query.matches(record):
+                        out.append(record)
+                if len(out) > query.limit or len(rows) < batch:
+                    return out
+                last = self._stored(rows[-1]).record
+                position = (last.created_at, last.id)
+
+        return query.take(await self._run(run))
+
+    # ---- members -------------------------------------------------------------------------
+
+    async def put_member(
+        self, kind: str, key: str, data: dict[str, Any], *, node: str | None = None
+    ) -> None:
+        p = self.param
+        row = (kind, key, dumps(data), time.time(), node)
+
+        def put(conn: ConnT) -> None:
+            conn.execute(
+                f"INSERT INTO members (kind, key, data, seen_at, node) "
+                f"VALUES ({p}, {p}, {p}, {p}, {p}) ON CONFLICT (kind, key) DO UPDATE SET "
+                "data = excluded.data, seen_at = excluded.seen_at, node = excluded.node",
+                row,
+            )
+
+        await self._run(put)
+
+    async def drop_member(self, kind: str, key: str) -> None:
+        p = self.param
+
+        def drop(conn: ConnT) -> None:
+            conn.execute(f"DELETE FROM members WHERE kind = {p} AND key = {p}", (kind, key))
+
+        await self._run(drop)
+
+    async def members(self, kind: str, *, seen_since: float | None = None) -> list[Member]:
+        p = self.param
+
+        def read(conn: ConnT) -> list[Member]:
+            rows = conn.execute(
+                f"SELECT key, data, seen_at, node FROM members WHERE kind = {p} "
+                f"AND seen_at >= {p} ORDER BY seen_at",
+                (kind, -1.0 if seen_since is None else seen_since),
+            ).fetchall()
+            return [
+                Member(kind, key, loads(data), seen_at, node) for key, data, seen_at, node in rows
+            ]
+
+        return await self._run(read)
+
+
+def _like(pair: dict[str, str]) -> str | None:
+    """A ``LIKE`` pattern finding ``"key":"value"`` in a JSON column, or None when the
+    text is not plain printable ASCII (its JSON spelling then depends on the codec)."""
+    text = dumps(pair)[1:-1]
+    if not all(" " <= c <= "~" for c in text):
+        return None
+    escaped = text.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
+    return f"%{escaped}%"

@@ -22,8 +22,7 @@ from quart_trio import QuartTrio
 from werkzeug.exceptions import RequestEntityTooLarge
 
 from .._channel import JobStream, StreamItem
-from .._exceptions import JobNotFound
-from .._models import JobState
+from .._exceptions import JobNotFound, StoreUnavailable
 from .._registry import JobRegistry
 from .._runner import Executor
 from .._signals import TerminalSignal
@@ -31,6 +30,7 @@ from ._cross_site import CrossSiteGuard, SitePolicy, content_refusal
 from ._errors import ApiError, install_error_handlers, json_bytes, validation_detail
 from ._fastpath import CancelFastPath, wraps_quart_directly
 from ._guard import ConnectionGuard, on_request_end
+from ._listing import job_query, page_body
 from ._metrics import CONTENT_TYPE
 from ._openapi import openapi_document
 from ._options import non_finite_at, split_job_options
@@ -40,7 +40,6 @@ from ._sse import SSE_HEADERS, SseBody, ws_follow
 __all__ = ["JobsBlueprint", "create_app", "jobs_blueprint", "job_service"]
 
 EXTENSION_KEY = "trio_jobs"
-_STATES = ", ".join(state.value for state in JobState)
 
 
 class JobsBlueprint(Blueprint):
@@ -413,14 +412,14 @@ def jobs_blueprint(
 
     @bp.get("/v1/jobs")
     async def list_jobs() -> Response:
-        state = request.args.get("state")
-        tag = request.args.get("tag")
-        if state is not None and state not in JobState._value2member_map_:
-            raise _one_error(["state"], f"must be one of {_STATES}", "enum")
-        if tag is not None and ":" not in tag:
-            raise _one_error(["tag"], "must look like key:value", "value_error")
-        records = registry.list_jobs(state=state, tag=tag)
-        return _json({"jobs": [record.to_dict() for record in records]})
+        query = job_query(request.args)
+        try:
+            page = await registry.query_jobs(query)
+        except StoreUnavailable as exc:
+            raise ApiError(
+                503, "store unavailable", str(exc), headers={"Retry-After": "1"}
+            ) from None
+        return _json(page_body(page))
 
     # ---- service endpoints -------------------------------------------------------------
 

@@ -8,6 +8,7 @@ from typing import Any
 
 from pydantic import BaseModel
 
+from .._models import CURSOR_PATTERN, MAX_PAGE
 from ._options import (
     CreatedBody,
     ErrorBody,
@@ -21,6 +22,59 @@ __all__ = ["openapi_document"]
 
 _REF = "#/components/schemas/{model}"
 _STATES = ["queued", "running", "retrying", "completed", "failed", "cancelled"]
+
+
+def _query(name: str, schema: dict[str, Any], description: str, **more: Any) -> dict[str, Any]:
+    return {
+        "name": name,
+        "in": "query",
+        "required": False,
+        "schema": schema,
+        "description": description,
+        **more,
+    }
+
+
+_LIST_PARAMETERS = [
+    _query("state", {"type": "string", "enum": _STATES}, "Only jobs in this state."),
+    _query(
+        "tag",
+        {"type": "array", "items": {"type": "string", "pattern": "^[^:]+:"}},
+        "key:value; repeat for jobs carrying every one of these tags.",
+        style="form",
+        explode=True,
+    ),
+    _query(
+        "operation",
+        {"type": "string", "minLength": 1},
+        "Only jobs whose payload's operation is this.",
+    ),
+    _query(
+        "since",
+        {"type": "string", "format": "date-time"},
+        "Only jobs created at or after this ISO-8601 time (zone-less: UTC).",
+    ),
+    _query(
+        "until",
+        {"type": "string", "format": "date-time"},
+        "Only jobs created before this ISO-8601 time (zone-less: UTC).",
+    ),
+    _query(
+        "limit",
+        {"type": "integer", "minimum": 1, "maximum": MAX_PAGE, "default": 100},
+        "Most jobs in the page.",
+    ),
+    _query(
+        "cursor",
+        {"type": "string", "pattern": CURSOR_PATTERN},
+        "The previous page's next_cursor (opaque).",
+    ),
+    _query(
+        "order",
+        {"type": "string", "enum": ["asc", "desc"], "default": "asc"},
+        "By creation time: asc (oldest first) or desc.",
+    ),
+]
 
 
 def _schemas(*models: type[BaseModel]) -> dict[str, Any]:
@@ -203,27 +257,16 @@ def openapi_document(
                 "List jobs",
                 {
                     "200": {
-                        "description": "Jobs, oldest first.",
+                        "description": "A page of the stored jobs (also those retention "
+                        "dropped from memory), oldest first unless order=desc; pass "
+                        "next_cursor as cursor for the next page.",
                         "content": _json_content("JobListBody"),
                     },
-                    "422": _error("Bad state or tag filter."),
+                    "422": _error("A bad parameter (named in the detail)."),
+                    "503": _error("The job store cannot answer."),
                 },
                 operationId="listJobs",
-                parameters=[
-                    {
-                        "name": "state",
-                        "in": "query",
-                        "required": False,
-                        "schema": {"type": "string", "enum": _STATES},
-                    },
-                    {
-                        "name": "tag",
-                        "in": "query",
-                        "required": False,
-                        "schema": {"type": "string", "pattern": "^[^:]*:.*$"},
-                        "description": "key:value",
-                    },
-                ],
+                parameters=_LIST_PARAMETERS,
             ),
         },
         "/v1/jobs/{job_id}": {

@@ -175,6 +175,8 @@ class JobRecordBody(BaseModel):
 
 class JobListBody(BaseModel):
     jobs: list[JobRecordBody]
+    next_cursor: str | None
+    """Pass as ``cursor`` for the next page; null on the last page."""
 
 
 class TransitionBody(BaseModel):

@@ -1,0 +1,136 @@
+"""LISTEN/NOTIFY on PostgreSQL under trio: libpq's non-blocking API (``psycopg.pq``) with
+``trio.lowlevel.wait_readable`` on the connection's socket (psycopg's async API needs
+asyncio). How queens sharing a store hear at once that a job's rows changed or that its
+cancel was asked, instead of polling for it.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+import trio
+
+if TYPE_CHECKING:
+    from psycopg.pq.abc import PGconn
+
+__all__ = ["RESYNC", "listen"]
+
+logger = logging.getLogger("trio_jobs.store")
+
+RESYNC = "*"
+"""Delivered after every (re)connection: notifications may have been missed meanwhile."""
+
+_IDLE = 5.0
+"""Seconds without traffic after which the connection is checked (a server gone without
+closing the socket would otherwise never be noticed)."""
+
+
+class _Broken(Exception):
+    pass
+
+
+async def _connect(dsn: str) -> PGconn:
+    from psycopg import pq
+
+    pgconn: PGconn = pq.PGconn.connect_start(dsn.encode())
+    try:
+        while True:
+            status = pgconn.connect_poll()
+            if status == pq.PollingStatus.OK:
+                pgconn.nonblocking = 1
+                return pgconn
+            if status == pq.PollingStatus.READING:
+                await trio.lowlevel.wait_readable(pgconn.socket)
+            elif status == pq.PollingStatus.WRITING:
+                await trio.lowlevel.wait_writable(pgconn.socket)
+            else:
+                raise _Broken(f"connect: {pgconn.get_error_message() or 'failed'}")
+    except BaseException:
+        pgconn.finish()
+        raise
+
+
+async def _query(pgconn: PGconn, sql: bytes) -> None:
+    """Run one statement to completion (its results are discarded; errors raise)."""
+    from psycopg import pq
+
+    pgconn.send_query(sql)
+    while pgconn.flush():
+        await trio.lowlevel.wait_writable(pgconn.socket)
+    failed = None
+    while True:
+        while pgconn.is_busy():
+            await trio.lowlevel.wait_readable(pgconn.socket)
+            pgconn.consume_input()
+        result = pgconn.get_result()
+        if result is None:
+            break
+        if result.status not in (pq.ExecStatus.COMMAND_OK, pq.ExecStatus.TUPLES_OK):
+            failed = (result.error_message or b"").decode(errors="replace")
+    if failed is not None:
+        raise _Broken(f"{sql.decode()}: {failed}")
+
+
+async def _session(
+    dsn: str, listen_sql: bytes, deliver: Callable[[str], None], up: Callable[[], None]
+) -> None:
+    with trio.fail_after(_IDLE):
+        pgconn = await _connect(dsn)
+    try:
+        with trio.fail_after(_IDLE):
+            await _query(pgconn, listen_sql)
+        up()
+        deliver(RESYNC)
+        while True:
+            with trio.move_on_after(_IDLE) as idle:
+                await trio.lowlevel.wait_readable(pgconn.socket)
+            if idle.cancelled_caught:
+                with trio.fail_after(_IDLE):
+                    await _query(pgconn, b"SELECT 1")  # still there?
+            else:
+                pgconn.consume_input()
+            while (notice := pgconn.notifies()) is not None:
+                deliver(notice.extra.decode(errors="replace"))
+    finally:
+        pgconn.finish()
+
+
+async def listen(
+    dsn: str,
+    listen_sql: bytes,
+    deliver: Callable[[str], None],
+    *,
+    on_state: Callable[[bool], None] = lambda up: None,
+    task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Forever: hold a connection running ``listen_sql`` (a ``LISTEN``) and hand every
+    notification's payload to ``deliver`` as it arrives, then :data:`RESYNC` after each
+    (re)connection. A lost connection (a server restart) is opened again with backoff
+    (up to 5 s); ``on_state`` tells whether the listener is connected.
+    ``task_status.started()`` once the first LISTEN is in place (or failed once)."""
+    from psycopg import OperationalError
+
+    started = False
+    backoff = 0.05
+
+    def up() -> None:
+        nonlocal started, backoff
+        backoff = 0.05
+        on_state(True)
+        if not started:
+            started = True
+            task_status.started()
+
+    while True:
+        try:
+            await _session(dsn, listen_sql, deliver, up)
+        except (_Broken, OperationalError, OSError, trio.TooSlowError) as exc:
+            on_state(False)
+            logger.debug("listener lost its connection (%s); reconnecting", exc)
+        if not started:
+            started = True
+            task_status.started()
+        await trio.sleep(backoff)
+        backoff = min(backoff * 2, 5.0)
