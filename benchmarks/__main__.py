@@ -1,11 +1,17 @@
-"""Run every benchmark: ``python -m benchmarks [core|store|http ...]`` (default: all)."""
+"""Run every benchmark: ``python -m benchmarks [core|store|http|http-raw ...]`` (default:
+all)."""
 
 from __future__ import annotations
 
 import importlib
 import sys
 
-SUITES = {"core": "bench_core", "store": "bench_store", "http": "bench_http"}
+SUITES = {
+    "core": "bench_core",
+    "store": "bench_store",
+    "http": "bench_http",
+    "http-raw": "bench_http_raw",
+}
 
 
 def main(argv: list[str]) -> None:
@@ -15,7 +21,7 @@ def main(argv: list[str]) -> None:
         raise SystemExit(f"unknown benchmark(s) {unknown}; choose from {list(SUITES)}")
     for name in chosen:
         module = importlib.import_module(f"benchmarks.{SUITES[name]}")
-        if name == "store":
+        if name in ("store", "http-raw"):
             module.main([])
         else:
             module.main()

@@ -45,16 +45,21 @@ REPEATS = 3
 # ---- the trio-jobs server process ------------------------------------------------------------
 
 
-def _serve_trio_jobs() -> None:
-    """Serve the benchmark app (stdout: ``listening on <url>``) until SIGTERM."""
+def _serve_trio_jobs(store: str = "memory", retained: int = 0) -> None:
+    """Serve the benchmark app (stdout: ``listening on <url>``) until SIGTERM.
+
+    ``store``: ``memory`` (no store: the peer's equivalent) or ``sqlite:PATH`` (the
+    daemons' default, every ``POST`` answered once its row is committed). ``retained``:
+    finished jobs put in the registry before serving (how cost grows with them)."""
     import signal
 
     from quart import Response
 
-    from trio_jobs import JobRegistry, narrate
+    from trio_jobs import narrate, open_registry
+    from trio_jobs._stores import SQLiteStore
     from trio_jobs.http import create_app, serve
 
-    release = {"event": None}
+    release: dict[str, trio.Event | None] = {"event": None}
 
     async def executor(job_id: str, payload: Any) -> None:
         n = int(payload.get("n", 10))
@@ -71,26 +76,33 @@ def _serve_trio_jobs() -> None:
             assert isinstance(event, trio.Event)
             await event.wait()
 
-    registry = JobRegistry(retention=30.0, event_log_size=STREAM_EVENTS + 16)
-    app = create_app(registry, executor)
-
-    @app.post("/bench/release")
-    async def release_gates() -> Response:
-        event = release["event"]
-        assert isinstance(event, trio.Event)
-        event.set()
-        release["event"] = trio.Event()
-        return Response("{}", content_type="application/json")
-
     async def main() -> None:
         release["event"] = trio.Event()
-        async with trio.open_nursery() as nursery:
-            url = await nursery.start(serve, app)
-            print(f"listening on {url}", flush=True)
-            with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
-                async for _ in signals:
-                    break
-            nursery.cancel_scope.cancel()
+        job_store = SQLiteStore(store.partition(":")[2]) if store.startswith("sqlite:") else None
+        async with open_registry(
+            job_store,
+            retention=3600.0 if retained else 30.0,
+            event_log_size=STREAM_EVENTS + 16,
+        ) as registry:
+            for _ in range(retained):
+                registry.cancel_job(registry.create_job({"n": 0}), "retained")
+            app = create_app(registry, executor)
+
+            @app.post("/bench/release")
+            async def release_gates() -> Response:
+                event = release["event"]
+                assert isinstance(event, trio.Event)
+                event.set()
+                release["event"] = trio.Event()
+                return Response("{}", content_type="application/json")
+
+            async with trio.open_nursery() as nursery:
+                url = await nursery.start(serve, app)
+                print(f"listening on {url}", flush=True)
+                with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+                    async for _ in signals:
+                        break
+                nursery.cancel_scope.cancel()
 
     trio.run(main)
 
@@ -363,7 +375,10 @@ def main() -> None:
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     parser.add_argument("--serve", action="store_true", help="run the trio-jobs bench server")
-    if parser.parse_args().serve:
-        _serve_trio_jobs()
+    parser.add_argument("--store", default="memory", help="memory or sqlite:PATH (--serve)")
+    parser.add_argument("--retained", type=int, default=0, help="finished jobs kept (--serve)")
+    args = parser.parse_args()
+    if args.serve:
+        _serve_trio_jobs(args.store, args.retained)
     else:
         main()
