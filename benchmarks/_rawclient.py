@@ -142,6 +142,7 @@ def job_loop(
     host = f"{addr[0]}:{addr[1]}"
     keep = spec["keep"]
     one_call = spec["one_call"]
+    post_only = spec.get("post_only", False)
     body = spec.get("body", JOB_BODY.decode()).encode()
     stop_at = spec["stop_at"]
     max_jobs = spec.get("max_jobs", 1 << 62)
@@ -176,6 +177,10 @@ def job_loop(
             status, content = yield from exchange(post)
             if status != 201:
                 raise Refused(f"POST answered {status}: {content[:200]!r}")
+            if post_only:
+                latencies.append(now() - start)
+                done += 1
+                continue
             get = request("GET", f"/v1/jobs/{_job_id(content)}/stream", host, b"", extra)
             status, content = yield from exchange(get)
             if status != 200:

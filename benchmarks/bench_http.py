@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import json
 import os
 import subprocess
 import sys
@@ -45,7 +46,30 @@ REPEATS = 3
 # ---- the trio-jobs server process ------------------------------------------------------------
 
 
-def _serve_trio_jobs(store: str = "memory", retained: int = 0) -> None:
+class _Counts(trio.abc.Instrument):
+    """Counts scheduler work: tasks spawned, task steps (each a trip through the
+    scheduler), I/O waits."""
+
+    def __init__(self) -> None:
+        self.counts: dict[str, Any] = {"tasks": 0, "steps": 0, "io_waits": 0}
+        self.spawned: dict[str, int] = {}
+        self.stepped: dict[str, int] = {}
+
+    def task_spawned(self, task: trio.lowlevel.Task) -> None:
+        self.counts["tasks"] += 1
+        name = task.name.rsplit(".", 1)[-1]
+        self.spawned[name] = self.spawned.get(name, 0) + 1
+
+    def before_task_step(self, task: trio.lowlevel.Task) -> None:
+        self.counts["steps"] += 1
+        name = task.name.rsplit(".", 1)[-1]
+        self.stepped[name] = self.stepped.get(name, 0) + 1
+
+    def before_io_wait(self, timeout: float) -> None:
+        self.counts["io_waits"] += 1
+
+
+def _serve_trio_jobs(store: str = "memory", retained: int = 0, count: bool = False) -> None:
     """Serve the benchmark app (stdout: ``listening on <url>``) until SIGTERM.
 
     ``store``: ``memory`` (no store: the peer's equivalent) or ``sqlite:PATH`` (the
@@ -104,7 +128,12 @@ def _serve_trio_jobs(store: str = "memory", retained: int = 0) -> None:
                         break
                 nursery.cancel_scope.cancel()
 
-    trio.run(main)
+    counts = _Counts()
+    trio.run(main, instruments=[counts] if count else [])
+    if count:
+        top = sorted(counts.stepped.items(), key=lambda kv: -kv[1])[:12]
+        counts.counts["by_task"] = {k: (counts.spawned.get(k, 0), n) for k, n in top}
+        print(json.dumps(counts.counts), flush=True)
 
 
 @contextmanager
@@ -377,8 +406,9 @@ if __name__ == "__main__":
     parser.add_argument("--serve", action="store_true", help="run the trio-jobs bench server")
     parser.add_argument("--store", default="memory", help="memory or sqlite:PATH (--serve)")
     parser.add_argument("--retained", type=int, default=0, help="finished jobs kept (--serve)")
+    parser.add_argument("--count", action="store_true", help="print scheduler counts on exit")
     args = parser.parse_args()
     if args.serve:
-        _serve_trio_jobs(args.store, args.retained)
+        _serve_trio_jobs(args.store, args.retained, args.count)
     else:
         main()

@@ -94,8 +94,8 @@ class JobService:
         self.cancel_settle_s = 1.0
         """How long DELETE waits for a cancelled job to settle before answering."""
         self.fast_paths = False
-        """True while the app serves: ``DELETE /v1/jobs/{id}`` may then skip Quart's
-        request machinery when nothing else would run (see ``_fastpath``)."""
+        """True while the app serves: the job routes may then skip Quart's
+        request machinery when nothing else would run (see ``_asgi``)."""
         self.drain_deadline = math.inf
         self._cancel_on_disconnect: set[str] = set()
         self._watchers: dict[str, int] = {}
@@ -181,6 +181,22 @@ class JobService:
         """The store's health while the registry is persisted (None without a store)."""
         persister = persister_of(self.registry)
         return None if persister is None else persister.health.to_dict()
+
+    @property
+    def durable(self) -> bool:
+        """Whether a submission waits for its store (the registry is persisted)."""
+        return self.registry.backing is not None
+
+    def create(self, payload: Any, options: dict[str, Any]) -> str:
+        """:meth:`submit` for a registry that is not persisted: nothing to wait for, so
+        synchronous. 422 for an option out of range."""
+        try:
+            job_id = self.registry.create_job(payload, **options)
+        except ValueError as exc:
+            detail = [{"loc": [], "msg": str(exc), "type": "value_error"}]
+            raise ApiError(422, "invalid request", detail) from None
+        self.metrics.submitted.inc()
+        return job_id
 
     async def submit(self, payload: Any, options: dict[str, Any]) -> str:
         """``POST /v1/jobs``: create the job and answer once it is stored (with a store,
