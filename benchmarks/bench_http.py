@@ -137,14 +137,12 @@ def _serve_trio_jobs(store: str = "memory", retained: int = 0, count: bool = Fal
 
 
 @contextmanager
-def _server(argv: list[str], name: str) -> Iterator[tuple[str, int]]:
-    proc = subprocess.Popen(
-        argv,
-        stdout=subprocess.PIPE,
-        text=True,
-        cwd=REPO,
-        env={**os.environ, "PYTHONUNBUFFERED": "1"},
-    )
+def _server(argv: list[str], name: str, cwd: Path = REPO) -> Iterator[tuple[str, int]]:
+    """Start a server process (in ``cwd``, importing from there) and yield its URL and pid."""
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    if cwd != REPO:
+        env["PYTHONPATH"] = str(cwd)
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, text=True, cwd=cwd, env=env)
     try:
         assert proc.stdout is not None
         line = proc.stdout.readline()

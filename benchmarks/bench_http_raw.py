@@ -25,8 +25,11 @@ CPU share is printed. Scenarios (``--seconds`` each, servers alternated, median 
    the registry; SSE events/s with 1, 100 and 1,000 concurrent streams (200k events in
    all); server RSS per open idle stream with 1, 100 and 1,000 of them.
 
+With ``TRIO_JOBS_BASELINE=<another checkout>`` its server (``trio-jobs@base``) is measured
+too, in the same run: before/after figures that share the machine's noise.
+
 Run: ``python -m benchmarks.bench_http_raw [--seconds S] [--repeat R] [--scale]
-[--only jobs,cancel]`` (or ``python -m benchmarks http-raw``).
+[--only jobs,cancel] [--servers a,b]`` (or ``python -m benchmarks http-raw``).
 """
 
 from __future__ import annotations
@@ -136,6 +139,11 @@ def load(server: Server, spec: dict[str, Any], procs: int = 1) -> Run:
     )
 
 
+BASELINE = os.environ.get("TRIO_JOBS_BASELINE")
+"""A checkout of trio-jobs to measure beside this one (``trio-jobs@base``), in the same
+run: before/after figures that share the machine's noise."""
+
+
 @contextmanager
 def servers(kinds: list[str], *, retained: int = 0) -> Iterator[list[Server]]:
     """Start the servers named in ``kinds``."""
@@ -151,7 +159,12 @@ def servers(kinds: list[str], *, retained: int = 0) -> Iterator[list[Server]]:
         argv["trio-jobs+sqlite"] = [*ours, "--store", f"sqlite:{tmp / 'jobs.sqlite'}"]
         started = []
         for kind in kinds:
-            url, pid = stack.enter_context(_server(argv[kind], kind))
+            cwd = REPO
+            if kind.endswith("@base"):
+                assert BASELINE, "set TRIO_JOBS_BASELINE"
+                cwd = Path(BASELINE)
+                argv[kind] = argv[kind.removesuffix("@base")]
+            url, pid = stack.enter_context(_server(argv[kind], kind, cwd))
             server = Server(kind, url, pid, kind.startswith("trio-jobs"))
             _until_listening(server)
             started.append(server)
@@ -452,6 +465,8 @@ def main(argv: list[str] | None = None) -> None:
     kinds = ["trio-jobs", "trio-jobs+sqlite", "peer h11"]
     if _have_uvloop():
         kinds.append("peer uvloop")
+    if BASELINE:
+        kinds.insert(1, "trio-jobs@base")
     if args.servers:
         kinds = [k for k in kinds if k in args.servers.split(",")]
     print(f"HTTP, raw-socket client; {os.cpu_count()} cores; servers: {', '.join(kinds)}")

@@ -35,6 +35,8 @@ SCENARIOS = {
     "POST + GET stream, keep": _spec("keep", 1, False, 600.0),
     "one-call POST, fresh": _spec("fresh", 1, True, 600.0),
     "one-call POST, keep": _spec("keep", 1, True, 600.0),
+    "POST + GET stream, fresh, 32": _spec("fresh", 32, False, 600.0),
+    "POST + GET stream, keep, 32": _spec("keep", 32, False, 600.0),
 }
 
 
@@ -66,7 +68,7 @@ def counts(jobs: int, store: str, verbose: bool = False) -> None:
         server = Server(name, url, proc.pid, True)
         _until_listening(server)
         cpu0 = _cpu_s(proc.pid)
-        run = load(server, {**spec, "max_jobs": jobs})
+        run = load(server, {**spec, "max_jobs": max(1, jobs // spec["clients"])})
         cpu = _cpu_s(proc.pid) - cpu0
         proc.send_signal(signal.SIGTERM)
         out, _ = proc.communicate(timeout=30)

@@ -16,6 +16,7 @@ import hmac
 import ipaddress
 import math
 from collections.abc import Callable
+from functools import lru_cache
 from typing import Any
 
 import trio
@@ -37,8 +38,10 @@ PayloadParser = Callable[[dict[str, Any]], Any]
 or ``ValueError`` for a bad operation (answered 422)."""
 
 
+@lru_cache(maxsize=256)
 def is_loopback(host: str | None) -> bool:
-    """True for loopback addresses and ``localhost`` (and for an unknown host: None)."""
+    """True for loopback addresses and ``localhost`` (and for an unknown host: None).
+    Cached: every request asks it of its server's address and its ``Host``."""
     if host is None or host == "localhost":
         return True
     try:
