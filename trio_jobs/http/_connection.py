@@ -13,11 +13,15 @@ scope around its reads (no task), and a lock taken without a trip when it is fre
 :func:`worker_serve` is hypercorn's ``worker_serve`` for plain TCP listeners with this
 connection class; what it promises is hypercorn's: lifespan startup before listening,
 idle connections closed at once when the server stops, a graceful timeout for the rest.
+Its accept loop is ``trio.serve_listeners``' without the second close of each connection.
 """
 
 from __future__ import annotations
 
+import errno
+import logging
 import math
+import os
 from collections.abc import Awaitable, Callable
 from functools import partial
 from typing import Any
@@ -35,6 +39,9 @@ from hypercorn.typing import AppWrapper, ConnectionState, LifespanState
 from hypercorn.utils import ShutdownError, parse_socket_addr, raise_shutdown, repr_socket_addr
 
 __all__ = ["Connection", "worker_serve"]
+
+logger = logging.getLogger("trio_jobs.http")
+_CAPACITY_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS})
 
 
 class Connection(TCPServer):
@@ -109,7 +116,10 @@ class Connection(TCPServer):
         if self._closed:
             return
         self._closed = True
-        await super()._close()
+        try:
+            await super()._close()
+        finally:
+            self.stream.socket.close()  # closed even if the close was cancelled
 
     async def protocol_send(self, event: Event) -> None:
         if isinstance(event, RawData):
@@ -150,6 +160,26 @@ class Connection(TCPServer):
         await self.protocol.handle(Closed())
 
 
+async def _accept(
+    listener: trio.SocketListener,
+    handler: Callable[[trio.SocketStream], Connection],
+    nursery: trio.Nursery,
+) -> None:
+    """``trio.serve_listeners`` for one listener, without its second close of every
+    connection (a :class:`Connection` closes its own stream)."""
+    async with listener:
+        while True:
+            try:
+                stream = await listener.accept()
+            except OSError as exc:
+                if exc.errno not in _CAPACITY_ERRNOS:
+                    raise
+                logger.error("accept failed (%s); retrying in 0.1 s", os.strerror(exc.errno))
+                await trio.sleep(0.1)
+            else:
+                nursery.start_soon(handler(stream).run)
+
+
 async def worker_serve(
     app: AppWrapper,
     config: Config,
@@ -185,14 +215,8 @@ async def worker_serve(
                 async with trio.open_nursery() as nursery:
                     nursery.start_soon(raise_shutdown, shutdown_trigger)
                     nursery.start_soon(raise_shutdown, context.terminate.wait)
-                    nursery.start_soon(
-                        partial(
-                            trio.serve_listeners,
-                            handler,
-                            listeners,
-                            handler_nursery=server_nursery,
-                        )
-                    )
+                    for listener in listeners:
+                        nursery.start_soon(_accept, listener, handler, server_nursery)
                     await trio.sleep_forever()
             except BaseExceptionGroup as error:
                 _, other_errors = error.split((ShutdownError, KeyboardInterrupt))
