@@ -36,6 +36,7 @@ from hypercorn.typing import ASGIReceiveCallable, ASGISendCallable, HTTPScope, S
 from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 
 from . import _handlers as handlers
+from ._connection import Inbox
 from ._errors import ApiError, logger
 from ._guard import has_body
 from ._handlers import Answer
@@ -85,8 +86,9 @@ class _RequestChunks:
     ``RequestEntityTooLarge`` past the app's ``MAX_CONTENT_LENGTH``.
 
     :meth:`take_ready` takes the messages the server has already queued without a
-    scheduler trip, when ``receive`` is a trio memory channel's (hypercorn's is): a small
-    body usually arrives with its request, and then reading it needs no waiting."""
+    scheduler trip, when ``receive`` is an :class:`Inbox`'s or a trio memory channel's
+    (hypercorn's own): a small body usually arrives with its request, and then reading
+    it needs no waiting."""
 
     __slots__ = ("_done", "_limit", "_nowait", "_ready", "_receive", "_size")
 
@@ -94,7 +96,9 @@ class _RequestChunks:
         self._receive = receive
         channel = getattr(receive, "__self__", None)
         self._nowait = (
-            channel.receive_nowait if isinstance(channel, trio.MemoryReceiveChannel) else None
+            channel.receive_nowait
+            if isinstance(channel, (Inbox, trio.MemoryReceiveChannel))
+            else None
         )
         self._ready: list[bytes] = []
         self._limit: int | None = limit if isinstance(limit, int) else None

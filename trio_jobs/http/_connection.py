@@ -9,7 +9,9 @@ fresh connections) that is about a third of a trio-jobs server's scheduler work.
 
 :class:`Connection` is that same ``TCPServer`` (its protocols, h11 and h2 and WebSocket,
 and ASGI handling unchanged) with the keep-alive timer as the deadline of the one cancel
-scope around its reads (no task), and a lock taken without a trip when it is free.
+scope around its reads (no task), a lock taken without a trip when it is free, and each
+request's messages in an :class:`Inbox` instead of a memory channel (no trip for a
+message that is already there, none to hand one over while there is room).
 :func:`worker_serve` is hypercorn's ``worker_serve`` for plain TCP listeners with this
 connection class; what it promises is hypercorn's: lifespan startup before listening,
 idle connections closed at once when the server stops, a graceful timeout for the rest.
@@ -22,6 +24,7 @@ import errno
 import logging
 import math
 import os
+from collections import deque
 from collections.abc import Awaitable, Callable
 from functools import partial
 from typing import Any
@@ -32,7 +35,7 @@ from hypercorn.events import Closed, Event, RawData, Updated
 from hypercorn.protocol import ProtocolWrapper
 from hypercorn.trio.lifespan import Lifespan
 from hypercorn.trio.statsd import StatsdLogger
-from hypercorn.trio.task_group import TaskGroup
+from hypercorn.trio.task_group import TaskGroup, _handle
 from hypercorn.trio.tcp_server import MAX_RECV, TCPServer
 from hypercorn.trio.worker_context import WorkerContext
 from hypercorn.typing import AppWrapper, ConnectionState, LifespanState
@@ -42,6 +45,65 @@ __all__ = ["Connection", "worker_serve"]
 
 logger = logging.getLogger("trio_jobs.http")
 _CAPACITY_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS})
+
+
+class Inbox:
+    """A request's ASGI messages from the connection to the app: hypercorn's memory
+    channel (``max_app_queue_size``) without its cost. :meth:`put` waits only when the
+    inbox is full (so a large body still slows the client), :meth:`receive` only when
+    it is empty; neither makes a scheduler trip otherwise."""
+
+    __slots__ = ("_capacity", "_items", "_readers", "_writers")
+
+    def __init__(self, capacity: int) -> None:
+        self._capacity = max(1, capacity)
+        self._items: deque[Any] = deque()
+        self._readers = trio.lowlevel.ParkingLot()
+        self._writers = trio.lowlevel.ParkingLot()
+
+    async def put(self, message: Any) -> None:
+        while len(self._items) >= self._capacity:
+            await self._writers.park()
+        self._items.append(message)
+        self._readers.unpark()
+
+    def receive_nowait(self) -> Any:
+        """The next message; ``trio.WouldBlock`` when there is none."""
+        if not self._items:
+            raise trio.WouldBlock
+        self._writers.unpark()
+        return self._items.popleft()
+
+    async def receive(self) -> Any:
+        while not self._items:
+            await self._readers.park()
+        self._writers.unpark()
+        return self._items.popleft()
+
+
+class _Requests(TaskGroup):
+    """hypercorn's per-connection task group, giving each request an :class:`Inbox`."""
+
+    async def spawn_app(
+        self,
+        app: AppWrapper,
+        config: Config,
+        scope: Any,
+        send: Callable[[Any], Awaitable[None]],
+    ) -> Callable[[Any], Awaitable[None]]:
+        inbox = Inbox(config.max_app_queue_size)
+        assert self._nursery is not None
+        self._nursery.start_soon(
+            _handle,
+            app,
+            config,
+            scope,
+            inbox.receive,
+            send,
+            trio.to_thread.run_sync,
+            trio.from_thread.run,
+        )
+        return inbox.put
 
 
 class Connection(TCPServer):
@@ -69,7 +131,7 @@ class Connection(TCPServer):
         try:
             client = parse_socket_addr(socket.family, socket.getpeername())
             server = parse_socket_addr(socket.family, socket.getsockname())
-            async with TaskGroup() as task_group:
+            async with _Requests() as task_group:
                 self._task_group = task_group
                 self.protocol = ProtocolWrapper(
                     self.app,
