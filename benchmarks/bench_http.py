@@ -12,6 +12,9 @@ with an executor that emits ``n`` events ``delay`` s apart, like the peer's); on
 - 1,000 concurrent idle open streams: server RSS per stream (target <= 30 KB) and every
   stream gets its ``[DONE]`` when its job ends.
 
+httpx is a costly client and stalls on the peer's kept-alive connections; the per-request
+figures that judge the servers come from ``bench_http_raw`` (a raw-socket client).
+
 Run: ``python -m benchmarks.bench_http`` (or ``nox -s bench -- http``). The peer script is
 found through ``$TRIO_JOBS_PEER`` or ``../shared/bench/peer_asyncio.py`` from the repo root.
 """

@@ -365,17 +365,24 @@ def scale_scenarios(seconds: float, repeat: int) -> None:
         print(" SSE, 200k events in all over N concurrent streams: events/s (ratio to peer h11)")
         for streams in (1, 100, 1_000):
             per = 200_000 // streams
-            got: dict[str, list[float]] = {}
+            got: dict[str, list[Run]] = {}
             for _ in range(repeat):
                 for server in both:
                     spec = _spec("keep", streams, False, 600.0, max_jobs=1, body=f'{{"n": {per}}}')
                     run = load(server, spec, 1 if streams == 1 else 2)
-                    got.setdefault(server.name, []).append(run.events / run.wall)
-            ours, peer = (statistics.median(got[s.name]) for s in both)
+                    got.setdefault(server.name, []).append(run)
+            ours, peer = (statistics.median(r.events / r.wall for r in got[s.name]) for s in both)
+            cpu = [
+                statistics.median(r.server_cpu / r.events * 1e6 for r in got[s.name]) for s in both
+            ]
+            share = statistics.median(
+                r.client_cpu / max(1e-9, r.client_cpu + r.server_cpu) for r in got[both[0].name]
+            )
             _line(
                 f"{streams:,} stream(s) x {per:,} events",
                 f"{ours:,.0f} vs {peer:,.0f}",
-                f"{ours / peer:.2f}x",
+                f"{ours / peer:.2f}x; server {cpu[0]:.1f} vs {cpu[1]:.1f} us/event, "
+                f"client CPU share {share:.0%}",
             )
     print(" server RSS per open idle stream (a fresh server each)")
     for streams in (1, 100, 1_000):

@@ -107,6 +107,11 @@ class _RequestChunks:
         if self._limit is not None and declared is not None and declared > self._limit:
             self._size = declared  # too large before any byte arrives
 
+    @property
+    def done(self) -> bool:
+        """The whole body has been received."""
+        return self._done
+
     def take_ready(self, limit: int) -> bytes | None:
         """The whole body if it has arrived and is at most ``limit`` bytes (and within
         the app's limit), taken without waiting; else None (what was taken is kept for
@@ -343,6 +348,7 @@ class JobRoutes:
                 chunked = True
         unread = kind == "submit" and (chunked or (length is not None and length.strip() != b"0"))
         server = scope.get("server")
+        chunks: _RequestChunks | None = None
         try:
             handlers.check_request(
                 service,
@@ -361,7 +367,6 @@ class JobRoutes:
                 body = chunks.take_ready(service.max_body_bytes)
                 if body is None:
                     body = await handlers.read_body(service, chunks, declared)
-                unread = False
                 event_stream = handlers.wants_event_stream(accept)
                 if service.durable:
                     answer = await self._while_connected(
@@ -389,6 +394,8 @@ class JobRoutes:
         if isinstance(answer.body, SseBody):
             await self._stream(answer, answer.body, receive, send)
             return
+        if chunks is not None and chunks.done:  # read (or drained) to its end
+            unread = False
         out = _encode(answer.headers)
         out.append((b"content-length", str(len(answer.body)).encode()))
         if unread:  # the body was not read: the connection cannot be reused
