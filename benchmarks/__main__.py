@@ -1,4 +1,5 @@
-"""Run every benchmark: ``python -m benchmarks [core|store|http|cluster ...]`` (default: all)."""
+"""Run every benchmark: ``python -m benchmarks [core|store|http|http-raw|openai|cluster
+...]`` (default: all)."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ SUITES = {
     "core": "bench_core",
     "store": "bench_store",
     "http": "bench_http",
+    "http-raw": "bench_http_raw",
     "openai": "bench_openai",
     "cluster": "bench_cluster",
 }
@@ -21,7 +23,7 @@ def main(argv: list[str]) -> None:
         raise SystemExit(f"unknown benchmark(s) {unknown}; choose from {list(SUITES)}")
     for name in chosen:
         module = importlib.import_module(f"benchmarks.{SUITES[name]}")
-        if name == "store":
+        if name in ("store", "http-raw"):
             module.main([])
         else:
             module.main()

@@ -12,6 +12,9 @@ with an executor that emits ``n`` events ``delay`` s apart, like the peer's); on
 - 1,000 concurrent idle open streams: server RSS per stream (target <= 30 KB) and every
   stream gets its ``[DONE]`` when its job ends.
 
+httpx is a costly client and stalls on the peer's kept-alive connections; the per-request
+figures that judge the servers come from ``bench_http_raw`` (a raw-socket client).
+
 Run: ``python -m benchmarks.bench_http`` (or ``nox -s bench -- http``). The peer script is
 found through ``$TRIO_JOBS_PEER`` or ``../shared/bench/peer_asyncio.py`` from the repo root.
 """
@@ -20,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import json
 import os
 import subprocess
 import sys
@@ -45,16 +49,44 @@ REPEATS = 3
 # ---- the trio-jobs server process ------------------------------------------------------------
 
 
-def _serve_trio_jobs() -> None:
-    """Serve the benchmark app (stdout: ``listening on <url>``) until SIGTERM."""
+class _Counts(trio.abc.Instrument):
+    """Counts scheduler work: tasks spawned, task steps (each a trip through the
+    scheduler), I/O waits."""
+
+    def __init__(self) -> None:
+        self.counts: dict[str, Any] = {"tasks": 0, "steps": 0, "io_waits": 0}
+        self.spawned: dict[str, int] = {}
+        self.stepped: dict[str, int] = {}
+
+    def task_spawned(self, task: trio.lowlevel.Task) -> None:
+        self.counts["tasks"] += 1
+        name = task.name.rsplit(".", 1)[-1]
+        self.spawned[name] = self.spawned.get(name, 0) + 1
+
+    def before_task_step(self, task: trio.lowlevel.Task) -> None:
+        self.counts["steps"] += 1
+        name = task.name.rsplit(".", 1)[-1]
+        self.stepped[name] = self.stepped.get(name, 0) + 1
+
+    def before_io_wait(self, timeout: float) -> None:
+        self.counts["io_waits"] += 1
+
+
+def _serve_trio_jobs(store: str = "memory", retained: int = 0, count: bool = False) -> None:
+    """Serve the benchmark app (stdout: ``listening on <url>``) until SIGTERM.
+
+    ``store``: ``memory`` (no store: the peer's equivalent) or ``sqlite:PATH`` (the
+    daemons' default, every ``POST`` answered once its row is committed). ``retained``:
+    finished jobs put in the registry before serving (how cost grows with them)."""
     import signal
 
     from quart import Response
 
-    from trio_jobs import JobRegistry, narrate
+    from trio_jobs import narrate, open_registry
+    from trio_jobs._stores import SQLiteStore
     from trio_jobs.http import create_app, serve
 
-    release = {"event": None}
+    release: dict[str, trio.Event | None] = {"event": None}
 
     async def executor(job_id: str, payload: Any) -> None:
         n = int(payload.get("n", 10))
@@ -71,39 +103,49 @@ def _serve_trio_jobs() -> None:
             assert isinstance(event, trio.Event)
             await event.wait()
 
-    registry = JobRegistry(retention=30.0, event_log_size=STREAM_EVENTS + 16)
-    app = create_app(registry, executor)
-
-    @app.post("/bench/release")
-    async def release_gates() -> Response:
-        event = release["event"]
-        assert isinstance(event, trio.Event)
-        event.set()
-        release["event"] = trio.Event()
-        return Response("{}", content_type="application/json")
-
     async def main() -> None:
         release["event"] = trio.Event()
-        async with trio.open_nursery() as nursery:
-            url = await nursery.start(serve, app)
-            print(f"listening on {url}", flush=True)
-            with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
-                async for _ in signals:
-                    break
-            nursery.cancel_scope.cancel()
+        job_store = SQLiteStore(store.partition(":")[2]) if store.startswith("sqlite:") else None
+        async with open_registry(
+            job_store,
+            retention=3600.0 if retained else 30.0,
+            event_log_size=STREAM_EVENTS + 16,
+        ) as registry:
+            for _ in range(retained):
+                registry.cancel_job(registry.create_job({"n": 0}), "retained")
+            app = create_app(registry, executor)
 
-    trio.run(main)
+            @app.post("/bench/release")
+            async def release_gates() -> Response:
+                event = release["event"]
+                assert isinstance(event, trio.Event)
+                event.set()
+                release["event"] = trio.Event()
+                return Response("{}", content_type="application/json")
+
+            async with trio.open_nursery() as nursery:
+                url = await nursery.start(serve, app)
+                print(f"listening on {url}", flush=True)
+                with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+                    async for _ in signals:
+                        break
+                nursery.cancel_scope.cancel()
+
+    counts = _Counts()
+    trio.run(main, instruments=[counts] if count else [])
+    if count:
+        top = sorted(counts.stepped.items(), key=lambda kv: -kv[1])[:12]
+        counts.counts["by_task"] = {k: (counts.spawned.get(k, 0), n) for k, n in top}
+        print(json.dumps(counts.counts), flush=True)
 
 
 @contextmanager
-def _server(argv: list[str], name: str) -> Iterator[tuple[str, int]]:
-    proc = subprocess.Popen(
-        argv,
-        stdout=subprocess.PIPE,
-        text=True,
-        cwd=REPO,
-        env={**os.environ, "PYTHONUNBUFFERED": "1"},
-    )
+def _server(argv: list[str], name: str, cwd: Path = REPO) -> Iterator[tuple[str, int]]:
+    """Start a server process (in ``cwd``, importing from there) and yield its URL and pid."""
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    if cwd != REPO:
+        env["PYTHONPATH"] = str(cwd)
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, text=True, cwd=cwd, env=env)
     try:
         assert proc.stdout is not None
         line = proc.stdout.readline()
@@ -363,7 +405,11 @@ def main() -> None:
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     parser.add_argument("--serve", action="store_true", help="run the trio-jobs bench server")
-    if parser.parse_args().serve:
-        _serve_trio_jobs()
+    parser.add_argument("--store", default="memory", help="memory or sqlite:PATH (--serve)")
+    parser.add_argument("--retained", type=int, default=0, help="finished jobs kept (--serve)")
+    parser.add_argument("--count", action="store_true", help="print scheduler counts on exit")
+    args = parser.parse_args()
+    if args.serve:
+        _serve_trio_jobs(args.store, args.retained, args.count)
     else:
         main()

@@ -354,3 +354,159 @@ async def test_fast_path_under_quarts_test_harness() -> None:
         assert response.status_code == 200
         assert (await response.get_json())["state"] == "cancelled"
         assert seen == []
+
+
+# ---- the other job routes: the same fast path, the same answers ---------------------------
+
+VIEWS = ("submit_job", "stream_job", "get_job", "cancel_job")
+
+
+@contextmanager
+def quart_views(app: QuartTrio) -> Iterator[list[str]]:
+    """The ``METHOD path`` of every request Quart routes to one of the four job views."""
+    seen: list[str] = []
+    saved = {name: app.view_functions[f"trio_jobs.{name}"] for name in VIEWS}
+
+    def recording(view: Any) -> Any:
+        async def wrapped(**kwargs: Any) -> Any:
+            seen.append(f"{quart.request.method} {quart.request.path}")
+            return await view(**kwargs)
+
+        return wrapped
+
+    for name, view in saved.items():
+        app.view_functions[f"trio_jobs.{name}"] = recording(view)
+    try:
+        yield seen
+    finally:
+        app.view_functions.update({f"trio_jobs.{name}": view for name, view in saved.items()})
+
+
+def _normal(response: httpx.Response) -> tuple[int, str | None, str]:
+    """Status, content type and body, with what differs from job to job taken out."""
+    import re
+
+    text = re.sub(r"job-[0-9a-f-]{36}", "JOB", response.text)
+    text = re.sub(r'"(ts|created_at|started_at|finished_at)":"[^"]*"', r'"\1":T', text)
+    return response.status_code, response.headers.get("content-type"), text
+
+
+async def every_route(client: httpx.AsyncClient, registry: JobRegistry) -> list[Any]:
+    """One answer of each kind from the four routes, reduced to what must not depend on
+    the path taken."""
+    out = []
+    created = await client.post("/v1/jobs", json={"quick": True})
+    out.append(_normal(created))
+    job_id = created.json()["job_id"]
+    await registry.wait(job_id)
+    assert created.headers["location"] == f"/v1/jobs/{job_id}"
+    one_call = await client.post(
+        "/v1/jobs", json={"quick": True}, headers={"Accept": "text/event-stream"}
+    )
+    out.append((_normal(one_call), one_call.headers["x-job-id"].startswith("job-")))
+    for path, headers in (
+        (f"/v1/jobs/{job_id}/stream", {}),
+        (f"/v1/jobs/{job_id}/stream", {"Last-Event-ID": "1"}),
+        (f"/v1/jobs/{job_id}/stream", {"Last-Event-ID": "2"}),
+        (f"/v1/jobs/{job_id}/stream", {"Last-Event-ID": "x"}),
+        ("/v1/jobs/nope/stream", {}),
+        (f"/v1/jobs/{job_id}", {}),
+        ("/v1/jobs/nope", {}),
+    ):
+        answer = await client.get(path, headers=headers)
+        out.append((path.replace(job_id, "JOB"), headers, answer.status_code, _normal(answer)[2]))
+    for body, headers in (
+        (b'{"priority": "urgent"}', {"Content-Type": "application/json"}),
+        (b"{nope", {"Content-Type": "application/json"}),
+        (b"{}", {"Content-Type": "text/plain"}),
+        (b"[1]", {"Content-Type": "application/json"}),
+    ):
+        answer = await client.post("/v1/jobs", content=body, headers=headers)
+        out.append(_normal(answer))
+    return out
+
+
+async def test_every_job_route_answers_on_the_fast_path_as_through_quart() -> None:
+    plain_registry, hooked_registry = JobRegistry(), JobRegistry()
+    plain = create_app(plain_registry, hold)
+    hooked = create_app(hooked_registry, hold)
+
+    @hooked.before_request
+    async def nothing() -> None:
+        pass
+
+    with trio.fail_after(CAP):
+        async with running(plain) as client, running(hooked) as hooked_client:
+            with quart_views(plain) as seen, quart_views(hooked) as seen_hooked:
+                fast = await every_route(client, plain_registry)
+                slow = await every_route(hooked_client, hooked_registry)
+    assert fast == slow
+    assert fast[0][0] == 201
+    assert seen == []  # the fast path answered every one
+    assert len(seen_hooked) == 12  # Quart answered every one (the 415 is refused before)
+
+
+async def test_a_hook_added_while_serving_sends_the_routes_through_quart() -> None:
+    """The fast path works out once which routes it may answer, and again after any
+    Quart setup method (here a hook added after the first requests)."""
+    registry = JobRegistry()
+    app = create_app(registry, hold)
+    calls: list[str] = []
+    with trio.fail_after(CAP):
+        async with running(app) as client:
+            with quart_views(app) as seen:
+                job_id = (await client.post("/v1/jobs", json={"quick": True})).json()["job_id"]
+                assert (await client.get(f"/v1/jobs/{job_id}")).status_code == 200
+                assert seen == []
+
+                @app.before_request
+                async def audit() -> None:
+                    calls.append(quart.request.method)
+
+                assert (await client.get(f"/v1/jobs/{job_id}")).status_code == 200
+                assert (await client.post("/v1/jobs", json={"quick": True})).status_code == 201
+    assert seen == [f"GET /v1/jobs/{job_id}", "POST /v1/jobs"]
+    assert calls == ["GET", "POST"]
+
+
+async def test_a_query_string_sends_the_stream_through_quart() -> None:
+    registry = JobRegistry()
+    app = create_app(registry, hold)
+    with trio.fail_after(CAP):
+        async with running(app) as client:
+            job_id = (await client.post("/v1/jobs", json={"quick": True})).json()["job_id"]
+            await registry.wait(job_id)
+            with quart_views(app) as seen:
+                resumed = await client.get(
+                    f"/v1/jobs/{job_id}/stream", params={"last_event_id": "1"}
+                )
+    assert resumed.status_code == 200
+    assert resumed.text == "retry: 2000\nid: 2\ndata: [DONE]\n\n"
+    assert seen == [f"GET /v1/jobs/{job_id}/stream"]
+
+
+async def test_a_client_leaving_a_running_stream_on_the_fast_path_is_seen() -> None:
+    """The fast path's stream watches for the client leaving while it waits: the stream
+    is closed (and ``on_disconnect=cancel`` applied) as under Quart."""
+    registry = JobRegistry()
+    app = create_app(registry, hold)
+    service = job_service(app)
+    assert service is not None
+    with trio.fail_after(CAP):
+        async with running(app) as client:
+            job_id = (await client.post("/v1/jobs", json={"on_disconnect": "cancel"})).json()[
+                "job_id"
+            ]
+            host, port = str(client.base_url).removeprefix("http://").rstrip("/").split(":")
+            sock = await trio.open_tcp_stream(host, int(port))
+            async with sock:
+                request = f"GET /v1/jobs/{job_id}/stream HTTP/1.1\r\nHost: {host}\r\n\r\n"
+                await sock.send_all(request.encode())
+                seen = b""
+                while b"data: {" not in seen:
+                    seen += await sock.receive_some(65536)
+                assert service.watchers(job_id) == 1
+            while service.watchers(job_id):
+                await trio.sleep(0.001)
+            record = await registry.wait(job_id)
+    assert record.state is JobState.CANCELLED

@@ -26,7 +26,6 @@ their preflights a 204); every HTTP answer says ``Vary: Origin``.
 
 from __future__ import annotations
 
-import ipaddress
 from collections.abc import Awaitable, Callable, Iterable
 
 from hypercorn.typing import (
@@ -120,15 +119,6 @@ def parse_origin(value: str) -> Origin | None:
     return scheme, host, _DEFAULT_PORTS[scheme] if port is None else port
 
 
-def _loopback_name(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
-
-
 class SitePolicy:
     """Which origins may read cross-origin (CORS) and which extra ``Host`` names a
     loopback server answers (a reverse proxy's). See the module docstring.
@@ -174,7 +164,7 @@ class SitePolicy:
         if is_loopback(bound):
             own_name = own[0] if own is not None else None
             if own_name is None or not (
-                _loopback_name(own_name) or own_name in self.allowed_hosts or own_name == bound
+                is_loopback(own_name) or own_name in self.allowed_hosts or own_name == bound
             ):
                 return ApiError(
                     421,

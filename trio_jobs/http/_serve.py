@@ -1,4 +1,6 @@
-"""serve(): run an app on hypercorn's trio worker, with a graceful stop on cancellation."""
+"""serve(): run an app on hypercorn's trio worker, with a graceful stop on cancellation.
+
+The worker is hypercorn's, with a leaner connection class (``_connection``)."""
 
 from __future__ import annotations
 
@@ -7,9 +9,10 @@ from typing import Any
 
 import trio
 from hypercorn.config import Config
-from hypercorn.trio import serve as hypercorn_serve
+from hypercorn.utils import wrap_app
 
 from ._app import job_service
+from ._connection import worker_serve
 from ._service import is_loopback
 
 __all__ = ["serve"]
@@ -89,8 +92,11 @@ async def serve(
 
     async def run(task_status: trio.TaskStatus[list[str]]) -> None:
         with server_scope:
-            await hypercorn_serve(
-                app, config, shutdown_trigger=shutdown_trigger, task_status=task_status
+            await worker_serve(
+                wrap_app(app, config.wsgi_max_body_size, None),
+                config,
+                shutdown_trigger=shutdown_trigger,
+                task_status=task_status,
             )
 
     async with trio.open_nursery() as nursery:

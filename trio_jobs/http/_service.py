@@ -16,6 +16,7 @@ import hmac
 import ipaddress
 import math
 from collections.abc import Callable
+from functools import lru_cache
 from typing import Any
 
 import trio
@@ -37,8 +38,10 @@ PayloadParser = Callable[[dict[str, Any]], Any]
 or ``ValueError`` for a bad operation (answered 422)."""
 
 
+@lru_cache(maxsize=256)
 def is_loopback(host: str | None) -> bool:
-    """True for loopback addresses and ``localhost`` (and for an unknown host: None)."""
+    """True for loopback addresses and ``localhost`` (and for an unknown host: None).
+    Cached: every request asks it of its server's address and its ``Host``."""
     if host is None or host == "localhost":
         return True
     try:
@@ -97,8 +100,8 @@ class JobService:
         """Paths answered to ``GET``/``HEAD`` without a token: ``/health`` and whatever
         holds no data (the dashboard's static page, see ``servers._ui``)."""
         self.fast_paths = False
-        """True while the app serves: ``DELETE /v1/jobs/{id}`` may then skip Quart's
-        request machinery when nothing else would run (see ``_fastpath``)."""
+        """True while the app serves: the job routes may then skip Quart's
+        request machinery when nothing else would run (see ``_asgi``)."""
         self.drain_deadline = math.inf
         self._cancel_on_disconnect: set[str] = set()
         self._watchers: dict[str, int] = {}
@@ -184,6 +187,22 @@ class JobService:
         """The store's health while the registry is persisted (None without a store)."""
         persister = persister_of(self.registry)
         return None if persister is None else persister.health.to_dict()
+
+    @property
+    def durable(self) -> bool:
+        """Whether a submission waits for its store (the registry is persisted)."""
+        return self.registry.backing is not None
+
+    def create(self, payload: Any, options: dict[str, Any]) -> str:
+        """:meth:`submit` for a registry that is not persisted: nothing to wait for, so
+        synchronous. 422 for an option out of range."""
+        try:
+            job_id = self.registry.create_job(payload, **options)
+        except ValueError as exc:
+            detail = [{"loc": [], "msg": str(exc), "type": "value_error"}]
+            raise ApiError(422, "invalid request", detail) from None
+        self.metrics.submitted.inc()
+        return job_id
 
     async def submit(self, payload: Any, options: dict[str, Any]) -> str:
         """``POST /v1/jobs``: create the job and answer once it is stored (with a store,

@@ -41,17 +41,35 @@ class SseBody:
     The stream counts as open (``on_disconnect``, metrics) from construction, that is from
     the moment the route accepted the request, not from the first chunk: a client that
     leaves before the body starts has still left. :meth:`close` ends that (idempotent);
-    the route arranges for it to run when the request is over, however it ended.
+    whoever writes the body arranges for it to run when the request is over, however it
+    ended.
 
     ``pending``: items already taken from ``stream`` (written first).
 
-    Ends early only when the server drains (shutdown): whatever is ready is written,
-    then ``: server shutting down`` and the end of the body. A client that disconnects
-    closes the body at its ``yield`` or wait; the job's ``on_disconnect`` policy is then
-    applied.
+    A writer calls :meth:`take` for the next chunk (None: nothing is ready, so ``await``
+    :meth:`wait` and take again) until :attr:`done`; Quart iterates the body instead,
+    which does the same. Whatever is ready is one chunk, so a burst of events costs one
+    write; taking needs no scheduler trip. The ``retry:`` line goes in front of the first
+    chunk (never alone: a stream whose first events are not ready yet costs no extra
+    write). Ends early only when the server drains
+    (shutdown): whatever is ready is written, then ``: server shutting down`` and the end
+    of the body. A client that disconnects cancels the writer in :meth:`wait` or in its
+    write; closing the body then applies the job's ``on_disconnect`` policy.
     """
 
-    __slots__ = ("_open", "_pending", "service", "stream")
+    __slots__ = (
+        "_check_drain",
+        "_counter",
+        "_head",
+        "_keepalive_due",
+        "_open",
+        "_pending",
+        "_sse",
+        "done",
+        "ended",
+        "service",
+        "stream",
+    )
 
     def __init__(
         self, service: JobService, stream: JobStream, pending: list[StreamItem] | None = None
@@ -60,6 +78,18 @@ class SseBody:
         self.stream = stream
         self._pending = pending or []
         self._open = True
+        # No data-less block may end with a blank line (some decoders dispatch an empty
+        # event for it): ``retry:`` is a line of the first event's block, keep-alives and
+        # the shutdown note are lone comment lines.
+        self._head = retry_line(service.retry_ms)
+        self._sse = WireEncoder().sse
+        self._counter = service.metrics.sse_events
+        self._keepalive_due = False
+        self._check_drain = False
+        self.done = False
+        """The last chunk was taken."""
+        self.ended = False
+        """The body ended as it should: with the terminal signal, or the server's drain."""
         service.stream_opened(stream.job_id)
         service.metrics.sse_open.inc()
 
@@ -70,60 +100,71 @@ class SseBody:
         self._open = False
         self.service.metrics.sse_open.dec()
         self.stream.close()
-        self.service.stream_closed(self.stream.job_id, abandoned=abandoned)
+        self.service.stream_closed(self.stream.job_id, abandoned=abandoned and not self.ended)
+
+    def take(self) -> bytes | None:
+        """The next chunk if one is ready (synchronous), else None; :attr:`done` is True
+        once the last chunk was taken."""
+        service = self.service
+        if self._check_drain:
+            self._check_drain = False
+            if service.draining and service.drain_expired():
+                return self._end_by_server()
+        if self._keepalive_due:
+            self._keepalive_due = False
+            return self._with_head(KEEPALIVE)
+        items = self._pending
+        if items:
+            self._pending = []
+        else:
+            items = self.stream.receive_batch(service.batch_limit)
+        if items:
+            text = self._sse(items)
+            if self._head:
+                text = self._head + text
+                self._head = ""
+            self._counter.inc(len(items))
+            if type(items[-1]) is TerminalSignal:
+                self.done = self.ended = True
+            else:
+                self._check_drain = True
+            return text.encode(_ENCODING, _ERRORS)
+        if service.drain_expired():
+            return self._end_by_server()
+        return None
+
+    def _with_head(self, chunk: bytes) -> bytes:
+        if self._head:
+            chunk = self._head.encode() + chunk
+            self._head = ""
+        return chunk
+
+    def _end_by_server(self) -> bytes:
+        self.done = self.ended = True
+        return self._with_head(SHUTDOWN_COMMENT.encode())
+
+    async def wait(self) -> None:
+        """Wait until the stream has an item, a keep-alive is due or the drain ends.
+
+        Cancellation (the client left) propagates."""
+        service = self.service
+        ready = await service.wait_ready(self.stream, trio.current_time() + service.keepalive_s)
+        if not ready and not service.drain_expired():
+            self._keepalive_due = True
 
     def __aiter__(self) -> AsyncIterator[bytes]:
         return self._chunks()
 
     async def _chunks(self) -> AsyncIterator[bytes]:
-        service = self.service
-        stream = self.stream
-        sse = WireEncoder().sse
-        limit = service.batch_limit
-        keepalive = service.keepalive_s
-        counter = service.metrics.sse_events
-        # No data-less block may end with a blank line (some decoders dispatch an empty
-        # event for it): ``retry:`` is a line of the first event's block, keep-alives and
-        # the shutdown note are lone comment lines.
-        head = retry_line(service.retry_ms)
-        items = self._pending
-        self._pending = []
-        finished = False
-        ended_by_server = False
         try:
-            while True:
-                if not items:
-                    items = stream.receive_batch(limit)
-                if items:
-                    text = sse(items)
-                    if head:
-                        text = head + text
-                        head = ""
-                    counter.inc(len(items))
-                    if type(items[-1]) is TerminalSignal:
-                        finished = True
-                        yield text.encode(_ENCODING, _ERRORS)
-                        return
-                    items = []
-                    yield text.encode(_ENCODING, _ERRORS)
-                    if service.draining and service.drain_expired():
-                        ended_by_server = True
-                        yield SHUTDOWN_COMMENT.encode()
-                        return
-                    continue
-                if head:
-                    yield head.encode()
-                    head = ""
-                    continue
-                if service.drain_expired():
-                    ended_by_server = True
-                    yield SHUTDOWN_COMMENT.encode()
-                    return
-                ready = await service.wait_ready(stream, trio.current_time() + keepalive)
-                if not ready and not service.drain_expired():
-                    yield KEEPALIVE
+            while not self.done:
+                chunk = self.take()
+                if chunk is None:
+                    await self.wait()
+                else:
+                    yield chunk
         finally:
-            self.close(abandoned=not (finished or ended_by_server))
+            self.close()
 
 
 _CANCEL_HINT = 'the only message a client may send is {"cancel": true}'
