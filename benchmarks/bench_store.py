@@ -80,7 +80,7 @@ class _StoredOnly(Persister):
 
     def _part(self, job: Any, old: Any, now_trio: float, now: float) -> _Part:
         part = super()._part(job, old, now_trio, now)
-        part.cursor.reserved = min(part.cursor.reserved, part.cursor.events)
+        part.reserved = min(part.reserved, part.top)
         return part
 
 
@@ -235,10 +235,15 @@ NARRATE_VARIANTS: dict[str, dict[str, Any]] = {
 }
 
 
-async def run(seconds: float, n_events: int, repeat: int) -> Results:
+SECTIONS = ("jobs", "latency", "narrate")
+
+
+async def run(
+    seconds: float, n_events: int, repeat: int, sections: tuple[str, ...] = SECTIONS
+) -> Results:
     tmp = Path(tempfile.mkdtemp(prefix="trio-jobs-bench-"))
     counter = iter(range(1_000_000))
-    dsn = _pg_dsn()
+    dsn = _pg_dsn() if "jobs" in sections or "latency" in sections else None
     schemas: list[str] = []
 
     def sqlite() -> JobStore:
@@ -263,14 +268,14 @@ async def run(seconds: float, n_events: int, repeat: int) -> Results:
         for make in kinds.values():  # warm-up: imports, thread pool, first connections
             await durable_jobs_per_second(make, 0.2)
         for _ in range(repeat):
-            for name, make in kinds.items():
+            for name, make in kinds.items() if "jobs" in sections else ():
                 res.jobs.setdefault(name, []).append(await durable_jobs_per_second(make, seconds))
-            for name, make in durable.items():
+            for name, make in durable.items() if "latency" in sections else ():
                 for submitters in (1, SUBMITTERS):
                     res.latency.setdefault((name, submitters), []).append(
                         await submit_latency(make, seconds / 2, submitters)
                     )
-            for log_name, size in logs.items():
+            for log_name, size in logs.items() if "narrate" in sections else ():
                 res.events.setdefault((BASELINE, log_name), []).append(
                     await narrate_to_subscriber(kinds[BASELINE], n_events, event_log_size=size)
                 )
@@ -296,7 +301,7 @@ def _verdict(ratio: float, target: float, above: bool = True) -> str:
 def report(res: Results) -> str:
     med = statistics.median
     lines = [f"1. jobs/s with the durable ack ({SUBMITTERS} submitters, trivial executor)"]
-    base = med(res.jobs[BASELINE])
+    base = med(res.jobs[BASELINE]) if res.jobs else 1.0
     for name, values in res.jobs.items():
         lines.append(f"   {name:<20}{med(values):>10,.0f} jobs/s  {med(values) / base:6.2f}x")
     for name, target in {"SQLiteStore": 0.5, "PostgresStore": 0.3}.items():
@@ -333,8 +338,16 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seconds", type=float, default=1.0, help="submitting time per run")
     parser.add_argument("--events", type=int, default=200_000, help="events narrated per run")
     parser.add_argument("--repeat", type=int, default=3, help="median of this many runs")
+    parser.add_argument(
+        "--only",
+        default=",".join(SECTIONS),
+        help=f"comma-separated sections to run, of {', '.join(SECTIONS)} (default: all)",
+    )
     args = parser.parse_args(argv)
-    results = trio.run(run, args.seconds, args.events, args.repeat)
+    sections = tuple(s.strip() for s in args.only.split(",") if s.strip())
+    if unknown := set(sections) - set(SECTIONS):
+        parser.error(f"unknown section(s): {', '.join(sorted(unknown))}")
+    results = trio.run(run, args.seconds, args.events, args.repeat, sections)
     print(report(results))
 
 

@@ -41,6 +41,7 @@ class JobLog:
         "_buf",
         "_cap",
         "_floor",
+        "_gaps",
         "_lot",
         "_origin",
         "_senders",
@@ -68,6 +69,8 @@ class JobLog:
         self._floor = 1
         """Ids below this are gone even while the ring is not full (a restored log)."""
         self._origin = 1
+        self._gaps = False
+        """True once the ring may hold gaps (a restored log, skipped ids)."""
         """The id kept at ring index 0 (ids map to ``(id - origin) % capacity``)."""
         self.limit = _NO_LIMIT
         """The highest event id readers may see."""
@@ -110,6 +113,7 @@ class JobLog:
         log._buf = buf
         log._cap = max(1, len(buf)) if closed else capacity
         log._floor = log._origin = floor
+        log._gaps = True
         log.next_id = nxt
         return log
 
@@ -132,6 +136,20 @@ class JobLog:
         first = self.first_id
         out = [self.get(i) for i in range(first, self.next_id)]
         return [e for e in out if e is not _GAP]
+
+    def since(self, after: int) -> list[NarrationEvent]:
+        """The retained events with ids above ``after``, oldest first (slices of the ring:
+        persistence reads every event once, so this is its per-event cost)."""
+        first = max(after + 1, self._floor, self.next_id - len(self._buf))
+        last = self.next_id - 1
+        if first > last:
+            return []
+        buf, cap, origin = self._buf, self._cap, self._origin
+        i, j = (first - origin) % cap, (last - origin) % cap
+        out = buf[i : j + 1] if i <= j else buf[i:] + buf[: j + 1]
+        if self._gaps:
+            out = [e for e in out if e is not _GAP]
+        return out
 
     def get(self, event_id: int) -> NarrationEvent:
         """The event with this id (the caller knows it is retained); may be a gap."""
@@ -183,6 +201,7 @@ class JobLog:
         """Leave the ids before ``next_id`` that were never stored as gaps (a mirror of a
         log whose owner skipped ids after a crash)."""
         buf, cap = self._buf, self._cap
+        self._gaps = True
         if next_id - self.next_id >= cap:  # nothing retained survives the gap
             self._buf = []
             self._origin = self._floor = self.next_id = next_id

@@ -44,18 +44,26 @@ _OPEN = 1 << 62
 class _Cursor:
     """What of one job is already in the store."""
 
-    __slots__ = ("events", "inserted", "reserved", "transitions")
+    __slots__ = ("events", "inserted", "reserved", "state", "transitions")
 
     def __init__(
-        self, transitions: int = 0, events: int = 0, inserted: bool = False, reserved: int = 0
+        self,
+        transitions: int = 0,
+        events: int = 0,
+        inserted: bool = False,
+        reserved: int = 0,
+        state: JobState | None = None,
     ) -> None:
         self.transitions = transitions
         self.events = events
         self.inserted = inserted
         self.reserved = reserved
+        self.state = state
+        """The stored state (a withdrawn attempt can leave the history as long)."""
 
-    def copy(self) -> _Cursor:
-        return _Cursor(self.transitions, self.events, self.inserted, self.reserved)
+
+_NEW = _Cursor()
+"""The cursor of a job the store has nothing of (never changed)."""
 
 
 @dataclass
@@ -96,15 +104,52 @@ class _Round:
         self.error: BaseException | None = None
 
 
-@dataclass
 class _Part:
-    """What one flush writes of one job."""
+    """What one flush writes of one job, and where the job's cursor stands once it is
+    committed."""
 
-    job: Job
-    cursor: _Cursor
-    batch: WriteBatch
-    final: bool
-    """The job had ended when the part was taken: committing it stores the end."""
+    __slots__ = (
+        "events",
+        "final",
+        "job",
+        "prune",
+        "reserved",
+        "state",
+        "top",
+        "transitions",
+        "write",
+    )
+
+    def __init__(
+        self,
+        job: Job,
+        write: JobWrite | None,
+        events: list[NarrationEvent],
+        prune: tuple[str, int] | None,
+        transitions: int,
+        top: int,
+        reserved: int,
+        final: bool,
+    ) -> None:
+        self.job = job
+        self.write = write
+        self.events = events
+        self.prune = prune
+        self.transitions = transitions
+        self.state = job.state
+        self.top = top
+        """The last event id stored once committed."""
+        self.reserved = reserved
+        self.final = final
+        """The job had ended when the part was taken: committing it stores the end."""
+
+    def batch(self) -> WriteBatch:
+        """The part as a batch of its own."""
+        return WriteBatch(
+            [self.write] if self.write is not None else [],
+            self.events,
+            [self.prune] if self.prune is not None else [],
+        )
 
 
 class Persister:
@@ -219,7 +264,9 @@ class Persister:
         the store as ``stored`` says; readers may see what the store reserved."""
         self.foreign.discard(job.id)
         reserved = max(stored.reserved_id, last_event_id)
-        self._cursors[job.id] = _Cursor(len(stored.history), last_event_id, True, reserved)
+        self._cursors[job.id] = _Cursor(
+            len(stored.history), last_event_id, True, reserved, stored.record.state
+        )
         log = job.log
         if log.terminal is None:
             log.gate(reserved, hold=True)
@@ -247,19 +294,37 @@ class Persister:
     async def acknowledge(self, job: Job) -> None:
         """Wait until the new job's row is committed (its group commit).
 
+        When it is not (the store is down or refused the row, did not commit within
+        ``ack_timeout``, or the wait was cancelled), the job is refused: it ends FAILED
+        ``not acknowledged: ...`` and never runs. An attempt begun meanwhile waits for
+        this very commit (:meth:`before_attempt`), so it is withdrawn before it runs.
+
         Raises:
             StoreUnavailable: the store is known to be down, refused the job, or did not
                 commit within ``ack_timeout``.
         """
-        if not self.health.ok:
-            await trio.lowlevel.checkpoint()
-            raise StoreUnavailable(f"the job store is unavailable: {self.health.error}")
-        with trio.move_on_after(self.ack_timeout):
-            error = await self._commit(job)
-            if error is None:
-                return
-            raise StoreUnavailable(f"the job store did not take the job: {error}") from error
-        raise StoreUnavailable(f"the job store did not commit within {self.ack_timeout:g}s")
+        try:
+            if not self.health.ok:
+                await trio.lowlevel.checkpoint()
+                raise StoreUnavailable(f"the job store is unavailable: {self.health.error}")
+            with trio.move_on_after(self.ack_timeout):
+                error = await self._commit(job)
+                if error is None:
+                    return
+                raise StoreUnavailable(f"the job store did not take the job: {error}") from error
+            raise StoreUnavailable(f"the job store did not commit within {self.ack_timeout:g}s")
+        except BaseException as exc:
+            cursor = self._cursors.get(job.id)
+            if cursor is None or not cursor.inserted:  # else it is stored: it stays
+                job.refuse(
+                    "not acknowledged: "
+                    + (
+                        "the submission was cancelled"
+                        if isinstance(exc, trio.Cancelled)
+                        else "the store was unavailable"
+                    )
+                )
+            raise
 
     async def before_attempt(self, job: Job) -> None:
         """Wait until the job's current state (its new attempt) is committed, however
@@ -286,10 +351,8 @@ class Persister:
 
     # ---- batching ---------------------------------------------------------------------------
 
-    def _part(self, job: Job, old: _Cursor | None, now_trio: float, now: float) -> _Part:
-        """What the store lacks of one job, as a batch of its own."""
-        cursor = old.copy() if old is not None else _Cursor()
-        batch = WriteBatch()
+    def _part(self, job: Job, cursor: _Cursor, now_trio: float, now: float) -> _Part:
+        """What the store lacks of one job (``cursor``: what it has)."""
         log = job.log
         last = log.next_id - 1
         reserved = cursor.reserved
@@ -298,37 +361,35 @@ class Persister:
             and (last or job.state is JobState.RUNNING)
             and (last > reserved - self.headroom // 2)
         ):
-            gained = max(0, last - cursor.events)
-            reserved = last + max(self.headroom, 2 * gained)
+            reserved = last + max(self.headroom, 2 * max(0, last - cursor.events))
         history = job.history
-        if len(history) > cursor.transitions or not cursor.inserted or reserved > cursor.reserved:
+        write = None
+        if (
+            len(history) > cursor.transitions
+            or job.state is not cursor.state
+            or not cursor.inserted
+            or reserved > cursor.reserved
+        ):
             expires = job.expires_at
             first = not cursor.inserted
-            batch.jobs.append(
-                JobWrite(
-                    job.record(),
-                    tuple(history),
-                    None if expires is None else now + (expires - now_trio),
-                    dumps(job.payload) if first else None,
-                    dumps(job.metadata) if first else None,
-                    first=first,
-                    reserved_id=reserved,
-                )
+            write = JobWrite(
+                job.record(),
+                tuple(history),
+                None if expires is None else now + (expires - now_trio),
+                dumps(job.payload) if first else None,
+                dumps(job.metadata) if first else None,
+                first=first,
+                reserved_id=reserved,
             )
-            cursor.inserted = True
-            cursor.transitions = len(history)
-            cursor.reserved = reserved
+        events: list[NarrationEvent] = []
+        prune = None
         if last > cursor.events:
-            events = batch.events
-            for event_id in range(max(cursor.events + 1, log.first_id), last + 1):
-                event = log.get(event_id)
-                if isinstance(event, NarrationEvent):  # not a gap of a restored log
-                    events.append(event)
+            events = log.since(cursor.events)
             cap = self.registry.event_log_size
             if last > cap:
-                batch.prune.append((job.id, last - cap))
-            cursor.events = last
-        return _Part(job, cursor, batch, job.state.is_terminal and log.terminal is not None)
+                prune = (job.id, last - cap)
+        final = job.state.is_terminal and log.terminal is not None
+        return _Part(job, write, events, prune, len(history), last, reserved, final)
 
     def _collect(self) -> list[_Part]:
         """Snapshot everything changed since the last flush (synchronously), and re-arm
@@ -338,31 +399,43 @@ class Persister:
         now_trio = trio.current_time()
         now = time.time()
         cursors = self._cursors
+        foreign = self.foreign
         hook = self._log_changed
+        part = self._part
         parts = []
         for job_id, job in dirty.items():
-            if job_id in self.foreign:
+            if foreign and job_id in foreign:
                 continue
-            if job.log.terminal is None:
-                job.log.on_dirty = hook
-            parts.append(self._part(job, cursors.get(job_id), now_trio, now))
+            log = job.log
+            if log.terminal is None:
+                log.on_dirty = hook
+            parts.append(part(job, cursors.get(job_id, _NEW), now_trio, now))
         return parts
 
     def _committed(self, part: _Part) -> None:
-        job, cursor = part.job, part.cursor
+        job = part.job
         log = job.log
-        self.poisoned.pop(job.id, None)
+        job_id = job.id
+        if self.poisoned:
+            self.poisoned.pop(job_id, None)
         # What was captured decides, not the job as it is now: it may have ended while
         # this part was being written, and its end is not stored yet.
-        if part.final and cursor.events >= log.next_id - 1:
-            self._cursors.pop(job.id, None)
-            self._live.pop(job.id, None)
+        if part.final and part.top >= log.next_id - 1:
+            self._cursors.pop(job_id, None)
+            self._live.pop(job_id, None)
             log.gate(_OPEN, hold=False)
             return
-        self._cursors[job.id] = cursor
+        cursor = self._cursors.get(job_id)
+        if cursor is None:
+            cursor = self._cursors[job_id] = _Cursor()
+        cursor.inserted = True
+        cursor.transitions = part.transitions
+        cursor.state = part.state
+        cursor.events = part.top
+        cursor.reserved = part.reserved
         if job.state is JobState.QUEUED:
-            self._live.pop(job.id, None)
-        log.gate(cursor.reserved, hold=True)
+            self._live.pop(job_id, None)
+        log.gate(part.reserved, hold=True)
 
     @property
     def pending(self) -> bool:
@@ -381,13 +454,20 @@ class Persister:
         self._inflight = done
         parts = self._collect()
         batch = WriteBatch()
+        jobs, events, prune = batch.jobs, batch.events, batch.prune
         alone = []
         refused: set[str] = set()
+        poisoned = self.poisoned
         for part in parts:
-            if part.job.id in self.poisoned:
+            if poisoned and part.job.id in poisoned:
                 alone.append(part)
-            else:
-                batch.extend(part.batch)
+                continue
+            if part.write is not None:
+                jobs.append(part.write)
+            if part.events:
+                events.extend(part.events)
+            if part.prune is not None:
+                prune.append(part.prune)
         self._writing = {part.job.id: part.job for part in parts}
         try:
             if batch:
@@ -410,18 +490,20 @@ class Persister:
             self._writing = {}
             done.done.set()
         self.health.succeeded()
+        committed = self._committed
         for part in parts:
-            if part.job.id not in refused:
-                self._committed(part)
+            if not refused or part.job.id not in refused:
+                committed(part)
         if batch or alone:
             self.flushes += 1
 
     async def _write_alone(self, part: _Part) -> bool:
         """Write one job's part in a transaction of its own; False when refused."""
-        if not part.batch:
+        batch = part.batch()
+        if not batch:
             return True
         try:
-            await self.store.write(part.batch)
+            await self.store.write(batch)
         except Exception as exc:
             if not self.store.row_error(exc):
                 raise
