@@ -26,6 +26,9 @@ _GAP: Any = object()
 
 _NO_LIMIT = 1 << 62
 
+_GROWTH = 8
+"""A persisted log's ring holds up to this many times its capacity of unstored events."""
+
 
 class JobLog:
     """Per-job event log: a ring of the last ``capacity`` events plus the terminal signal.
@@ -45,6 +48,8 @@ class JobLog:
         "_lot",
         "_origin",
         "_senders",
+        "_size",
+        "_unstored",
         "actor",
         "held",
         "job_id",
@@ -62,6 +67,10 @@ class JobLog:
         self.actor = actor
         self._buf: list[NarrationEvent] = []
         self._cap = capacity
+        self._size = capacity
+        """The ring's capacity when every event is stored (or none needs to be)."""
+        self._unstored = _NO_LIMIT
+        """The first id persistence has not stored (see :meth:`stored_upto`)."""
         self.next_id = 1
         self.terminal: TerminalSignal | None = None
         self._lot: trio.lowlevel.ParkingLot | None = None
@@ -180,10 +189,13 @@ class JobLog:
             event_id, self.job_id, ts, actor or self.actor, action, human, fields
         )
         buf = self._buf
-        if len(buf) < self._cap:
+        cap = self._cap
+        if len(buf) < cap:
             buf.append(event)
+        elif event_id - cap >= self._unstored and cap < self._size * _GROWTH:
+            self._grow(event)
         else:
-            buf[(event_id - self._origin) % self._cap] = event
+            buf[(event_id - self._origin) % cap] = event
         self.next_id = event_id + 1
         if event_id <= self.limit:
             lot = self._lot
@@ -196,6 +208,32 @@ class JobLog:
             self.on_dirty = None
             hook(self)
         return event
+
+    def _grow(self, event: NarrationEvent) -> None:
+        """The ring is full and its oldest event is not stored yet: make room instead of
+        overwriting it (persistence then writes every event, and a reader a slow write
+        held back misses none), up to ``_GROWTH`` times the capacity."""
+        buf, cap = self._buf, self._cap
+        oldest = event.id - cap
+        i = (oldest - self._origin) % cap
+        self._buf = buf = buf[i:] + buf[:i]
+        self._origin = oldest
+        self._cap = min(cap * 2, self._size * _GROWTH)
+        buf.append(event)
+
+    def stored_upto(self, top: int | None) -> None:
+        """Persistence has stored the events up to ``top``: the ring may overwrite them
+        (and shrinks back to its capacity once it grew); later ones it keeps. None: the
+        log is not persisted (any more)."""
+        self._unstored = _NO_LIMIT if top is None else top + 1
+        if self._cap > self._size and self._unstored > self.next_id - self._size:
+            keep = min(len(self._buf), self._size)
+            first = self.next_id - keep
+            buf, cap = self._buf, self._cap
+            i = (first - self._origin) % cap
+            self._buf = (buf[i:] + buf[:i])[:keep] if keep else []
+            self._origin = first
+            self._cap = self._size
 
     def skip_to(self, next_id: int) -> None:
         """Leave the ids before ``next_id`` that were never stored as gaps (a mirror of a

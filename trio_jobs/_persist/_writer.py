@@ -229,6 +229,7 @@ class Persister:
             return
         if job.id not in self._cursors and job.id not in self._dirty:
             job.log.gate(0, hold=True)  # a new job: nothing is reserved yet
+            job.log.stored_upto(0)
             job.log.on_dirty = self._log_changed
             job.log.on_held = self._log_held
         if transition.state is JobState.RUNNING:
@@ -258,6 +259,7 @@ class Persister:
         job = self.registry.job(job_id)
         if job is not None:
             job.log.gate(_OPEN, hold=False)
+            job.log.stored_upto(None)
 
     def adopt(self, job: Job, stored: StoredJob, last_event_id: int) -> None:
         """Record that a job's row, history and events up to ``last_event_id`` are in
@@ -270,6 +272,7 @@ class Persister:
         log = job.log
         if log.terminal is None:
             log.gate(reserved, hold=True)
+            log.stored_upto(last_event_id)
             log.on_dirty = self._log_changed
             log.on_held = self._log_held
             if log.next_id - 1 > reserved:
@@ -384,8 +387,9 @@ class Persister:
         events: list[NarrationEvent] = []
         prune = None
         if last > cursor.events:
-            events = log.since(cursor.events)
             cap = self.registry.event_log_size
+            # the stored log keeps the last ``cap`` events, like the ring without a store
+            events = log.since(max(cursor.events, last - cap))
             if last > cap:
                 prune = (job.id, last - cap)
         final = job.state.is_terminal and log.terminal is not None
@@ -424,6 +428,7 @@ class Persister:
             self._cursors.pop(job_id, None)
             self._live.pop(job_id, None)
             log.gate(_OPEN, hold=False)
+            log.stored_upto(None)
             return
         cursor = self._cursors.get(job_id)
         if cursor is None:
@@ -436,6 +441,7 @@ class Persister:
         if job.state is JobState.QUEUED:
             self._live.pop(job_id, None)
         log.gate(part.reserved, hold=True)
+        log.stored_upto(part.top)
 
     @property
     def pending(self) -> bool:

@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import itertools
 import json
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
+from operator import itemgetter
 from typing import Any
 
 from .._json import dumps, loads
@@ -129,16 +130,11 @@ def stored_job_from_row(
     )
 
 
-def _event_item(value: Any) -> Any:
-    """The JSON hook of :func:`event_chunks`: an event as the item ``[id, ts, actor,
-    action, human, fields]`` (fields None when empty), anything else JSON cannot hold as
-    its ``str``, as on the wire. Called by orjson once per event, so no list of tuples is
-    built (200,000 short-lived tuples at once also cost garbage collections)."""
-    if type(value) is NarrationEvent:
-        fields = value[6]
-        plain = fields if type(fields) is dict else (dict(fields) or None)
-        return (value[0], value[2], value[3], value[4], value[5], plain)
-    return str(value)
+def _plain(value: Any) -> Any:
+    """The JSON hook of :func:`event_chunks`: a mapping that is not a dict (an event's
+    fields may be any mapping) as a dict, anything else JSON cannot hold as its ``str``,
+    as on the wire."""
+    return dict(value) if isinstance(value, Mapping) else str(value)
 
 
 try:
@@ -150,18 +146,55 @@ except ImportError:  # pragma: no cover - orjson is a dependency
     _orjson_dumps = None
     _ORJSON_OPTIONS = 0
 
-
-_std_events = json.JSONEncoder(separators=(",", ":"), ensure_ascii=True, default=str).encode
+_std_dumps = json.JSONEncoder(separators=(",", ":"), ensure_ascii=True, default=_plain).encode
+_ID, _TS, _ACTOR, _ACTION, _HUMAN, _FIELDS = (itemgetter(i) for i in (0, 2, 3, 4, 5, 6))
 
 
 def _encode_events(events: Sequence[NarrationEvent]) -> str:
+    """One run of a job's events as a JSON object of columns: ``id`` (the first id when
+    the ids are consecutive, else all of them), ``ts``, ``actor`` (one string when all are
+    the same), ``action``, ``human``, ``fields``. Columns are built by C-level ``map``s:
+    no Python code and no new object per event (a list of 200,000 short-lived tuples also
+    cost full garbage collections), and the text is a third shorter than rows of items."""
+    first, last = events[0][0], events[-1][0]
+    actors = list(map(_ACTOR, events))
+    actor = actors[0]
+    columns = {
+        "id": first if last - first == len(events) - 1 else list(map(_ID, events)),
+        "ts": list(map(_TS, events)),
+        "actor": actor if actors.count(actor) == len(actors) else actors,
+        "action": list(map(_ACTION, events)),
+        "human": list(map(_HUMAN, events)),
+        "fields": list(map(_FIELDS, events)),
+    }
     if _orjson_dumps is not None:
         try:
-            text: bytes = _orjson_dumps(events, default=_event_item, option=_ORJSON_OPTIONS)
+            text: bytes = _orjson_dumps(columns, default=_plain, option=_ORJSON_OPTIONS)
             return text.decode()
         except TypeError:  # lone surrogates, integers past 64 bits: the standard library
             pass
-    return _std_events([_event_item(e) for e in events])
+    return _std_dumps(columns)
+
+
+def _decode_events(job_id: str, chunk: str) -> Iterable[NarrationEvent]:
+    """Read :func:`_encode_events` back, and the rows of items ``[id, ts, actor, action,
+    human, fields]`` that earlier versions wrote."""
+    data = loads(chunk)
+    if not isinstance(data, dict):
+        for event_id, ts, actor, action, human, fields in data:
+            yield NarrationEvent(event_id, job_id, ts, actor, action, human, fields or {})
+        return
+    ts = data["ts"]
+    ids = data["id"]
+    if isinstance(ids, int):
+        ids = range(ids, ids + len(ts))
+    actors = data["actor"]
+    if isinstance(actors, str):
+        actors = itertools.repeat(actors)
+    for event_id, at, actor, action, human, fields in zip(
+        ids, ts, actors, data["action"], data["human"], data["fields"], strict=False
+    ):
+        yield NarrationEvent(event_id, job_id, at, actor, action, human, fields or {})
 
 
 def event_chunks(events: Sequence[NarrationEvent]) -> list[tuple[str, int, int, str]]:
@@ -186,10 +219,8 @@ def events_from_chunks(
     """The events with id > ``after`` (the newest ``limit``) in chunks, oldest first."""
     out: dict[int, NarrationEvent] = {}
     for chunk in chunks:
-        for event_id, ts, actor, action, human, fields in loads(chunk):
-            if event_id > after:
-                out[event_id] = NarrationEvent(
-                    event_id, job_id, ts, actor, action, human, fields or {}
-                )
+        for event in _decode_events(job_id, chunk):
+            if event.id > after:
+                out[event.id] = event
     events = [out[i] for i in sorted(out)]
     return events[-limit:] if limit is not None else events
