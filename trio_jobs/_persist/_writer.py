@@ -21,6 +21,7 @@ job: the bad job is isolated (logged, counted, retried alone), every other job i
 from __future__ import annotations
 
 import logging
+import math
 import time
 from dataclasses import dataclass, field
 
@@ -97,11 +98,20 @@ class StoreHealth:
 class _Round:
     """One flush, as seen by those waiting for it."""
 
-    __slots__ = ("done", "error")
+    __slots__ = ("acked", "deadline", "done", "error")
 
     def __init__(self) -> None:
         self.done = trio.Event()
         self.error: BaseException | None = None
+        self.acked = trio.Event()
+        """Set with ``done``, or once ``deadline`` passed first (acknowledgements wait for
+        this: one timer per flush instead of a cancel scope per submission)."""
+        self.deadline = math.inf
+        """Trio time by which its first acknowledgement wanted an answer."""
+
+    def finished(self) -> None:
+        self.done.set()
+        self.acked.set()
 
 
 class _Part:
@@ -198,7 +208,10 @@ class Persister:
         """The next flush."""
         self._inflight = _Round()
         """The flush being written (done when none is)."""
-        self._inflight.done.set()
+        self._inflight.finished()
+        self._armed: list[_Round] = []
+        """Rounds acknowledgements wait for, watched by :meth:`watch_acks`."""
+        self._armed_lot = trio.lowlevel.ParkingLot()
         self._wake = trio.lowlevel.ParkingLot()
         self.foreign: set[str] = set()
         """Ids of jobs another node owns: followed here, never written from here."""
@@ -310,12 +323,9 @@ class Persister:
             if not self.health.ok:
                 await trio.lowlevel.checkpoint()
                 raise StoreUnavailable(f"the job store is unavailable: {self.health.error}")
-            with trio.move_on_after(self.ack_timeout):
-                error = await self._commit(job)
-                if error is None:
-                    return
+            error = await self._acknowledged(job)
+            if error is not None:
                 raise StoreUnavailable(f"the job store did not take the job: {error}") from error
-            raise StoreUnavailable(f"the job store did not commit within {self.ack_timeout:g}s")
         except BaseException as exc:
             cursor = self._cursors.get(job.id)
             if cursor is None or not cursor.inserted:  # else it is stored: it stays
@@ -328,6 +338,48 @@ class Persister:
                     )
                 )
             raise
+
+    async def _acknowledged(self, job: Job) -> BaseException | None:
+        """:meth:`_commit` for an acknowledgement: the same rounds, but it gives up once
+        ``ack_timeout`` passed (``watch_acks`` sets the round's ``acked``)."""
+        deadline = math.inf
+        if job.id in self._writing and job.id not in self._dirty:
+            rnd = self._inflight  # the flush in flight holds the job
+        else:
+            rnd = self._round
+            self._urgent = True
+            self._wake.unpark_all()
+        while True:
+            if rnd.deadline == math.inf:
+                if deadline == math.inf:
+                    deadline = trio.current_time() + self.ack_timeout
+                rnd.deadline = deadline
+                self._armed.append(rnd)
+                self._armed_lot.unpark_all()
+            await rnd.acked.wait()
+            if not rnd.done.is_set():
+                raise StoreUnavailable(f"the job store did not commit within {self.ack_timeout:g}s")
+            if rnd.error is None:
+                if job.id in self.poisoned:
+                    return ValueError(self.poisoned[job.id])
+                return None
+            if rnd is self._round or not self.unstored(job):
+                return rnd.error
+            rnd = self._round  # the flush holding the job failed: the next one writes it
+            self._urgent = True
+            self._wake.unpark_all()
+
+    async def watch_acks(self) -> None:
+        """Forever: let acknowledgements waiting for a flush past its deadline give up."""
+        while True:
+            armed = self._armed = [r for r in self._armed if not r.acked.is_set()]
+            if not armed:
+                await self._armed_lot.park()
+                continue
+            first = min(armed, key=lambda r: r.deadline)
+            with trio.move_on_at(first.deadline):
+                await first.acked.wait()
+            first.acked.set()
 
     async def before_attempt(self, job: Job) -> None:
         """Wait until the job's current state (its new attempt) is committed, however
@@ -494,7 +546,7 @@ class Persister:
             raise
         finally:
             self._writing = {}
-            done.done.set()
+            done.finished()
         self.health.succeeded()
         committed = self._committed
         for part in parts:
