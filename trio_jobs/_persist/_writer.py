@@ -40,6 +40,7 @@ __all__ = ["Persister", "StoreHealth"]
 logger = logging.getLogger("trio_jobs.persist")
 
 _OPEN = 1 << 62
+_TERMINAL = {JobState.COMPLETED, JobState.FAILED, JobState.CANCELLED}
 
 
 class _Cursor:
@@ -247,7 +248,8 @@ class Persister:
             job.log.on_held = self._log_held
         if transition.state is JobState.RUNNING:
             self._live[job.id] = job
-        self._mark(job, transition.state.is_terminal or transition.state is JobState.RUNNING)
+        state = transition.state
+        self._mark(job, state is not JobState.QUEUED and state is not JobState.RETRYING)
 
     def _log_changed(self, log: JobLog) -> None:
         """A log's ``on_dirty`` hook: its first event since the job was last collected."""
@@ -444,7 +446,7 @@ class Persister:
             events = log.since(max(cursor.events, last - cap))
             if last > cap:
                 prune = (job.id, last - cap)
-        final = job.state.is_terminal and log.terminal is not None
+        final = log.terminal is not None and job.state in _TERMINAL
         return _Part(job, write, events, prune, len(history), last, reserved, final)
 
     def _collect(self) -> list[_Part]:

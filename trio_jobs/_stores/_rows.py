@@ -23,7 +23,9 @@ __all__ = [
     "event_chunks",
     "events_from_chunks",
     "job_row",
+    "job_update_row",
     "stored_job_from_row",
+    "update_set",
     "upsert_set",
 ]
 
@@ -52,6 +54,34 @@ def upsert_set(excluded: str, greatest: str) -> str:
         if c == "reserved_id"
         else f"{c} = {excluded}.{c}"
         for c in MUTABLE_COLUMNS
+    )
+
+
+def update_set(greatest: str, param: str) -> str:
+    """The ``SET`` list of an ``UPDATE`` of a job's later write (:func:`job_update_row`)."""
+    return ", ".join(
+        f"reserved_id = {greatest}(reserved_id, {param})"
+        if c == "reserved_id"
+        else f"{c} = {param}"
+        for c in MUTABLE_COLUMNS
+    )
+
+
+def job_update_row(write: JobWrite) -> tuple[Any, ...]:
+    """The parameters of ``UPDATE jobs SET <update_set> WHERE id = ?`` for a later write
+    (not ``first``): the mutable columns, then the id."""
+    rec = write.record
+    return (
+        rec.state.value,
+        None if rec.error is None else dumps(rec.error),
+        rec.attempts,
+        rec.started_at,
+        rec.finished_at,
+        rec.next_attempt_at,
+        write.expires_at,
+        dumps([(t.state.value, t.at, t.reason) for t in write.history]),
+        write.reserved_id,
+        rec.id,
     )
 
 
