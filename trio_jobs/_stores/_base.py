@@ -127,8 +127,10 @@ class JobStore(abc.ABC):
     """Durable home of jobs. All methods are async and safe to call from trio tasks.
 
     Implementations must be usable again after :meth:`aclose` by calling :meth:`open`.
-    Blocking database work happens off the event loop (``trio.to_thread``); cancelling a
-    call waits for the database call in flight to end, so a write is never half-applied.
+    Blocking database work happens off the event loop (``trio.to_thread``), but for
+    what cannot block (``SQLiteStore``'s small WAL writes, which never wait for a lock or
+    sync); cancelling a call waits for the database call in flight to end, so a write is
+    never half-applied.
     """
 
     @abc.abstractmethod
