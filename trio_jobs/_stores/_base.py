@@ -12,7 +12,7 @@ from __future__ import annotations
 import abc
 import importlib
 from dataclasses import dataclass, field
-from typing import Any, NamedTuple, Protocol, runtime_checkable
+from typing import Any, NamedTuple, Protocol, Self, runtime_checkable
 
 import trio
 
@@ -175,7 +175,7 @@ class JobStore(abc.ABC):
         one bad row cannot block the others."""
         return isinstance(exc, (ValueError, TypeError, OverflowError, UnicodeError))
 
-    async def __aenter__(self) -> JobStore:
+    async def __aenter__(self) -> Self:
         await self.open()
         return self
 
