@@ -6,7 +6,10 @@ the promise:
 - a durable submission (:meth:`Persister.acknowledge`) returns once the job's row is
   committed; submissions that arrive together share one commit;
 - an attempt starts (:meth:`Persister.before_attempt`) once its RUNNING state is stored,
-  so a crash cannot make a job run more often than its retry policy allows;
+  so a crash cannot make a job run more often than its retry policy allows; a job queued
+  by a durable submission may begin its first attempt while the submission waits, so one
+  commit both acknowledges the job and starts it (a job not acknowledged is refused and
+  its attempt withdrawn before it runs);
 - readers of a job's log see event ids only once the store has *reserved* them (the
   job's row records the highest id that may have been handed out, a little ahead of
   need), and the terminal signal only once the job's end is stored. After a crash, new

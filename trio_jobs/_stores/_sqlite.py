@@ -19,6 +19,7 @@ import contextlib
 import logging
 import os
 import sqlite3
+import urllib.parse
 from collections.abc import Callable
 from typing import Any
 
@@ -140,7 +141,9 @@ class SQLiteStore(ThreadedSQLStore[sqlite3.Connection]):
     def _checkpoint(self) -> None:
         """Copy the WAL into the database (in a thread of its own, on a connection of its
         own: writers go on meanwhile)."""
-        conn = sqlite3.connect(self.path, timeout=5.0, isolation_level=None)
+        # mode=rw: a store closed and its file removed meanwhile is not created again
+        uri = f"file:{urllib.parse.quote(os.path.abspath(self.path))}?mode=rw"
+        conn = sqlite3.connect(uri, timeout=5.0, isolation_level=None, uri=True)
         try:
             conn.execute("PRAGMA wal_checkpoint(PASSIVE)")
         finally:
@@ -186,10 +189,15 @@ class SQLiteStore(ThreadedSQLStore[sqlite3.Connection]):
                 _transaction(
                     fast, lambda c: _write(c, jobs, later, writes, chunks, prune), "BEGIN IMMEDIATE"
                 )
-            except sqlite3.OperationalError as exc:
+            except sqlite3.Error as exc:
+                if self.row_error(exc):
+                    raise
                 # Busy (another writer holds the lock): the worker thread waits for it.
                 # Anything else: the worker thread's connection finds out what it is.
-                if exc.sqlite_errorcode not in (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED):
+                if getattr(exc, "sqlite_errorcode", None) not in (
+                    sqlite3.SQLITE_BUSY,
+                    sqlite3.SQLITE_LOCKED,
+                ):
                     self._fast = None
                     with contextlib.suppress(Exception):
                         fast.close()
