@@ -182,6 +182,11 @@ def test_event_chunks_are_columns_and_read_back_exactly() -> None:
     gappy = [_event(1), _event(2), _event(9)]
     (chunk,) = event_chunks(gappy)
     assert [e.id for e in events_from_chunks("job-1", [chunk[3]], 1, None)] == [2, 9]
+    # one action throughout, actors that differ
+    mixed = [_event(1, actor="x"), _event(2, actor="y")]
+    (chunk,) = event_chunks(mixed)
+    back = events_from_chunks("job-1", [chunk[3]], 0, None)
+    assert [(e.actor, e.action) for e in back] == [("x", "act"), ("y", "act")]
     # two jobs' runs in one batch
     other = [NarrationEvent(i, "job-2", 1.0, "a", "act", "h", {}) for i in (1, 2)]
     assert [(c[0], c[1], c[2]) for c in event_chunks([*events, *other])] == [

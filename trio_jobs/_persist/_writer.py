@@ -486,6 +486,7 @@ class Persister:
             self._live.pop(job_id, None)
             log.gate(_OPEN, hold=False)
             log.stored_upto(None)
+            log.on_held = log.on_dirty = None  # the log is closed: nothing more to store
             return
         cursor = self._cursors.get(job_id)
         if cursor is None:

@@ -3,7 +3,7 @@
 Each version's statements run in one transaction (PostgreSQL's under an advisory lock, as
 queens may start together). A job's history is a JSON column of its row; its events are
 stored in chunks, one row per run of events written by one flush: a JSON object of
-columns (``{"id": first, "ts": [...], "actor": ..., "action": [...], "human": [...],
+columns (``{"id": first, "ts": [...], "actor": ..., "action": ..., "human": [...],
 "fields": [...]}``, see ``_rows``; earlier versions wrote rows of items, ``[[id, ts,
 actor, action, human, fields], ...]``, which are still read). From version 2 the ``error`` column
 holds JSON text (PostgreSQL's ``text`` cannot hold NUL) and ``reserved_id`` records the

@@ -180,20 +180,26 @@ _std_dumps = json.JSONEncoder(separators=(",", ":"), ensure_ascii=True, default=
 _ID, _TS, _ACTOR, _ACTION, _HUMAN, _FIELDS = (itemgetter(i) for i in (0, 2, 3, 4, 5, 6))
 
 
+def _column(events: Sequence[NarrationEvent], field: itemgetter[Any]) -> Any:
+    """A column of strings, or its one value when all events have the same."""
+    values = list(map(field, events))
+    one = values[0]
+    return one if values.count(one) == len(values) else values
+
+
 def _encode_events(events: Sequence[NarrationEvent]) -> str:
     """One run of a job's events as a JSON object of columns: ``id`` (the first id when
-    the ids are consecutive, else all of them), ``ts``, ``actor`` (one string when all are
-    the same), ``action``, ``human``, ``fields``. Columns are built by C-level ``map``s:
-    no Python code and no new object per event (a list of 200,000 short-lived tuples also
-    cost full garbage collections), and the text is a third shorter than rows of items."""
+    the ids are consecutive, else all of them), ``ts``, ``actor`` and ``action`` (one
+    string when all events have the same), ``human``, ``fields``. Columns are built by
+    C-level ``map``s: no Python code and no new object per event (a list of 200,000
+    short-lived tuples also cost full garbage collections), and the text is a third
+    shorter than rows of items."""
     first, last = events[0][0], events[-1][0]
-    actors = list(map(_ACTOR, events))
-    actor = actors[0]
     columns = {
         "id": first if last - first == len(events) - 1 else list(map(_ID, events)),
         "ts": list(map(_TS, events)),
-        "actor": actor if actors.count(actor) == len(actors) else actors,
-        "action": list(map(_ACTION, events)),
+        "actor": _column(events, _ACTOR),
+        "action": _column(events, _ACTION),
         "human": list(map(_HUMAN, events)),
         "fields": list(map(_FIELDS, events)),
     }
@@ -218,11 +224,13 @@ def _decode_events(job_id: str, chunk: str) -> Iterable[NarrationEvent]:
     ids = data["id"]
     if isinstance(ids, int):
         ids = range(ids, ids + len(ts))
-    actors = data["actor"]
+    actors, actions = data["actor"], data["action"]
     if isinstance(actors, str):
         actors = itertools.repeat(actors)
+    if isinstance(actions, str):
+        actions = itertools.repeat(actions)
     for event_id, at, actor, action, human, fields in zip(
-        ids, ts, actors, data["action"], data["human"], data["fields"], strict=False
+        ids, ts, actors, actions, data["human"], data["fields"], strict=False
     ):
         yield NarrationEvent(event_id, job_id, at, actor, action, human, fields or {})
 
