@@ -87,7 +87,8 @@ class JobLog:
         """True while the terminal signal, once set, is kept from readers."""
         self.on_held: Callable[[JobLog], None] | None = None
         """Called when an append first goes past :attr:`limit` (readers now wait for the
-        gate to widen): persistence then writes at once instead of after its interval."""
+        gate to widen), or the ring had to grow to keep unstored events: persistence then
+        writes at once instead of after its interval."""
         self.on_dirty: Callable[[JobLog], None] | None = None
         """One-shot hook: the next append (or the terminal signal) clears it and calls it
         with the log; persistence sets it to learn which logs changed since a flush."""
@@ -220,6 +221,8 @@ class JobLog:
         self._origin = oldest
         self._cap = min(cap * 2, self._size * _GROWTH)
         buf.append(event)
+        if self.on_held is not None:  # write now rather than after the interval
+            self.on_held(self)
 
     def stored_upto(self, top: int | None) -> None:
         """Persistence has stored the events up to ``top``: the ring may overwrite them

@@ -263,7 +263,8 @@ class Persister:
             self._mark(job, log.next_id - 1 > log.limit or log.terminal is not None)
 
     def _log_held(self, log: JobLog) -> None:
-        """A log's ``on_held`` hook: it went past its reservation; readers wait."""
+        """A log's ``on_held`` hook: it went past its reservation (readers wait), or its
+        ring is full of events not stored yet."""
         job = self.registry.job(log.job_id)
         if job is not None and job.log is log and log.job_id not in self.foreign:
             self._mark(job, True)
