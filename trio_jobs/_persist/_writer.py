@@ -49,7 +49,7 @@ _TERMINAL = {JobState.COMPLETED, JobState.FAILED, JobState.CANCELLED}
 class _Cursor:
     """What of one job is already in the store."""
 
-    __slots__ = ("events", "inserted", "reserved", "state", "transitions")
+    __slots__ = ("events", "inserted", "pruned", "reserved", "state", "transitions")
 
     def __init__(
         self,
@@ -65,6 +65,8 @@ class _Cursor:
         self.reserved = reserved
         self.state = state
         """The stored state (a withdrawn attempt can leave the history as long)."""
+        self.pruned = 0
+        """Stored events up to this id were let go."""
 
 
 _NEW = _Cursor()
@@ -444,13 +446,15 @@ class Persister:
             )
         events: list[NarrationEvent] = []
         prune = None
+        final = log.terminal is not None and job.state in _TERMINAL
         if last > cursor.events:
             cap = self.registry.event_log_size
-            # the stored log keeps the last ``cap`` events, like the ring without a store
+            # The stored log keeps the last ``cap`` events, like the ring without a store;
+            # while the job runs, older ones go once another ``cap`` came (one delete per
+            # ``cap`` events, not one per flush), at its end at once.
             events = log.since(max(cursor.events, last - cap))
-            if last > cap:
+            if last > cap and (final or last - cap - cursor.pruned >= cap):
                 prune = (job.id, last - cap)
-        final = log.terminal is not None and job.state in _TERMINAL
         return _Part(job, write, events, prune, len(history), last, reserved, final)
 
     def _collect(self) -> list[_Part]:
@@ -497,6 +501,8 @@ class Persister:
         cursor.state = part.state
         cursor.events = part.top
         cursor.reserved = part.reserved
+        if part.prune is not None:
+            cursor.pruned = part.prune[1]
         if job.state is JobState.QUEUED:
             self._live.pop(job_id, None)
         log.gate(part.reserved, hold=True)
