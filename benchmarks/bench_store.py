@@ -35,7 +35,8 @@ installed (a throw-away cluster is started, as in the tests; note that it runs w
 ``fsync=off`` and ``synchronous_commit=off``). SQLite runs on a file in a temp dir with
 its default ``synchronous=NORMAL``.
 
-Run: ``python -m benchmarks.bench_store [--seconds S] [--events N] [--repeat R]``.
+Run: ``python -m benchmarks.bench_store [--seconds S] [--events N] [--repeat R]
+[--only jobs,latency,narrate]``.
 """
 
 from __future__ import annotations
