@@ -25,12 +25,18 @@ them alike; a ratio is the median of a store over the median of its baseline.
    Each is run with the default event log (10,000 events: what a subscriber that falls
    further behind misses is counted as ``skipped``) and with a log holding every event.
 
+Every run starts with ``gc.collect()``, so a figure does not pay for collecting the
+garbage of the run before it (whole registries of jobs, freed by the cyclic collector):
+without it a full collection of the previous run's 30,000 jobs (30-50 ms) fell into the
+next run's 0.5 s of latency samples and was its p99.
+
 PostgreSQL is measured when ``TRIO_JOBS_PG_DSN`` is set or the server binaries are
 installed (a throw-away cluster is started, as in the tests; note that it runs with
 ``fsync=off`` and ``synchronous_commit=off``). SQLite runs on a file in a temp dir with
 its default ``synchronous=NORMAL``.
 
-Run: ``python -m benchmarks.bench_store [--seconds S] [--events N] [--repeat R]``.
+Run: ``python -m benchmarks.bench_store [--seconds S] [--events N] [--repeat R]
+[--only jobs,latency,narrate]``.
 """
 
 from __future__ import annotations
@@ -38,6 +44,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import functools
+import gc
 import os
 import shutil
 import statistics
@@ -80,7 +87,7 @@ class _StoredOnly(Persister):
 
     def _part(self, job: Any, old: Any, now_trio: float, now: float) -> _Part:
         part = super()._part(job, old, now_trio, now)
-        part.cursor.reserved = min(part.cursor.reserved, part.cursor.events)
+        part.reserved = min(part.reserved, part.top)
         return part
 
 
@@ -142,6 +149,7 @@ async def _submit_for(
 
 
 async def durable_jobs_per_second(make: StoreMaker, seconds: float) -> float:
+    gc.collect()
     async with registry_for(make()) as reg, open_job_runner(reg, trivial):
         start = now()
         ids = await _submit_for(reg, seconds, SUBMITTERS)
@@ -159,6 +167,7 @@ def _percentile(values: list[float], q: float) -> float:
 async def submit_latency(make: StoreMaker, seconds: float, submitters: int) -> tuple[float, float]:
     """(p50, p99) of ``await submit`` in seconds."""
     latencies: list[float] = []
+    gc.collect()
     async with registry_for(make()) as reg, open_job_runner(reg, trivial):
         ids = await _submit_for(reg, seconds, submitters, latencies)
         for job_id in ids:
@@ -176,6 +185,7 @@ class Delivery:
 async def narrate_to_subscriber(
     make: StoreMaker, n: int, *, event_log_size: int, headroom: int = 256, stored_only: bool = False
 ) -> Delivery:
+    gc.collect()
     async with (
         registry_for(
             make(), headroom=headroom, stored_only=stored_only, event_log_size=event_log_size
@@ -235,10 +245,15 @@ NARRATE_VARIANTS: dict[str, dict[str, Any]] = {
 }
 
 
-async def run(seconds: float, n_events: int, repeat: int) -> Results:
+SECTIONS = ("jobs", "latency", "narrate")
+
+
+async def run(
+    seconds: float, n_events: int, repeat: int, sections: tuple[str, ...] = SECTIONS
+) -> Results:
     tmp = Path(tempfile.mkdtemp(prefix="trio-jobs-bench-"))
     counter = iter(range(1_000_000))
-    dsn = _pg_dsn()
+    dsn = _pg_dsn() if "jobs" in sections or "latency" in sections else None
     schemas: list[str] = []
 
     def sqlite() -> JobStore:
@@ -263,14 +278,14 @@ async def run(seconds: float, n_events: int, repeat: int) -> Results:
         for make in kinds.values():  # warm-up: imports, thread pool, first connections
             await durable_jobs_per_second(make, 0.2)
         for _ in range(repeat):
-            for name, make in kinds.items():
+            for name, make in kinds.items() if "jobs" in sections else ():
                 res.jobs.setdefault(name, []).append(await durable_jobs_per_second(make, seconds))
-            for name, make in durable.items():
+            for name, make in durable.items() if "latency" in sections else ():
                 for submitters in (1, SUBMITTERS):
                     res.latency.setdefault((name, submitters), []).append(
                         await submit_latency(make, seconds / 2, submitters)
                     )
-            for log_name, size in logs.items():
+            for log_name, size in logs.items() if "narrate" in sections else ():
                 res.events.setdefault((BASELINE, log_name), []).append(
                     await narrate_to_subscriber(kinds[BASELINE], n_events, event_log_size=size)
                 )
@@ -296,7 +311,7 @@ def _verdict(ratio: float, target: float, above: bool = True) -> str:
 def report(res: Results) -> str:
     med = statistics.median
     lines = [f"1. jobs/s with the durable ack ({SUBMITTERS} submitters, trivial executor)"]
-    base = med(res.jobs[BASELINE])
+    base = med(res.jobs[BASELINE]) if res.jobs else 1.0
     for name, values in res.jobs.items():
         lines.append(f"   {name:<20}{med(values):>10,.0f} jobs/s  {med(values) / base:6.2f}x")
     for name, target in {"SQLiteStore": 0.5, "PostgresStore": 0.3}.items():
@@ -333,8 +348,16 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seconds", type=float, default=1.0, help="submitting time per run")
     parser.add_argument("--events", type=int, default=200_000, help="events narrated per run")
     parser.add_argument("--repeat", type=int, default=3, help="median of this many runs")
+    parser.add_argument(
+        "--only",
+        default=",".join(SECTIONS),
+        help=f"comma-separated sections to run, of {', '.join(SECTIONS)} (default: all)",
+    )
     args = parser.parse_args(argv)
-    results = trio.run(run, args.seconds, args.events, args.repeat)
+    sections = tuple(s.strip() for s in args.only.split(",") if s.strip())
+    if unknown := set(sections) - set(SECTIONS):
+        parser.error(f"unknown section(s): {', '.join(sorted(unknown))}")
+    results = trio.run(run, args.seconds, args.events, args.repeat, sections)
     print(report(results))
 
 

@@ -26,6 +26,9 @@ _GAP: Any = object()
 
 _NO_LIMIT = 1 << 62
 
+_GROWTH = 8
+"""A persisted log's ring holds up to this many times its capacity of unstored events."""
+
 
 class JobLog:
     """Per-job event log: a ring of the last ``capacity`` events plus the terminal signal.
@@ -41,9 +44,12 @@ class JobLog:
         "_buf",
         "_cap",
         "_floor",
+        "_gaps",
         "_lot",
         "_origin",
         "_senders",
+        "_size",
+        "_unstored",
         "actor",
         "held",
         "job_id",
@@ -61,6 +67,10 @@ class JobLog:
         self.actor = actor
         self._buf: list[NarrationEvent] = []
         self._cap = capacity
+        self._size = capacity
+        """The ring's capacity when every event is stored (or none needs to be)."""
+        self._unstored = _NO_LIMIT
+        """The first id persistence has not stored (see :meth:`stored_upto`)."""
         self.next_id = 1
         self.terminal: TerminalSignal | None = None
         self._lot: trio.lowlevel.ParkingLot | None = None
@@ -68,6 +78,8 @@ class JobLog:
         self._floor = 1
         """Ids below this are gone even while the ring is not full (a restored log)."""
         self._origin = 1
+        self._gaps = False
+        """True once the ring may hold gaps (a restored log, skipped ids)."""
         """The id kept at ring index 0 (ids map to ``(id - origin) % capacity``)."""
         self.limit = _NO_LIMIT
         """The highest event id readers may see."""
@@ -75,7 +87,8 @@ class JobLog:
         """True while the terminal signal, once set, is kept from readers."""
         self.on_held: Callable[[JobLog], None] | None = None
         """Called when an append first goes past :attr:`limit` (readers now wait for the
-        gate to widen): persistence then writes at once instead of after its interval."""
+        gate to widen), or the ring had to grow to keep unstored events: persistence then
+        writes at once instead of after its interval."""
         self.on_dirty: Callable[[JobLog], None] | None = None
         """One-shot hook: the next append (or the terminal signal) clears it and calls it
         with the log; persistence sets it to learn which logs changed since a flush."""
@@ -110,6 +123,7 @@ class JobLog:
         log._buf = buf
         log._cap = max(1, len(buf)) if closed else capacity
         log._floor = log._origin = floor
+        log._gaps = True
         log.next_id = nxt
         return log
 
@@ -132,6 +146,20 @@ class JobLog:
         first = self.first_id
         out = [self.get(i) for i in range(first, self.next_id)]
         return [e for e in out if e is not _GAP]
+
+    def since(self, after: int) -> list[NarrationEvent]:
+        """The retained events with ids above ``after``, oldest first (slices of the ring:
+        persistence reads every event once, so this is its per-event cost)."""
+        first = max(after + 1, self._floor, self.next_id - len(self._buf))
+        last = self.next_id - 1
+        if first > last:
+            return []
+        buf, cap, origin = self._buf, self._cap, self._origin
+        i, j = (first - origin) % cap, (last - origin) % cap
+        out = buf[i : j + 1] if i <= j else buf[i:] + buf[: j + 1]
+        if self._gaps:
+            out = [e for e in out if e is not _GAP]
+        return out
 
     def get(self, event_id: int) -> NarrationEvent:
         """The event with this id (the caller knows it is retained); may be a gap."""
@@ -162,10 +190,13 @@ class JobLog:
             event_id, self.job_id, ts, actor or self.actor, action, human, fields
         )
         buf = self._buf
-        if len(buf) < self._cap:
+        cap = self._cap
+        if len(buf) < cap:
             buf.append(event)
+        elif event_id - cap >= self._unstored and cap < self._size * _GROWTH:
+            self._grow(event)
         else:
-            buf[(event_id - self._origin) % self._cap] = event
+            buf[(event_id - self._origin) % cap] = event
         self.next_id = event_id + 1
         if event_id <= self.limit:
             lot = self._lot
@@ -179,10 +210,39 @@ class JobLog:
             hook(self)
         return event
 
+    def _grow(self, event: NarrationEvent) -> None:
+        """The ring is full and its oldest event is not stored yet: make room instead of
+        overwriting it (persistence then writes every event, and a reader a slow write
+        held back misses none), up to ``_GROWTH`` times the capacity."""
+        buf, cap = self._buf, self._cap
+        oldest = event.id - cap
+        i = (oldest - self._origin) % cap
+        self._buf = buf = buf[i:] + buf[:i]
+        self._origin = oldest
+        self._cap = min(cap * 2, self._size * _GROWTH)
+        buf.append(event)
+        if self.on_held is not None:  # write now rather than after the interval
+            self.on_held(self)
+
+    def stored_upto(self, top: int | None) -> None:
+        """Persistence has stored the events up to ``top``: the ring may overwrite them
+        (and shrinks back to its capacity once it grew); later ones it keeps. None: the
+        log is not persisted (any more)."""
+        self._unstored = _NO_LIMIT if top is None else top + 1
+        if self._cap > self._size and self._unstored > self.next_id - self._size:
+            keep = min(len(self._buf), self._size)
+            first = self.next_id - keep
+            buf, cap = self._buf, self._cap
+            i = (first - self._origin) % cap
+            self._buf = (buf[i:] + buf[:i])[:keep] if keep else []
+            self._origin = first
+            self._cap = self._size
+
     def skip_to(self, next_id: int) -> None:
         """Leave the ids before ``next_id`` that were never stored as gaps (a mirror of a
         log whose owner skipped ids after a crash)."""
         buf, cap = self._buf, self._cap
+        self._gaps = True
         if next_id - self.next_id >= cap:  # nothing retained survives the gap
             self._buf = []
             self._origin = self._floor = self.next_id = next_id

@@ -1,8 +1,8 @@
 """Job: one job's state machine, the only writer of its state, history and attempts.
 
 Every state change of a job goes through a method here (``begin_attempt``,
-``retry_later``, ``finish``, ``interrupt``, ``claimed``, ``follow``), which checks that the
-change is allowed, records it in the history, keeps the registry's running count
+``retry_later``, ``finish``, ``refuse``, ``interrupt``, ``claimed``, ``follow``), which
+checks that the change is allowed, records it in the history, keeps the registry's running count
 (:class:`JobTally`) and tells the registry's observers. Recovery, persistence and shared
 mode build jobs with :meth:`Job.restore` and move them with these methods; nothing else
 assigns ``state``.
@@ -203,6 +203,24 @@ class Job:
                 sender.set_outcome(signal)
                 sender.close()
         return True
+
+    def refuse(self, reason: str) -> None:
+        """The job was never acknowledged (its row could not be stored): it ends
+        ``FAILED(reason)`` without running. A first attempt begun meanwhile (it waits for
+        that very commit before it runs) is withdrawn from the history and cancelled."""
+        if self.state.is_terminal:
+            return
+        scope = self.scope
+        if self.state is JobState.RUNNING and self.attempts == 1:
+            self.history.pop()
+            self.attempts = 0
+            self.started_at = None
+            self._set_state(JobState.QUEUED)
+        self.cancel_requested = True  # a runner that took the job skips its attempts
+        self.finish(TerminalSignal(Signal.ERROR, reason), reason)
+        if scope is not None:
+            self.scope = scope  # the runner's task may not have entered it yet
+            scope.cancel()
 
     @staticmethod
     def _terminal_state(signal: TerminalSignal) -> JobState:

@@ -55,7 +55,8 @@ class Backing(Protocol):
         """Wait until the job's new attempt is stored (so a crash cannot run it twice)."""
 
     async def acknowledge(self, job: Job) -> None:
-        """Wait until a new job's row is stored; raises when the store cannot take it."""
+        """Wait until a new job's row is stored. When it cannot be, the job is refused
+        (:meth:`Job.refuse`: it ends FAILED and never runs) and this raises."""
 
     async def query(self, query: JobQuery) -> JobPage:
         """A page of the stored jobs (this node's changes written first); raises
@@ -221,25 +222,13 @@ class JobRegistry:
             trio_jobs.StoreUnavailable: the store did not take the job; it will not run
                 (it is recorded FAILED once the store is back).
         """
-        backing = self.backing
-        enqueue = options.pop("enqueue", True)
-        job_id = self.create_job(payload, enqueue=False, **options)
-        job = self._jobs[job_id]
-        if backing is not None:
-            try:
-                await backing.acknowledge(job)
-            except BaseException as exc:
-                reason = "not acknowledged: " + (
-                    "the submission was cancelled"
-                    if isinstance(exc, trio.Cancelled)
-                    else "the store was unavailable"
-                )
-                job.finish(TerminalSignal(Signal.ERROR, reason), reason)
-                raise
-        else:
+        job_id = self.create_job(payload, **options)
+        if self.backing is None:
             await trio.lowlevel.checkpoint()
-        if enqueue:
-            self._enqueue(job)
+        else:
+            # A queued job may begin its first attempt meanwhile: the attempt waits for
+            # the same commit (``before_attempt``), so both share it.
+            await self.backing.acknowledge(self._jobs[job_id])
         return job_id
 
     def _new_job(

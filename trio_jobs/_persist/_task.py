@@ -95,7 +95,9 @@ async def run_persistence(
         try:
             await recover(registry, store, persister, node=getattr(store, "node", None))
             task_status.started(persister)
-            await persister.run()
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(persister.watch_acks)
+                await persister.run()
         finally:
             await persister.drain(grace)
             registry.remove_observer(persister.observe)

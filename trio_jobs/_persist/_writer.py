@@ -6,7 +6,10 @@ the promise:
 - a durable submission (:meth:`Persister.acknowledge`) returns once the job's row is
   committed; submissions that arrive together share one commit;
 - an attempt starts (:meth:`Persister.before_attempt`) once its RUNNING state is stored,
-  so a crash cannot make a job run more often than its retry policy allows;
+  so a crash cannot make a job run more often than its retry policy allows; a job queued
+  by a durable submission may begin its first attempt while the submission waits, so one
+  commit both acknowledges the job and starts it (a job not acknowledged is refused and
+  its attempt withdrawn before it runs);
 - readers of a job's log see event ids only once the store has *reserved* them (the
   job's row records the highest id that may have been handed out, a little ahead of
   need), and the terminal signal only once the job's end is stored. After a crash, new
@@ -21,6 +24,7 @@ job: the bad job is isolated (logged, counted, retried alone), every other job i
 from __future__ import annotations
 
 import logging
+import math
 import time
 from dataclasses import dataclass, field
 
@@ -39,23 +43,34 @@ __all__ = ["Persister", "StoreHealth"]
 logger = logging.getLogger("trio_jobs.persist")
 
 _OPEN = 1 << 62
+_TERMINAL = {JobState.COMPLETED, JobState.FAILED, JobState.CANCELLED}
 
 
 class _Cursor:
     """What of one job is already in the store."""
 
-    __slots__ = ("events", "inserted", "reserved", "transitions")
+    __slots__ = ("events", "inserted", "pruned", "reserved", "state", "transitions")
 
     def __init__(
-        self, transitions: int = 0, events: int = 0, inserted: bool = False, reserved: int = 0
+        self,
+        transitions: int = 0,
+        events: int = 0,
+        inserted: bool = False,
+        reserved: int = 0,
+        state: JobState | None = None,
     ) -> None:
         self.transitions = transitions
         self.events = events
         self.inserted = inserted
         self.reserved = reserved
+        self.state = state
+        """The stored state (a withdrawn attempt can leave the history as long)."""
+        self.pruned = 0
+        """Stored events up to this id were let go."""
 
-    def copy(self) -> _Cursor:
-        return _Cursor(self.transitions, self.events, self.inserted, self.reserved)
+
+_NEW = _Cursor()
+"""The cursor of a job the store has nothing of (never changed)."""
 
 
 @dataclass
@@ -89,22 +104,68 @@ class StoreHealth:
 class _Round:
     """One flush, as seen by those waiting for it."""
 
-    __slots__ = ("done", "error")
+    __slots__ = ("acked", "deadline", "done", "error")
 
     def __init__(self) -> None:
         self.done = trio.Event()
         self.error: BaseException | None = None
+        self.acked = trio.Event()
+        """Set with ``done``, or once ``deadline`` passed first (acknowledgements wait for
+        this: one timer per flush instead of a cancel scope per submission)."""
+        self.deadline = math.inf
+        """Trio time by which its first acknowledgement wanted an answer."""
+
+    def finished(self) -> None:
+        self.done.set()
+        self.acked.set()
 
 
-@dataclass
 class _Part:
-    """What one flush writes of one job."""
+    """What one flush writes of one job, and where the job's cursor stands once it is
+    committed."""
 
-    job: Job
-    cursor: _Cursor
-    batch: WriteBatch
-    final: bool
-    """The job had ended when the part was taken: committing it stores the end."""
+    __slots__ = (
+        "events",
+        "final",
+        "job",
+        "prune",
+        "reserved",
+        "state",
+        "top",
+        "transitions",
+        "write",
+    )
+
+    def __init__(
+        self,
+        job: Job,
+        write: JobWrite | None,
+        events: list[NarrationEvent],
+        prune: tuple[str, int] | None,
+        transitions: int,
+        top: int,
+        reserved: int,
+        final: bool,
+    ) -> None:
+        self.job = job
+        self.write = write
+        self.events = events
+        self.prune = prune
+        self.transitions = transitions
+        self.state = job.state
+        self.top = top
+        """The last event id stored once committed."""
+        self.reserved = reserved
+        self.final = final
+        """The job had ended when the part was taken: committing it stores the end."""
+
+    def batch(self) -> WriteBatch:
+        """The part as a batch of its own."""
+        return WriteBatch(
+            [self.write] if self.write is not None else [],
+            self.events,
+            [self.prune] if self.prune is not None else [],
+        )
 
 
 class Persister:
@@ -153,7 +214,10 @@ class Persister:
         """The next flush."""
         self._inflight = _Round()
         """The flush being written (done when none is)."""
-        self._inflight.done.set()
+        self._inflight.finished()
+        self._armed: list[_Round] = []
+        """Rounds acknowledgements wait for, watched by :meth:`watch_acks`."""
+        self._armed_lot = trio.lowlevel.ParkingLot()
         self._wake = trio.lowlevel.ParkingLot()
         self.foreign: set[str] = set()
         """Ids of jobs another node owns: followed here, never written from here."""
@@ -186,11 +250,13 @@ class Persister:
             return
         if job.id not in self._cursors and job.id not in self._dirty:
             job.log.gate(0, hold=True)  # a new job: nothing is reserved yet
+            job.log.stored_upto(0)
             job.log.on_dirty = self._log_changed
             job.log.on_held = self._log_held
         if transition.state is JobState.RUNNING:
             self._live[job.id] = job
-        self._mark(job, transition.state.is_terminal or transition.state is JobState.RUNNING)
+        state = transition.state
+        self._mark(job, state is not JobState.QUEUED and state is not JobState.RETRYING)
 
     def _log_changed(self, log: JobLog) -> None:
         """A log's ``on_dirty`` hook: its first event since the job was last collected."""
@@ -209,7 +275,8 @@ class Persister:
             self._mark(job, True)
 
     def _log_held(self, log: JobLog) -> None:
-        """A log's ``on_held`` hook: it went past its reservation; readers wait."""
+        """A log's ``on_held`` hook: it went past its reservation (readers wait), or its
+        ring is full of events not stored yet."""
         job = self.registry.job(log.job_id)
         if job is not None and job.log is log and log.job_id not in self.foreign:
             self._mark(job, True)
@@ -223,16 +290,20 @@ class Persister:
         job = self.registry.job(job_id)
         if job is not None:
             job.log.gate(_OPEN, hold=False)
+            job.log.stored_upto(None)
 
     def adopt(self, job: Job, stored: StoredJob, last_event_id: int) -> None:
         """Record that a job's row, history and events up to ``last_event_id`` are in
         the store as ``stored`` says; readers may see what the store reserved."""
         self.foreign.discard(job.id)
         reserved = max(stored.reserved_id, last_event_id)
-        self._cursors[job.id] = _Cursor(len(stored.history), last_event_id, True, reserved)
+        self._cursors[job.id] = _Cursor(
+            len(stored.history), last_event_id, True, reserved, stored.record.state
+        )
         log = job.log
         if log.terminal is None:
             log.gate(reserved, hold=True)
+            log.stored_upto(last_event_id)
             log.on_dirty = self._log_changed
             log.on_held = self._log_held
             if log.next_id - 1 > reserved:
@@ -257,19 +328,76 @@ class Persister:
     async def acknowledge(self, job: Job) -> None:
         """Wait until the new job's row is committed (its group commit).
 
+        When it is not (the store is down or refused the row, did not commit within
+        ``ack_timeout``, or the wait was cancelled), the job is refused: it ends FAILED
+        ``not acknowledged: ...`` and never runs. An attempt begun meanwhile waits for
+        this very commit (:meth:`before_attempt`), so it is withdrawn before it runs.
+
         Raises:
             StoreUnavailable: the store is known to be down, refused the job, or did not
                 commit within ``ack_timeout``.
         """
-        if not self.health.ok:
-            await trio.lowlevel.checkpoint()
-            raise StoreUnavailable(f"the job store is unavailable: {self.health.error}")
-        with trio.move_on_after(self.ack_timeout):
-            error = await self._commit(job)
-            if error is None:
-                return
-            raise StoreUnavailable(f"the job store did not take the job: {error}") from error
-        raise StoreUnavailable(f"the job store did not commit within {self.ack_timeout:g}s")
+        try:
+            if not self.health.ok:
+                await trio.lowlevel.checkpoint()
+                raise StoreUnavailable(f"the job store is unavailable: {self.health.error}")
+            error = await self._acknowledged(job)
+            if error is not None:
+                raise StoreUnavailable(f"the job store did not take the job: {error}") from error
+        except BaseException as exc:
+            cursor = self._cursors.get(job.id)
+            if cursor is None or not cursor.inserted:  # else it is stored: it stays
+                job.refuse(
+                    "not acknowledged: "
+                    + (
+                        "the submission was cancelled"
+                        if isinstance(exc, trio.Cancelled)
+                        else "the store was unavailable"
+                    )
+                )
+            raise
+
+    async def _acknowledged(self, job: Job) -> BaseException | None:
+        """:meth:`_commit` for an acknowledgement: the same rounds, but it gives up once
+        ``ack_timeout`` passed (``watch_acks`` sets the round's ``acked``)."""
+        deadline = math.inf
+        if job.id in self._writing and job.id not in self._dirty:
+            rnd = self._inflight  # the flush in flight holds the job
+        else:
+            rnd = self._round
+            self._urgent = True
+            self._wake.unpark_all()
+        while True:
+            if rnd.deadline == math.inf:
+                if deadline == math.inf:
+                    deadline = trio.current_time() + self.ack_timeout
+                rnd.deadline = deadline
+                self._armed.append(rnd)
+                self._armed_lot.unpark_all()
+            await rnd.acked.wait()
+            if not rnd.done.is_set():
+                raise StoreUnavailable(f"the job store did not commit within {self.ack_timeout:g}s")
+            if rnd.error is None:
+                if job.id in self.poisoned:
+                    return ValueError(self.poisoned[job.id])
+                return None
+            if rnd is self._round or not self.unstored(job):
+                return rnd.error
+            rnd = self._round  # the flush holding the job failed: the next one writes it
+            self._urgent = True
+            self._wake.unpark_all()
+
+    async def watch_acks(self) -> None:
+        """Forever: let acknowledgements waiting for a flush past its deadline give up."""
+        while True:
+            armed = self._armed = [r for r in self._armed if not r.acked.is_set()]
+            if not armed:
+                await self._armed_lot.park()
+                continue
+            first = min(armed, key=lambda r: r.deadline)
+            with trio.move_on_at(first.deadline):
+                await first.acked.wait()
+            first.acked.set()
 
     async def before_attempt(self, job: Job) -> None:
         """Wait until the job's current state (its new attempt) is committed, however
@@ -296,10 +424,8 @@ class Persister:
 
     # ---- batching ---------------------------------------------------------------------------
 
-    def _part(self, job: Job, old: _Cursor | None, now_trio: float, now: float) -> _Part:
-        """What the store lacks of one job, as a batch of its own."""
-        cursor = old.copy() if old is not None else _Cursor()
-        batch = WriteBatch()
+    def _part(self, job: Job, cursor: _Cursor, now_trio: float, now: float) -> _Part:
+        """What the store lacks of one job (``cursor``: what it has)."""
         log = job.log
         last = log.next_id - 1
         reserved = cursor.reserved
@@ -308,37 +434,38 @@ class Persister:
             and (last or job.state is JobState.RUNNING)
             and (last > reserved - self.headroom // 2)
         ):
-            gained = max(0, last - cursor.events)
-            reserved = last + max(self.headroom, 2 * gained)
+            reserved = last + max(self.headroom, 2 * max(0, last - cursor.events))
         history = job.history
-        if len(history) > cursor.transitions or not cursor.inserted or reserved > cursor.reserved:
+        write = None
+        if (
+            len(history) > cursor.transitions
+            or job.state is not cursor.state
+            or not cursor.inserted
+            or reserved > cursor.reserved
+        ):
             expires = job.expires_at
             first = not cursor.inserted
-            batch.jobs.append(
-                JobWrite(
-                    job.record(),
-                    tuple(history),
-                    None if expires is None else now + (expires - now_trio),
-                    dumps(job.payload) if first else None,
-                    dumps(job.metadata) if first else None,
-                    first=first,
-                    reserved_id=reserved,
-                )
+            write = JobWrite(
+                job.record(),
+                tuple(history),
+                None if expires is None else now + (expires - now_trio),
+                dumps(job.payload) if first else None,
+                dumps(job.metadata) if first else None,
+                first=first,
+                reserved_id=reserved,
             )
-            cursor.inserted = True
-            cursor.transitions = len(history)
-            cursor.reserved = reserved
+        events: list[NarrationEvent] = []
+        prune = None
+        final = log.terminal is not None and job.state in _TERMINAL
         if last > cursor.events:
-            events = batch.events
-            for event_id in range(max(cursor.events + 1, log.first_id), last + 1):
-                event = log.get(event_id)
-                if isinstance(event, NarrationEvent):  # not a gap of a restored log
-                    events.append(event)
             cap = self.registry.event_log_size
-            if last > cap:
-                batch.prune.append((job.id, last - cap))
-            cursor.events = last
-        return _Part(job, cursor, batch, job.state.is_terminal and log.terminal is not None)
+            # The stored log keeps the last ``cap`` events, like the ring without a store;
+            # while the job runs, older ones go once another ``cap`` came (one delete per
+            # ``cap`` events, not one per flush), at its end at once.
+            events = log.since(max(cursor.events, last - cap))
+            if last > cap and (final or last - cap - cursor.pruned >= cap):
+                prune = (job.id, last - cap)
+        return _Part(job, write, events, prune, len(history), last, reserved, final)
 
     def _collect(self) -> list[_Part]:
         """Snapshot everything changed since the last flush (synchronously), and re-arm
@@ -348,31 +475,48 @@ class Persister:
         now_trio = trio.current_time()
         now = time.time()
         cursors = self._cursors
+        foreign = self.foreign
         hook = self._log_changed
+        part = self._part
         parts = []
         for job_id, job in dirty.items():
-            if job_id in self.foreign:
+            if foreign and job_id in foreign:
                 continue
-            if job.log.terminal is None:
-                job.log.on_dirty = hook
-            parts.append(self._part(job, cursors.get(job_id), now_trio, now))
+            log = job.log
+            if log.terminal is None:
+                log.on_dirty = hook
+            parts.append(part(job, cursors.get(job_id, _NEW), now_trio, now))
         return parts
 
     def _committed(self, part: _Part) -> None:
-        job, cursor = part.job, part.cursor
+        job = part.job
         log = job.log
-        self.poisoned.pop(job.id, None)
+        job_id = job.id
+        if self.poisoned:
+            self.poisoned.pop(job_id, None)
         # What was captured decides, not the job as it is now: it may have ended while
         # this part was being written, and its end is not stored yet.
-        if part.final and cursor.events >= log.next_id - 1:
-            self._cursors.pop(job.id, None)
-            self._live.pop(job.id, None)
+        if part.final and part.top >= log.next_id - 1:
+            self._cursors.pop(job_id, None)
+            self._live.pop(job_id, None)
             log.gate(_OPEN, hold=False)
+            log.stored_upto(None)
+            log.on_held = log.on_dirty = None  # the log is closed: nothing more to store
             return
-        self._cursors[job.id] = cursor
+        cursor = self._cursors.get(job_id)
+        if cursor is None:
+            cursor = self._cursors[job_id] = _Cursor()
+        cursor.inserted = True
+        cursor.transitions = part.transitions
+        cursor.state = part.state
+        cursor.events = part.top
+        cursor.reserved = part.reserved
+        if part.prune is not None:
+            cursor.pruned = part.prune[1]
         if job.state is JobState.QUEUED:
-            self._live.pop(job.id, None)
-        log.gate(cursor.reserved, hold=True)
+            self._live.pop(job_id, None)
+        log.gate(part.reserved, hold=True)
+        log.stored_upto(part.top)
 
     @property
     def pending(self) -> bool:
@@ -392,13 +536,20 @@ class Persister:
         parts = self._collect()
         batch = WriteBatch()
         batch.followed = set(self.watched)  # read by the store in its thread
+        jobs, events, prune = batch.jobs, batch.events, batch.prune
         alone = []
         refused: set[str] = set()
+        poisoned = self.poisoned
         for part in parts:
-            if part.job.id in self.poisoned:
+            if poisoned and part.job.id in poisoned:
                 alone.append(part)
-            else:
-                batch.extend(part.batch)
+                continue
+            if part.write is not None:
+                jobs.append(part.write)
+            if part.events:
+                events.extend(part.events)
+            if part.prune is not None:
+                prune.append(part.prune)
         self._writing = {part.job.id: part.job for part in parts}
         try:
             if batch:
@@ -419,20 +570,22 @@ class Persister:
             raise
         finally:
             self._writing = {}
-            done.done.set()
+            done.finished()
         self.health.succeeded()
+        committed = self._committed
         for part in parts:
-            if part.job.id not in refused:
-                self._committed(part)
+            if not refused or part.job.id not in refused:
+                committed(part)
         if batch or alone:
             self.flushes += 1
 
     async def _write_alone(self, part: _Part) -> bool:
         """Write one job's part in a transaction of its own; False when refused."""
-        if not part.batch:
+        batch = part.batch()
+        if not batch:
             return True
         try:
-            await self.store.write(part.batch)
+            await self.store.write(batch)
         except Exception as exc:
             if not self.store.row_error(exc):
                 raise

@@ -2,8 +2,10 @@
 
 Each version's statements run in one transaction (PostgreSQL's under an advisory lock, as
 queens may start together). A job's history is a JSON column of its row; its events are
-stored in chunks, one row per run of events written by one flush
-(``[[id, ts, actor, action, human, fields], ...]``). From version 2 the ``error`` column
+stored in chunks, one row per run of events written by one flush: a JSON object of
+columns (``{"id": first, "ts": [...], "actor": ..., "action": ..., "human": [...],
+"fields": [...]}``, see ``_rows``; earlier versions wrote rows of items, ``[[id, ts,
+actor, action, human, fields], ...]``, which are still read). From version 2 the ``error`` column
 holds JSON text (PostgreSQL's ``text`` cannot hold NUL) and ``reserved_id`` records the
 event ids a process may have handed out. Version 3 indexes jobs by creation (listings) and
 adds ``members``: the workers and hives the nodes sharing a store know.

@@ -136,10 +136,13 @@ class PostgresStore(ThreadedSQLStore["psycopg.Connection[Any]"]):
             return
 
         node = self.node
+        # Encoded here, in the loop's thread: the worker thread then needs the GIL less,
+        # and each time it wants it back from a busy loop it waits up to a switch interval.
+        jobs = [job_row(w) for w in batch.jobs]
+        chunks = event_chunks(batch.events)
 
         def write(conn: psycopg.Connection[Any]) -> None:
             with conn.transaction(), conn.cursor() as cur:
-                jobs = [job_row(w) for w in batch.jobs]
                 if len(jobs) >= _COPY_FROM:
                     with cur.copy(f"COPY jobs_in ({JOB_COLUMNS}) FROM STDIN") as copy:
                         for row in jobs:
@@ -152,7 +155,6 @@ class PostgresStore(ThreadedSQLStore["psycopg.Connection[Any]"]):
                     cur.executemany(_UPSERT, jobs)
                 elif jobs:
                     cur.executemany(_UPSERT_OWNED, [(*row, node) for row in jobs])
-                chunks = event_chunks(batch.events)
                 if len(chunks) >= _COPY_FROM:
                     with cur.copy("COPY events_in FROM STDIN") as copy:
                         for chunk in chunks:

@@ -38,7 +38,9 @@ class ThreadedSQLStore(JobStore, Generic[ConnT]):
     """A store on one blocking database connection, used from worker threads.
 
     Every call runs in a worker thread through ``trio.to_thread.run_sync`` behind a
-    one-slot ``CapacityLimiter``, so the event loop never blocks on the database and the
+    one-slot ``CapacityLimiter`` (``SQLiteStore`` makes small writes in the loop's thread
+    on a second connection, see there), so the event loop does not wait for the
+    database and the
     connection is never used by two threads at once (``threaded=False`` runs calls in the
     event loop's thread instead: only for tests under an autojumping ``MockClock``, where
     a task waiting for a thread would let virtual time jump).
