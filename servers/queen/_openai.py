@@ -38,6 +38,7 @@ from typing import TYPE_CHECKING, Any, Literal
 import trio
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 from quart import Response, request
+from werkzeug.exceptions import RequestEntityTooLarge
 
 from trio_jobs import (
     JobNotFound,
@@ -563,9 +564,49 @@ class OpenAIApi:
 
     # ---- helpers ------------------------------------------------------------------------
 
+    async def _read_body(self) -> bytes:
+        """The POST body, at most the job API's ``max_body_bytes`` (1 MiB; else 413 as an
+        OpenAI error). An oversized body is read and dropped up to 8 MiB, so the client
+        reads the 413 on a usable connection; a larger one gets ``Connection: close``."""
+        limit = self.service.max_body_bytes
+        drain_cap = max(8 << 20, 4 * limit)
+        declared = request.content_length
+        too_big = declared is not None and declared > limit
+        drained = not (declared is not None and declared > drain_cap)
+        chunks: list[bytes] = []
+        size = 0
+        if drained:
+            with trio.move_on_after(60.0) as timeout:
+                try:
+                    async for chunk in request.body:
+                        size += len(chunk)
+                        if size > limit:
+                            too_big = True
+                            chunks.clear()
+                            if size > drain_cap:
+                                drained = False
+                                break
+                        elif not too_big:
+                            chunks.append(chunk)
+                except RequestEntityTooLarge:
+                    too_big, drained = True, False
+            if timeout.cancelled_caught:
+                raise OpenAIError(
+                    408,
+                    "the request body did not arrive within 60 s",
+                    headers={"Connection": "close"},
+                )
+        if too_big:
+            raise OpenAIError(
+                413,
+                f"the request body is too large: the limit is {limit} bytes",
+                code="request_too_large",
+                headers={} if drained else {"Connection": "close"},
+            )
+        return b"".join(chunks)
+
     async def _body(self) -> dict[str, Any]:
-        raw = await request.get_data(cache=False, as_text=False)
-        data = _parse_json(raw if isinstance(raw, bytes) else raw.encode())
+        data = _parse_json(await self._read_body())
         if not isinstance(data, dict):
             raise OpenAIError(400, "the body must be a JSON object")
         return data
@@ -903,13 +944,46 @@ class OpenAIApi:
             view.finished_at = time.time()
             view.state = JobState.COMPLETED
             return _json_response(view.obj(), job_id)
-        return _sse_response(self._typed_events(watch, view, -1), job_id)
+        early: list[StreamItem] = []
+        if not req.background:
+            # As for chat: a request that fails before its first token (no worker could
+            # take it, the worker refused it) is an error status, not a stream.
+            early = await self._until_started(watch)
+            probe = Progress(prompt=infer.prompt)
+            for item in early:
+                probe.feed(item)
+            signal = probe.signal
+            if signal is not None and signal.signal is not Signal.DONE and not probe.parts:
+                raise probe.failure()
+        return _sse_response(self._typed_events(watch, view, -1, early), job_id)
+
+    async def _until_started(self, watch: _Watch) -> list[StreamItem]:
+        """The job's items up to its first token or its end (whichever comes first),
+        read but left for the stream to translate."""
+        stream = watch.stream
+        items: list[StreamItem] = []
+        while True:
+            if self.service.drain_expired():
+                raise OpenAIError(503, "the server is shutting down", headers={"Retry-After": "1"})
+            batch = stream.receive_batch(self.service.batch_limit)
+            items += batch
+            for item in batch:
+                if isinstance(item, TerminalSignal) or item.action in ("token", "infer_complete"):
+                    return items
+            if not batch:
+                deadline = trio.current_time() + self.service.keepalive_s
+                await self.service.wait_ready(stream, deadline)
 
     async def _typed_events(
-        self, watch: _Watch, view: ResponseView, after: int
+        self,
+        watch: _Watch,
+        view: ResponseView,
+        after: int,
+        early: list[StreamItem] | None = None,
     ) -> AsyncIterator[bytes]:
         """The response's typed events with a sequence number above ``after``, live until
-        its job ends (a shutting-down server ends the body early: resume from the last)."""
+        its job ends (a shutting-down server ends the body early: resume from the last).
+        ``early``: items already read from the job's stream, translated first."""
 
         def frames(events: list[dict[str, Any]]) -> bytes:
             return b"".join(sse_frame(e, e["type"]) for e in events if e["sequence_number"] > after)
@@ -918,7 +992,8 @@ class OpenAIApi:
         stream = watch.stream
         limit = self.service.batch_limit
         while True:
-            items = stream.receive_batch(limit)
+            items = early or stream.receive_batch(limit)
+            early = None
             for item in items:
                 out += frames(response_events(view, item))
             if view.progress.done:
@@ -964,7 +1039,11 @@ class OpenAIApi:
 
     async def cancel_response(self, response_id: str) -> Response:
         job_id = self._job_of(response_id)
-        await self._view(response_id)
+        view = await self._view(response_id)
+        if not view.meta.get("background"):
+            # As OpenAI answers: a foreground response ends with its request (closing
+            # the stream cancels it).
+            raise OpenAIError(400, "Only background responses can be cancelled.")
         if self.registry.cancel_job(job_id, "cancelled through the Responses API"):
             with trio.move_on_after(self.service.cancel_settle_s):
                 await self.registry.wait(job_id)
