@@ -746,3 +746,30 @@ def test_frame_template_writes_the_same_bytes_as_sse_frame(token: str) -> None:
     same = chat_chunk("chatcmpl-job-1", 1, "m", {"content": token}, with_usage=True)
     assert frame_template(chunk)(token) == sse_frame(same)
     assert json.loads(sse_frame(same)[6:])["choices"][0]["delta"]["content"] == token
+
+
+async def test_the_openai_routes_leave_the_cancel_fast_path_on() -> None:
+    """The OpenAI API adds no Quart hook or error handler: the job API's ASGI fast path
+    for ``DELETE /v1/jobs/{id}`` still answers on a queen that serves it."""
+    from servers.queen._config import QueenConfig
+    from servers.queen._openai import add_openai_routes
+    from servers.queen._server import Queen, add_ui_routes, parse_queen_payload
+    from trio_jobs import JobRegistry
+    from trio_jobs.http import create_app
+    from trio_jobs.http._fastpath import CancelFastPath
+
+    async with trio.open_nursery() as nursery:
+        registry = JobRegistry(actor="queen")
+        queen = Queen(QueenConfig(), registry, nursery)
+        app = create_app(registry, queen.execute, name="queen", parse_payload=parse_queen_payload)
+        queen.add_routes(app)
+        add_ui_routes(app, hive_health=queen.hive_health)
+        add_openai_routes(app, queen)
+        layer: Any = app.asgi_app
+        for _ in range(10):  # down the middleware chain (each holds the next)
+            if layer is None or isinstance(layer, CancelFastPath):
+                break
+            layer = getattr(layer, "inner", None) or getattr(layer, "app", None)
+        assert layer is not None, "no fast path in the queen's middleware chain"
+        assert layer.only_the_route()
+        nursery.cancel_scope.cancel()

@@ -221,19 +221,21 @@ class JobRegistry:
         enqueue = options.pop("enqueue", True)
         job_id = self.create_job(payload, enqueue=False, **options)
         job = self._jobs[job_id]
-        if backing is not None:
-            try:
+        try:
+            if backing is not None:
                 await backing.acknowledge(job)
-            except BaseException as exc:
-                reason = "not acknowledged: " + (
-                    "the submission was cancelled"
-                    if isinstance(exc, trio.Cancelled)
-                    else "the store was unavailable"
-                )
-                job.finish(TerminalSignal(Signal.ERROR, reason), reason)
-                raise
-        else:
-            await trio.lowlevel.checkpoint()
+            else:
+                await trio.lowlevel.checkpoint()
+        except BaseException as exc:
+            # Cancelled (the submitter went away) or refused: the job ends here, never
+            # queued, instead of staying QUEUED forever with nobody knowing its id.
+            reason = "not acknowledged: " + (
+                "the submission was cancelled"
+                if isinstance(exc, trio.Cancelled)
+                else "the store was unavailable"
+            )
+            job.finish(TerminalSignal(Signal.ERROR, reason), reason)
+            raise
         if enqueue:
             self._enqueue(job)
         return job_id

@@ -29,11 +29,12 @@ the request.
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import time
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
 import trio
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
@@ -1054,57 +1055,115 @@ def _is_openai_path(path: str) -> bool:
     return any(path == p or path.startswith(p + "/") for p in _OPENAI_PATHS)
 
 
+def _openai_shape(status: int, body: bytes) -> bytes | None:
+    """The job API's JSON error ``body`` as an OpenAI error object; None when it is not
+    one of the job API's errors (already an OpenAI error, or not JSON)."""
+    try:
+        data = json.loads(body)
+    except ValueError:
+        return None
+    if not isinstance(data, dict) or isinstance(data.get("error"), dict):
+        return None
+    detail = data.get("detail")
+    message = str(data.get("error") or "error")
+    if isinstance(detail, str) and detail:
+        message = f"{message}: {detail}"
+    elif detail:
+        message = f"{message}: {json.dumps(detail)}"
+    code = {401: "invalid_api_key", 413: "request_too_large", 415: "unsupported_media_type"}
+    return json.dumps(error_object(message, _error_type(status), code=code.get(status))).encode()
+
+
+class _OpenAIErrorShape:
+    """ASGI middleware: on the OpenAI paths, the job API's own JSON errors (401 from its
+    auth, 403 cross-site, 405, 413, 415...) become OpenAI error objects.
+
+    Middleware rather than a Quart ``after_request`` hook or error handler: an app-wide
+    hook turns off the job API's ASGI fast path (``DELETE /v1/jobs/{id}``) for the whole
+    queen. Only error answers with a JSON body are held and rewritten; everything else
+    (streams included) passes straight through.
+    """
+
+    def __init__(self, inner: Any) -> None:
+        self.inner = inner
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "http" or not _is_openai_path(scope["path"]):
+            await self.inner(scope, receive, send)
+            return
+        held: dict[str, Any] | None = None
+        chunks: list[bytes] = []
+
+        async def shaping_send(message: Any) -> None:
+            nonlocal held
+            if message["type"] == "http.response.start":
+                headers = message.get("headers", ())
+                is_json = any(
+                    k.lower() == b"content-type" and v.startswith(b"application/json")
+                    for k, v in headers
+                )
+                if message["status"] >= 400 and is_json:
+                    held = message
+                    return
+            elif message["type"] == "http.response.body" and held is not None:
+                chunks.append(message.get("body", b""))
+                if message.get("more_body"):
+                    return
+                body = b"".join(chunks)
+                body = _openai_shape(held["status"], body) or body
+                headers = [(k, v) for k, v in held["headers"] if k.lower() != b"content-length"]
+                headers.append((b"content-length", str(len(body)).encode()))
+                start, held = {**held, "headers": headers}, None
+                await send(start)
+                await send({"type": "http.response.body", "body": body})
+                return
+            await send(message)
+
+        await self.inner(scope, receive, shaping_send)
+
+
+RouteT = TypeVar("RouteT", bound=Callable[..., Awaitable[Response]])
+
+
+def _answering(route: RouteT) -> RouteT:
+    """``route`` answering its :class:`OpenAIError` itself (no app-wide error handler,
+    which would turn off the job API's fast path)."""
+
+    @functools.wraps(route)
+    async def answered(*args: Any, **kwargs: Any) -> Response:
+        try:
+            return await route(*args, **kwargs)
+        except OpenAIError as error:
+            return error.response()
+
+    return answered  # type: ignore[return-value]
+
+
 def add_openai_routes(app: Any, queen: Queen) -> OpenAIApi:
     """Mount the OpenAI-compatible API on the queen's ``app`` (which carries the job
-    blueprint: its auth, cross-site rules and body limit apply to these routes too)."""
+    blueprint: its auth, cross-site rules and body limit apply to these routes too).
+
+    Adds no Quart hook or error handler (see :class:`_OpenAIErrorShape`), so the job
+    API's fast paths stay on."""
     service = job_service(app)
     if service is None:
         raise RuntimeError("the OpenAI API needs the job blueprint mounted on the app")
     api = OpenAIApi(queen, service)
-
-    async def _openai_error(error: OpenAIError) -> Response:
-        return error.response()
-
-    async def _openai_error_shape(response: Response) -> Response:
-        """The job API's own errors (401 from auth, 413, 415, 405...) on an OpenAI path
-        become OpenAI error objects."""
-        if response.status_code < 400 or not _is_openai_path(request.path):
-            return response
-        if response.mimetype != "application/json":
-            return response
-        try:
-            data = json.loads(await response.get_data())
-        except ValueError:
-            return response
-        if not isinstance(data, dict) or isinstance(data.get("error"), dict):
-            return response
-        detail = data.get("detail")
-        message = str(data.get("error") or "error")
-        if isinstance(detail, str) and detail:
-            message = f"{message}: {detail}"
-        elif detail:
-            message = f"{message}: {json.dumps(detail)}"
-        code = {401: "invalid_api_key", 413: "request_too_large", 415: "unsupported_media_type"}
-        body = error_object(
-            message, _error_type(response.status_code), code=code.get(response.status_code)
-        )
-        response.set_data(json.dumps(body))
-        return response
-
-    app.register_error_handler(OpenAIError, _openai_error)
-    app.after_request(_openai_error_shape)
-    app.add_url_rule("/v1/models", "openai_models", api.list_models, methods=["GET"])
-    app.add_url_rule("/v1/models/<path:model>", "openai_model", api.get_model, methods=["GET"])
-    app.add_url_rule("/v1/chat/completions", "openai_chat", api.chat_completions, methods=["POST"])
-    app.add_url_rule("/v1/completions", "openai_completions", api.completions, methods=["POST"])
-    app.add_url_rule("/v1/responses", "openai_responses", api.create_response, methods=["POST"])
-    app.add_url_rule(
-        "/v1/responses/<response_id>", "openai_response", api.get_response, methods=["GET"]
-    )
-    app.add_url_rule(
-        "/v1/responses/<response_id>/cancel",
-        "openai_response_cancel",
-        api.cancel_response,
-        methods=["POST"],
-    )
+    routes: list[tuple[str, str, Callable[..., Awaitable[Response]], str]] = [
+        ("/v1/models", "openai_models", api.list_models, "GET"),
+        ("/v1/models/<path:model>", "openai_model", api.get_model, "GET"),
+        ("/v1/chat/completions", "openai_chat", api.chat_completions, "POST"),
+        ("/v1/completions", "openai_completions", api.completions, "POST"),
+        ("/v1/responses", "openai_responses", api.create_response, "POST"),
+        ("/v1/responses/<response_id>", "openai_response", api.get_response, "GET"),
+        (
+            "/v1/responses/<response_id>/cancel",
+            "openai_response_cancel",
+            api.cancel_response,
+            "POST",
+        ),
+    ]
+    for rule, endpoint, view, method in routes:
+        app.add_url_rule(rule, endpoint, _answering(view), methods=[method])
+    app.asgi_app = _OpenAIErrorShape(app.asgi_app)
     return api
