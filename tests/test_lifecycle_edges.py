@@ -160,3 +160,15 @@ async def test_closing_a_stream_wakes_its_blocked_reader(autojump_clock: MockClo
             nursery.start_soon(reader)
             await trio.testing.wait_all_tasks_blocked()
             await stream.aclose()
+
+
+async def test_a_cancelled_submission_without_a_store_leaves_no_queued_job() -> None:
+    """A submitter cancelled inside ``submit`` (an HTTP client that went away mid-POST)
+    never got the id: the job ends at once instead of staying QUEUED for ever."""
+    registry = JobRegistry()
+    with trio.CancelScope() as scope:
+        scope.cancel()
+        await registry.submit({"x": 1})
+    (record,) = registry.list_jobs()
+    assert record.state is JobState.FAILED
+    assert record.error == "not acknowledged: the submission was cancelled"

@@ -27,7 +27,14 @@ import trio
 from servers._openai_wire import TOKEN as PLACEHOLDER
 from servers._openai_wire import chat_chunk, frame_template, render_messages, sse_frame
 from servers.worker import tiny_tokens
-from tests.daemons import Cluster, closed_port, collect, spawn_worker, wait_idle
+from tests.daemons import (
+    Cluster,
+    closed_port,
+    collect,
+    running_jobs,
+    spawn_worker,
+    wait_idle,
+)
 from trio_jobs._client import JobClient
 
 TOKEN = "sk-test-queen-token"
@@ -326,12 +333,23 @@ def test_every_error_is_an_openai_error_object_with_the_sdk_exception(env: Env) 
             client.responses.retrieve("resp_job-unknown")
         with pytest.raises(openai.NotFoundError):
             client.responses.retrieve("not-a-response")
-        with pytest.raises(openai.APIStatusError) as too_big:
-            client.chat.completions.create(
-                model="tiny", messages=[{"role": "user", "content": "x" * (9 << 20)}]
-            )
-        assert too_big.value.status_code == 413
-        assert _error(too_big.value)["code"] == "request_too_large"
+        for size in (1 << 20, 9 << 20):  # the job API's limit (1 MiB), not Quart's 8 MiB
+            with pytest.raises(openai.APIStatusError) as too_big:
+                client.chat.completions.create(
+                    model="tiny", messages=[{"role": "user", "content": "x" * size}]
+                )
+            assert too_big.value.status_code == 413
+            assert _error(too_big.value)["code"] == "request_too_large"
+            assert "1048576 bytes" in _error(too_big.value)["message"]
+        # Just under the limit: served (the worker takes the forwarded chat, twice as big).
+        big = "é" * ((1 << 20) // 2 - 200)
+        done = client.chat.completions.create(
+            model="tiny", messages=[{"role": "user", "content": big}], max_tokens=2
+        )
+        assert done.choices[0].finish_reason == "length"
+        with pytest.raises(openai.APIStatusError) as too_big_response:
+            client.responses.create(model="tiny", input="y" * (1 << 20))
+        assert too_big_response.value.status_code == 413
     raw = httpx.post(
         f"{env.base}/chat/completions", content=b"{}", headers={**_headers(), "Content-Type": "x"}
     )
@@ -394,6 +412,26 @@ def test_no_worker_that_can_take_it_is_503_with_retry_after(env: Env) -> None:
         f"{env.queen}/v1/jobs", params={"tag": "openai:chat", "state": "failed"}, headers=_headers()
     ).json()["jobs"]
     assert failed, job_id
+
+
+def test_a_foreground_streamed_response_that_cannot_start_is_an_error_status(env: Env) -> None:
+    """Known before the stream starts (unknown model, no worker could take it): an HTTP
+    error status, as for chat, not a stream ending in response.failed."""
+    beat = {
+        "worker_id": "ghost-2",
+        "url": f"http://127.0.0.1:{closed_port()}",
+        "model": "ghost-responses",
+        "state": "ready",
+    }
+    httpx.post(f"{env.queen}/v1/workers/heartbeat", json=beat, headers=_headers())
+    with env.client() as client:
+        with pytest.raises(openai.InternalServerError) as info:
+            client.responses.create(model="ghost-responses", input="x", stream=True)
+        assert info.value.status_code == 503
+        assert _error(info.value)["code"] == "no_worker_available"
+        with pytest.raises(openai.NotFoundError) as missing:
+            client.responses.create(model="gpt-nope", input="x", stream=True)
+        assert _error(missing.value)["code"] == "model_not_found"
 
 
 def test_a_failure_after_the_stream_started_is_an_error_object_and_no_done(env: Env) -> None:
@@ -566,6 +604,38 @@ def test_background_response_cancel_is_idempotent_and_stops_the_worker(env: Env)
     assert _wait_state(worker_url, remote, {"cancelled"})["state"] == "cancelled"
 
 
+def test_a_foreground_response_cannot_be_cancelled(env: Env) -> None:
+    """As OpenAI answers: 400, and the response is left as it was."""
+    with env.client() as client:
+        response = client.responses.create(model="tiny", input="done", max_output_tokens=3)
+        assert response.status == "incomplete"
+        with pytest.raises(openai.BadRequestError) as info:
+            client.responses.cancel(response.id)
+        assert _error(info.value)["message"] == "Only background responses can be cancelled."
+        assert client.responses.retrieve(response.id).status == "incomplete"
+
+
+@pytest.mark.parametrize("delay_ms", [0, 1, 2, 3, 5, 8, 12, 20, 30, 60])
+async def test_a_job_cancelled_during_its_forward_leaves_no_worker_job(
+    env: Env, delay_ms: int
+) -> None:
+    """A queen job cancelled while (or just before, or after) its forward request to the
+    worker is in flight: the worker job it created (one-call POST, on_disconnect: cancel)
+    does not go on running. Run at several delays to cross the request's window."""
+    worker = env.slow_worker["url"]
+    body = {"operation": "infer", "model": "slow", "prompt": "orphan?", "max_tokens": 500}
+    with trio.fail_after(10):
+        async with JobClient(env.queen, token=TOKEN) as client:
+            job_id = await client.submit(body)
+            await trio.sleep(delay_ms / 1000)
+            await client.cancel(job_id)
+            assert (await client.get(job_id))["state"] == "cancelled"
+        deadline = trio.current_time() + 1.0
+        while left := await running_jobs(worker, TOKEN):
+            assert trio.current_time() < deadline, left
+            await trio.sleep(0.02)
+
+
 # ---- other clients and the OpenAI-backend worker -----------------------------------------------
 
 
@@ -676,3 +746,30 @@ def test_frame_template_writes_the_same_bytes_as_sse_frame(token: str) -> None:
     same = chat_chunk("chatcmpl-job-1", 1, "m", {"content": token}, with_usage=True)
     assert frame_template(chunk)(token) == sse_frame(same)
     assert json.loads(sse_frame(same)[6:])["choices"][0]["delta"]["content"] == token
+
+
+async def test_the_openai_routes_leave_the_cancel_fast_path_on() -> None:
+    """The OpenAI API and the dashboard add no Quart hook or error handler: the job API's
+    ASGI fast path still answers every job route on a queen that serves them."""
+    from servers.queen._config import QueenConfig
+    from servers.queen._openai import add_openai_routes
+    from servers.queen._server import Queen, add_ui_routes, parse_queen_payload
+    from trio_jobs import JobRegistry
+    from trio_jobs.http import create_app
+    from trio_jobs.http._asgi import JobRoutes
+
+    async with trio.open_nursery() as nursery:
+        registry = JobRegistry(actor="queen")
+        queen = Queen(QueenConfig(), registry, nursery)
+        app = create_app(registry, queen.execute, name="queen", parse_payload=parse_queen_payload)
+        queen.add_routes(app)
+        add_ui_routes(app, hive_health=queen.hive_health)
+        add_openai_routes(app, queen)
+        layer: Any = app.asgi_app
+        for _ in range(10):  # down the middleware chain (each holds the next)
+            if layer is None or isinstance(layer, JobRoutes):
+                break
+            layer = getattr(layer, "inner", None) or getattr(layer, "app", None)
+        assert layer is not None, "no fast path in the queen's middleware chain"
+        assert layer.routes() == {"submit", "stream", "record", "cancel"}
+        nursery.cancel_scope.cancel()

@@ -223,12 +223,20 @@ class JobRegistry:
                 (it is recorded FAILED once the store is back).
         """
         job_id = self.create_job(payload, **options)
+        job = self._jobs[job_id]
         if self.backing is None:
-            await trio.lowlevel.checkpoint()
+            try:
+                await trio.lowlevel.checkpoint()
+            except BaseException:
+                # The submitter went away before it learnt the id (an HTTP client gone
+                # mid-POST): nobody can follow or cancel the job, so it does not run, as
+                # when a store's acknowledgement fails.
+                job.refuse("not acknowledged: the submission was cancelled")
+                raise
         else:
             # A queued job may begin its first attempt meanwhile: the attempt waits for
             # the same commit (``before_attempt``), so both share it.
-            await self.backing.acknowledge(self._jobs[job_id])
+            await self.backing.acknowledge(job)
         return job_id
 
     def _new_job(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -29,6 +30,7 @@ from trio_jobs import (
     narrate,
     raise_for_signal,
 )
+from trio_jobs._client._client import default_ssl_context
 
 __all__ = ["ForwardFailed", "forward_job"]
 
@@ -56,11 +58,53 @@ Watch = Callable[[], Awaitable[str]]
 """Returns (with the reason, e.g. ``no heartbeat for 5s``) once the daemon is known lost."""
 
 
-class _ActivityTransport(httpx.AsyncBaseTransport):
-    """httpx's transport, noting when bytes last came in (keep-alive comments included)."""
+_POOL_LIMITS = httpx.Limits(
+    max_connections=None, max_keepalive_connections=64, keepalive_expiry=2.0
+)
+"""Kept-alive connections to one daemon. Idle ones are dropped after 2 s, before the
+daemon's own keep-alive timeout (hypercorn: 5 s) could close one as a request goes out."""
 
-    def __init__(self) -> None:
-        self._inner = httpx.AsyncHTTPTransport()
+_pools: trio.lowlevel.RunVar[dict[str, httpx.AsyncHTTPTransport]] = trio.lowlevel.RunVar(
+    "forward_pools"
+)
+
+
+async def _close_pools(pools: dict[str, httpx.AsyncHTTPTransport]) -> None:
+    """A system task: closes the pools when the run ends (system tasks are cancelled then)."""
+    try:
+        await trio.sleep_forever()
+    finally:
+        with trio.CancelScope(shield=True), trio.move_on_after(1.0):
+            for pool in pools.values():
+                with contextlib.suppress(Exception):
+                    await pool.aclose()
+
+
+def _pool(base_url: str) -> httpx.AsyncHTTPTransport:
+    """The connection pool to ``base_url``, one per daemon for the whole run (trio run).
+
+    A fresh transport per forward cost a TCP connect and ~20 ms building its TLS context
+    (loading the CA bundle) on every job's first token.
+    """
+    try:
+        pools = _pools.get()
+    except LookupError:
+        pools = {}
+        _pools.set(pools)
+        trio.lowlevel.spawn_system_task(_close_pools, pools, name="forward pools closer")
+    pool = pools.get(base_url)
+    if pool is None:
+        pool = httpx.AsyncHTTPTransport(verify=default_ssl_context(), limits=_POOL_LIMITS)
+        pools[base_url] = pool
+    return pool
+
+
+class _ActivityTransport(httpx.AsyncBaseTransport):
+    """The daemon's shared pool, noting when bytes last came in (keep-alive comments
+    included). Closing it leaves the pool open for the next forward."""
+
+    def __init__(self, base_url: str) -> None:
+        self._inner = _pool(base_url)
         self.last_activity = trio.current_time()
 
     def touch(self) -> None:
@@ -74,7 +118,7 @@ class _ActivityTransport(httpx.AsyncBaseTransport):
         return response
 
     async def aclose(self) -> None:
-        await self._inner.aclose()
+        await trio.lowlevel.checkpoint()
 
 
 class _TouchingStream(httpx.AsyncByteStream):
@@ -149,7 +193,7 @@ async def forward_job(
         if remaining <= 0:
             await trio.lowlevel.checkpoint()
         options["timeout_s"] = max(round(remaining, 3), 0.001)
-    transport = _ActivityTransport()
+    transport = _ActivityTransport(base_url)
     lost: str | None = None
     presumed_dead = False  # found lost by ``watch``: no DELETE, it would not answer
     failure: ForwardFailed | None = None

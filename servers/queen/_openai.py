@@ -29,15 +29,17 @@ the request.
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import time
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
 import trio
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 from quart import Response, request
+from werkzeug.exceptions import RequestEntityTooLarge
 
 from trio_jobs import (
     JobNotFound,
@@ -563,9 +565,49 @@ class OpenAIApi:
 
     # ---- helpers ------------------------------------------------------------------------
 
+    async def _read_body(self) -> bytes:
+        """The POST body, at most the job API's ``max_body_bytes`` (1 MiB; else 413 as an
+        OpenAI error). An oversized body is read and dropped up to 8 MiB, so the client
+        reads the 413 on a usable connection; a larger one gets ``Connection: close``."""
+        limit = self.service.max_body_bytes
+        drain_cap = max(8 << 20, 4 * limit)
+        declared = request.content_length
+        too_big = declared is not None and declared > limit
+        drained = not (declared is not None and declared > drain_cap)
+        chunks: list[bytes] = []
+        size = 0
+        if drained:
+            with trio.move_on_after(60.0) as timeout:
+                try:
+                    async for chunk in request.body:
+                        size += len(chunk)
+                        if size > limit:
+                            too_big = True
+                            chunks.clear()
+                            if size > drain_cap:
+                                drained = False
+                                break
+                        elif not too_big:
+                            chunks.append(chunk)
+                except RequestEntityTooLarge:
+                    too_big, drained = True, False
+            if timeout.cancelled_caught:
+                raise OpenAIError(
+                    408,
+                    "the request body did not arrive within 60 s",
+                    headers={"Connection": "close"},
+                )
+        if too_big:
+            raise OpenAIError(
+                413,
+                f"the request body is too large: the limit is {limit} bytes",
+                code="request_too_large",
+                headers={} if drained else {"Connection": "close"},
+            )
+        return b"".join(chunks)
+
     async def _body(self) -> dict[str, Any]:
-        raw = await request.get_data(cache=False, as_text=False)
-        data = _parse_json(raw if isinstance(raw, bytes) else raw.encode())
+        data = _parse_json(await self._read_body())
         if not isinstance(data, dict):
             raise OpenAIError(400, "the body must be a JSON object")
         return data
@@ -903,13 +945,46 @@ class OpenAIApi:
             view.finished_at = time.time()
             view.state = JobState.COMPLETED
             return _json_response(view.obj(), job_id)
-        return _sse_response(self._typed_events(watch, view, -1), job_id)
+        early: list[StreamItem] = []
+        if not req.background:
+            # As for chat: a request that fails before its first token (no worker could
+            # take it, the worker refused it) is an error status, not a stream.
+            early = await self._until_started(watch)
+            probe = Progress(prompt=infer.prompt)
+            for item in early:
+                probe.feed(item)
+            signal = probe.signal
+            if signal is not None and signal.signal is not Signal.DONE and not probe.parts:
+                raise probe.failure()
+        return _sse_response(self._typed_events(watch, view, -1, early), job_id)
+
+    async def _until_started(self, watch: _Watch) -> list[StreamItem]:
+        """The job's items up to its first token or its end (whichever comes first),
+        read but left for the stream to translate."""
+        stream = watch.stream
+        items: list[StreamItem] = []
+        while True:
+            if self.service.drain_expired():
+                raise OpenAIError(503, "the server is shutting down", headers={"Retry-After": "1"})
+            batch = stream.receive_batch(self.service.batch_limit)
+            items += batch
+            for item in batch:
+                if isinstance(item, TerminalSignal) or item.action in ("token", "infer_complete"):
+                    return items
+            if not batch:
+                deadline = trio.current_time() + self.service.keepalive_s
+                await self.service.wait_ready(stream, deadline)
 
     async def _typed_events(
-        self, watch: _Watch, view: ResponseView, after: int
+        self,
+        watch: _Watch,
+        view: ResponseView,
+        after: int,
+        early: list[StreamItem] | None = None,
     ) -> AsyncIterator[bytes]:
         """The response's typed events with a sequence number above ``after``, live until
-        its job ends (a shutting-down server ends the body early: resume from the last)."""
+        its job ends (a shutting-down server ends the body early: resume from the last).
+        ``early``: items already read from the job's stream, translated first."""
 
         def frames(events: list[dict[str, Any]]) -> bytes:
             return b"".join(sse_frame(e, e["type"]) for e in events if e["sequence_number"] > after)
@@ -918,7 +993,8 @@ class OpenAIApi:
         stream = watch.stream
         limit = self.service.batch_limit
         while True:
-            items = stream.receive_batch(limit)
+            items = early or stream.receive_batch(limit)
+            early = None
             for item in items:
                 out += frames(response_events(view, item))
             if view.progress.done:
@@ -964,7 +1040,11 @@ class OpenAIApi:
 
     async def cancel_response(self, response_id: str) -> Response:
         job_id = self._job_of(response_id)
-        await self._view(response_id)
+        view = await self._view(response_id)
+        if not view.meta.get("background"):
+            # As OpenAI answers: a foreground response ends with its request (closing
+            # the stream cancels it).
+            raise OpenAIError(400, "Only background responses can be cancelled.")
         if self.registry.cancel_job(job_id, "cancelled through the Responses API"):
             with trio.move_on_after(self.service.cancel_settle_s):
                 await self.registry.wait(job_id)
@@ -975,57 +1055,115 @@ def _is_openai_path(path: str) -> bool:
     return any(path == p or path.startswith(p + "/") for p in _OPENAI_PATHS)
 
 
+def _openai_shape(status: int, body: bytes) -> bytes | None:
+    """The job API's JSON error ``body`` as an OpenAI error object; None when it is not
+    one of the job API's errors (already an OpenAI error, or not JSON)."""
+    try:
+        data = json.loads(body)
+    except ValueError:
+        return None
+    if not isinstance(data, dict) or isinstance(data.get("error"), dict):
+        return None
+    detail = data.get("detail")
+    message = str(data.get("error") or "error")
+    if isinstance(detail, str) and detail:
+        message = f"{message}: {detail}"
+    elif detail:
+        message = f"{message}: {json.dumps(detail)}"
+    code = {401: "invalid_api_key", 413: "request_too_large", 415: "unsupported_media_type"}
+    return json.dumps(error_object(message, _error_type(status), code=code.get(status))).encode()
+
+
+class _OpenAIErrorShape:
+    """ASGI middleware: on the OpenAI paths, the job API's own JSON errors (401 from its
+    auth, 403 cross-site, 405, 413, 415...) become OpenAI error objects.
+
+    Middleware rather than a Quart ``after_request`` hook or error handler: an app-wide
+    hook turns off the job API's ASGI fast path (``DELETE /v1/jobs/{id}``) for the whole
+    queen. Only error answers with a JSON body are held and rewritten; everything else
+    (streams included) passes straight through.
+    """
+
+    def __init__(self, inner: Any) -> None:
+        self.inner = inner
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "http" or not _is_openai_path(scope["path"]):
+            await self.inner(scope, receive, send)
+            return
+        held: dict[str, Any] | None = None
+        chunks: list[bytes] = []
+
+        async def shaping_send(message: Any) -> None:
+            nonlocal held
+            if message["type"] == "http.response.start":
+                headers = message.get("headers", ())
+                is_json = any(
+                    k.lower() == b"content-type" and v.startswith(b"application/json")
+                    for k, v in headers
+                )
+                if message["status"] >= 400 and is_json:
+                    held = message
+                    return
+            elif message["type"] == "http.response.body" and held is not None:
+                chunks.append(message.get("body", b""))
+                if message.get("more_body"):
+                    return
+                body = b"".join(chunks)
+                body = _openai_shape(held["status"], body) or body
+                headers = [(k, v) for k, v in held["headers"] if k.lower() != b"content-length"]
+                headers.append((b"content-length", str(len(body)).encode()))
+                start, held = {**held, "headers": headers}, None
+                await send(start)
+                await send({"type": "http.response.body", "body": body})
+                return
+            await send(message)
+
+        await self.inner(scope, receive, shaping_send)
+
+
+RouteT = TypeVar("RouteT", bound=Callable[..., Awaitable[Response]])
+
+
+def _answering(route: RouteT) -> RouteT:
+    """``route`` answering its :class:`OpenAIError` itself (no app-wide error handler,
+    which would turn off the job API's fast path)."""
+
+    @functools.wraps(route)
+    async def answered(*args: Any, **kwargs: Any) -> Response:
+        try:
+            return await route(*args, **kwargs)
+        except OpenAIError as error:
+            return error.response()
+
+    return answered  # type: ignore[return-value]
+
+
 def add_openai_routes(app: Any, queen: Queen) -> OpenAIApi:
     """Mount the OpenAI-compatible API on the queen's ``app`` (which carries the job
-    blueprint: its auth, cross-site rules and body limit apply to these routes too)."""
+    blueprint: its auth, cross-site rules and body limit apply to these routes too).
+
+    Adds no Quart hook or error handler (see :class:`_OpenAIErrorShape`), so the job
+    API's fast paths stay on."""
     service = job_service(app)
     if service is None:
         raise RuntimeError("the OpenAI API needs the job blueprint mounted on the app")
     api = OpenAIApi(queen, service)
-
-    async def _openai_error(error: OpenAIError) -> Response:
-        return error.response()
-
-    async def _openai_error_shape(response: Response) -> Response:
-        """The job API's own errors (401 from auth, 413, 415, 405...) on an OpenAI path
-        become OpenAI error objects."""
-        if response.status_code < 400 or not _is_openai_path(request.path):
-            return response
-        if response.mimetype != "application/json":
-            return response
-        try:
-            data = json.loads(await response.get_data())
-        except ValueError:
-            return response
-        if not isinstance(data, dict) or isinstance(data.get("error"), dict):
-            return response
-        detail = data.get("detail")
-        message = str(data.get("error") or "error")
-        if isinstance(detail, str) and detail:
-            message = f"{message}: {detail}"
-        elif detail:
-            message = f"{message}: {json.dumps(detail)}"
-        code = {401: "invalid_api_key", 413: "request_too_large", 415: "unsupported_media_type"}
-        body = error_object(
-            message, _error_type(response.status_code), code=code.get(response.status_code)
-        )
-        response.set_data(json.dumps(body))
-        return response
-
-    app.register_error_handler(OpenAIError, _openai_error)
-    app.after_request(_openai_error_shape)
-    app.add_url_rule("/v1/models", "openai_models", api.list_models, methods=["GET"])
-    app.add_url_rule("/v1/models/<path:model>", "openai_model", api.get_model, methods=["GET"])
-    app.add_url_rule("/v1/chat/completions", "openai_chat", api.chat_completions, methods=["POST"])
-    app.add_url_rule("/v1/completions", "openai_completions", api.completions, methods=["POST"])
-    app.add_url_rule("/v1/responses", "openai_responses", api.create_response, methods=["POST"])
-    app.add_url_rule(
-        "/v1/responses/<response_id>", "openai_response", api.get_response, methods=["GET"]
-    )
-    app.add_url_rule(
-        "/v1/responses/<response_id>/cancel",
-        "openai_response_cancel",
-        api.cancel_response,
-        methods=["POST"],
-    )
+    routes: list[tuple[str, str, Callable[..., Awaitable[Response]], str]] = [
+        ("/v1/models", "openai_models", api.list_models, "GET"),
+        ("/v1/models/<path:model>", "openai_model", api.get_model, "GET"),
+        ("/v1/chat/completions", "openai_chat", api.chat_completions, "POST"),
+        ("/v1/completions", "openai_completions", api.completions, "POST"),
+        ("/v1/responses", "openai_responses", api.create_response, "POST"),
+        ("/v1/responses/<response_id>", "openai_response", api.get_response, "GET"),
+        (
+            "/v1/responses/<response_id>/cancel",
+            "openai_response_cancel",
+            api.cancel_response,
+            "POST",
+        ),
+    ]
+    for rule, endpoint, view, method in routes:
+        app.add_url_rule(rule, endpoint, _answering(view), methods=[method])
+    app.asgi_app = _OpenAIErrorShape(app.asgi_app)
     return api

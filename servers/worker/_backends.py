@@ -18,6 +18,10 @@ from ._tiny import tiny_tokens
 
 __all__ = ["Backend", "OpenAIBackend", "TinyBackend", "TokenSink", "UpstreamError"]
 
+TAIL_S = 0.5
+"""After ``max_tokens`` tokens, how long the upstream's own end (finish chunk, ``[DONE]``)
+is waited for before its response is closed (a closed response loses its connection)."""
+
 TokenSink = Callable[[str], None]
 """Called once per generated token, in order."""
 
@@ -186,33 +190,40 @@ class OpenAIBackend:
                         f"upstream {self.base_url} answered {response.status_code}: {detail}",
                         unreachable=response.status_code >= 500,
                     )
-                # Read the body to its end (it ends right after [DONE]) unless max_tokens
-                # cuts it short: aclosing() closes httpx's nested iterators either way.
+                # Read the body to its end (it ends right after [DONE]), which keeps the
+                # connection for the next request, unless the upstream goes on past
+                # max_tokens (another token, or no end within TAIL_S): then the
+                # response is closed. aclosing() closes httpx's nested iterators either way.
                 lines = cast(AsyncGenerator[str, None], response.aiter_lines())
                 async with aclosing(lines):
-                    async for line in lines:
-                        if done or not line.startswith("data:"):
-                            continue
-                        data = line[5:].strip()
-                        if data == "[DONE]":
-                            done = True
-                            continue
-                        try:
-                            chunk = json.loads(data)
-                            choice = chunk["choices"][0]
-                        except (ValueError, KeyError, IndexError, TypeError):
-                            raise UpstreamError(
-                                f"unreadable chunk from upstream {self.base_url}: {data[:200]}"
-                            ) from None
-                        content = (choice.get("delta") or {}).get("content")
-                        if content:
-                            emit(content)
-                            count += 1
-                        if choice.get("finish_reason"):
-                            finish = str(choice["finish_reason"])
-                        if count >= request.max_tokens and not done:
-                            await _close_early(response, lines)
-                            return "length"
+                    with trio.CancelScope() as tail:
+                        async for line in lines:
+                            if done or not line.startswith("data:"):
+                                continue
+                            data = line[5:].strip()
+                            if data == "[DONE]":
+                                done = True
+                                continue
+                            try:
+                                chunk = json.loads(data)
+                                choice = chunk["choices"][0]
+                            except (ValueError, KeyError, IndexError, TypeError):
+                                raise UpstreamError(
+                                    f"unreadable chunk from upstream {self.base_url}: {data[:200]}"
+                                ) from None
+                            content = (choice.get("delta") or {}).get("content")
+                            if content:
+                                if count >= request.max_tokens:  # it ignores max_tokens
+                                    break
+                                emit(content)
+                                count += 1
+                                if count >= request.max_tokens:
+                                    tail.deadline = trio.current_time() + TAIL_S
+                            if choice.get("finish_reason"):
+                                finish = str(choice["finish_reason"])
+                    if not done and count >= request.max_tokens:
+                        await _close_early(response, lines)
+                        return "length"
         except (httpx.HTTPError, httpx.InvalidURL) as exc:
             raise UpstreamError(
                 f"upstream {self.base_url} is unreachable: {_describe(exc)}",

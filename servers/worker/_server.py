@@ -57,6 +57,11 @@ class WorkerConfig:
     ``[ERROR] worker shutting down`` (the hive passes half its SIGKILL grace)."""
 
 
+MAX_BODY_BYTES = 16 << 20
+"""The worker's ``POST /v1/jobs`` body limit. Above the queen's 1 MiB: the ``infer`` body
+the queen forwards carries a chat twice (``messages`` and the rendered ``prompt``), JSON
+escaped, so a request at the queen's limit must still fit here."""
+
 KEEPALIVE_S = 5.0
 """Seconds of quiet after which a worker's job stream gets a keep-alive comment (the queen's
 ``stream_silence_s`` must be longer)."""
@@ -502,6 +507,7 @@ def build_app(config: WorkerConfig, registry: JobRegistry | None = None) -> tupl
         token=config.token,
         max_concurrent=config.max_concurrent,
         keepalive_s=KEEPALIVE_S,
+        max_body_bytes=MAX_BODY_BYTES,
     )
     _openai_route(app, worker)
     app.asgi_app = _ReadinessGuard(app.asgi_app, worker)  # type: ignore[method-assign]
