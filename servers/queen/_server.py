@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import shlex
@@ -216,6 +217,8 @@ class Queen:
         elif op.should_forward_to_hive():
             await self.forward_to_hive(op)
         elif isinstance(op, HiveList):
+            if self.book is not None:  # hives another queen registered a moment ago too
+                await self.book.read_hives()
             hives = [h.to_dict() for h in self.config.hives.values()]
             narrate(
                 "hive_list",
@@ -624,6 +627,9 @@ class Queen:
             return jsonify({"workers": self.workers.snapshot()})
 
         async def hives() -> Any:
+            if self.book is not None:  # hives another queen registered a moment ago too
+                with contextlib.suppress(Exception):  # the store is down: what we know
+                    await self.book.read_hives()
             return jsonify({"hives": [h.to_dict() for h in self.config.hives.values()]})
 
         app.add_url_rule("/v1/workers/heartbeat", "worker_heartbeat", heartbeat, methods=["POST"])
