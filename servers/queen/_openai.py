@@ -39,7 +39,6 @@ from typing import TYPE_CHECKING, Any, Literal, TypeVar
 import trio
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 from quart import Response, request
-from werkzeug.exceptions import RequestEntityTooLarge
 
 from trio_jobs import (
     JobNotFound,
@@ -50,7 +49,14 @@ from trio_jobs import (
     StreamItem,
     TerminalSignal,
 )
-from trio_jobs.http import SSE_HEADERS, JobService, job_service, on_request_end
+from trio_jobs.http import (
+    SSE_HEADERS,
+    ApiError,
+    JobService,
+    job_service,
+    on_request_end,
+    read_body,
+)
 
 from .._openai_wire import (
     DONE_FRAME,
@@ -566,45 +572,18 @@ class OpenAIApi:
     # ---- helpers ------------------------------------------------------------------------
 
     async def _read_body(self) -> bytes:
-        """The POST body, at most the job API's ``max_body_bytes`` (1 MiB; else 413 as an
-        OpenAI error). An oversized body is read and dropped up to 8 MiB, so the client
-        reads the 413 on a usable connection; a larger one gets ``Connection: close``."""
-        limit = self.service.max_body_bytes
-        drain_cap = max(8 << 20, 4 * limit)
-        declared = request.content_length
-        too_big = declared is not None and declared > limit
-        drained = not (declared is not None and declared > drain_cap)
-        chunks: list[bytes] = []
-        size = 0
-        if drained:
-            with trio.move_on_after(60.0) as timeout:
-                try:
-                    async for chunk in request.body:
-                        size += len(chunk)
-                        if size > limit:
-                            too_big = True
-                            chunks.clear()
-                            if size > drain_cap:
-                                drained = False
-                                break
-                        elif not too_big:
-                            chunks.append(chunk)
-                except RequestEntityTooLarge:
-                    too_big, drained = True, False
-            if timeout.cancelled_caught:
-                raise OpenAIError(
-                    408,
-                    "the request body did not arrive within 60 s",
-                    headers={"Connection": "close"},
-                )
-        if too_big:
+        """The POST body, read by the job API's own reader (its ``max_body_bytes``, 1 MiB;
+        the drain of an oversized body; the 60 s bound), its 413/408 as OpenAI errors."""
+        try:
+            return await read_body(self.service, request.body, request.content_length)
+        except ApiError as exc:
+            too_big = exc.status == 413
             raise OpenAIError(
-                413,
-                f"the request body is too large: the limit is {limit} bytes",
-                code="request_too_large",
-                headers={} if drained else {"Connection": "close"},
-            )
-        return b"".join(chunks)
+                exc.status,
+                f"the request body is too large: {exc.detail}" if too_big else str(exc.detail),
+                code="request_too_large" if too_big else None,
+                headers=exc.headers,
+            ) from None
 
     async def _body(self) -> dict[str, Any]:
         data = _parse_json(await self._read_body())

@@ -51,6 +51,24 @@ class WorkerEntry:
             "via": self.via,
         }
 
+    @classmethod
+    def from_beat(
+        cls, data: dict[str, Any], last_seen: float, via: str | None = None
+    ) -> WorkerEntry:
+        """The entry for a (validated) heartbeat heard at trio time ``last_seen``."""
+        return cls(
+            worker_id=str(data["worker_id"]),
+            url=str(data["url"]).rstrip("/"),
+            model=str(data["model"]),
+            hive_id=data.get("hive_id"),
+            pid=data.get("pid"),
+            state=str(data.get("state", "ready")),
+            running=int(data.get("running", 0)),
+            backend=data.get("backend"),
+            last_seen=last_seen,
+            via=via,
+        )
+
 
 class WorkerTable:
     """Workers report here directly (``POST /v1/workers/heartbeat``); the queen reads it.
@@ -84,18 +102,8 @@ class WorkerTable:
 
     def beat(self, data: dict[str, Any]) -> WorkerEntry | None:
         """Record a heartbeat (validated by the caller); ``stopping`` ends scheduling on it."""
-        worker_id = str(data["worker_id"])
-        entry = WorkerEntry(
-            worker_id=worker_id,
-            url=str(data["url"]).rstrip("/"),
-            model=str(data["model"]),
-            hive_id=data.get("hive_id"),
-            pid=data.get("pid"),
-            state=str(data.get("state", "ready")),
-            running=int(data.get("running", 0)),
-            backend=data.get("backend"),
-            last_seen=trio.current_time(),
-        )
+        entry = WorkerEntry.from_beat(data, trio.current_time())
+        worker_id = entry.worker_id
         self._workers[worker_id] = entry
         self._forgotten.pop(worker_id, None)
         self._wake()
@@ -118,18 +126,7 @@ class WorkerTable:
             forgotten = self._forgotten.get(worker_id)
             if forgotten is not None and last_seen > forgotten:
                 del self._forgotten[worker_id]
-            self._workers[worker_id] = WorkerEntry(
-                worker_id=worker_id,
-                url=str(data["url"]).rstrip("/"),
-                model=str(data["model"]),
-                hive_id=data.get("hive_id"),
-                pid=data.get("pid"),
-                state=str(data.get("state", "ready")),
-                running=int(data.get("running", 0)),
-                backend=data.get("backend"),
-                last_seen=last_seen,
-                via=node,
-            )
+            self._workers[worker_id] = WorkerEntry.from_beat(data, last_seen, node)
             changed = True
         if changed:
             self._wake()

@@ -21,6 +21,7 @@ if _typing.TYPE_CHECKING:
     from ._errors import error_response as error_response
     from ._errors import validation_detail as validation_detail
     from ._guard import on_request_end as on_request_end
+    from ._handlers import read_body as read_body
     from ._openapi import openapi_document as openapi_document
     from ._options import ErrorBody as ErrorBody
     from ._options import JobOptions as JobOptions
@@ -41,6 +42,7 @@ _LAZY: dict[str, str] = {
     "error_response": "_errors",
     "validation_detail": "_errors",
     "on_request_end": "_guard",
+    "read_body": "_handlers",
     "openapi_document": "_openapi",
     "ErrorBody": "_options",
     "JobOptions": "_options",
@@ -83,6 +85,7 @@ __all__ = [
     "job_service",
     "jobs_blueprint",
     "openapi_document",
+    "read_body",
     "serve",
     "validation_detail",
 ]
