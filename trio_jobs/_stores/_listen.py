@@ -15,7 +15,7 @@ import trio
 if TYPE_CHECKING:
     from psycopg.pq.abc import PGconn
 
-__all__ = ["RESYNC", "listen"]
+__all__ = ["RESYNC", "Notifier", "listen"]
 
 logger = logging.getLogger("trio_jobs.store")
 
@@ -52,11 +52,14 @@ async def _connect(dsn: str) -> PGconn:
         raise
 
 
-async def _query(pgconn: PGconn, sql: bytes) -> None:
+async def _query(pgconn: PGconn, sql: bytes, params: list[bytes | None] | None = None) -> None:
     """Run one statement to completion (its results are discarded; errors raise)."""
     from psycopg import pq
 
-    pgconn.send_query(sql)
+    if params is None:
+        pgconn.send_query(sql)
+    else:
+        pgconn.send_query_params(sql, params)
     while pgconn.flush():
         await trio.lowlevel.wait_writable(pgconn.socket)
     failed = None
@@ -95,6 +98,42 @@ async def _session(
                 deliver(notice.extra.decode(errors="replace"))
     finally:
         pgconn.finish()
+
+
+class Notifier:
+    """Sends notifications at once, on a connection of its own driven from trio (no
+    worker thread, no wait behind the store's other statements): one round trip for any
+    number of payloads. Connected on first use and again after a failure; a send that
+    fails raises (notices are best effort: callers keep a safety net)."""
+
+    def __init__(self, dsn: str, channel: str) -> None:
+        self.dsn = dsn
+        self.channel = channel.encode()
+        self._pgconn: PGconn | None = None
+        self._lock = trio.Lock()
+
+    async def send(self, payloads: list[str]) -> None:
+        """Notify every payload on the channel (in one statement, so in one commit)."""
+        if not payloads:
+            await trio.lowlevel.checkpoint()
+            return
+        calls = ", ".join(f"pg_notify($1, ${i + 2})" for i in range(len(payloads)))
+        sql = f"SELECT {calls}".encode()
+        params: list[bytes | None] = [self.channel, *(p.encode() for p in payloads)]
+        async with self._lock:
+            try:
+                with trio.fail_after(_IDLE):
+                    if self._pgconn is None:
+                        self._pgconn = await _connect(self.dsn)
+                    await _query(self._pgconn, sql, params)
+            except BaseException:
+                self.close()
+                raise
+
+    def close(self) -> None:
+        pgconn, self._pgconn = self._pgconn, None
+        if pgconn is not None:
+            pgconn.finish()
 
 
 async def listen(

@@ -14,8 +14,17 @@ from typing import TYPE_CHECKING, Any
 import trio
 
 from .._models import NarrationEvent
-from ._base import CANCEL, StoredJob, WriteBatch, event_notices, notices, written_notices
-from ._listen import listen
+from ._base import (
+    _NOTICE_BYTES,
+    CANCEL,
+    EVENTS,
+    StoredJob,
+    WriteBatch,
+    event_notices,
+    notices,
+    written_notices,
+)
+from ._listen import Notifier, listen
 from ._migrations import POSTGRES
 from ._rows import (
     JOB_COLUMNS,
@@ -98,6 +107,7 @@ class PostgresStore(ThreadedSQLStore["psycopg.Connection[Any]"]):
         self.dsn = dsn
         self.schema = schema
         self.node = node
+        self._notifier: Notifier | None = None
 
     def __repr__(self) -> str:
         return f"PostgresStore(schema={self.schema!r})"
@@ -332,15 +342,31 @@ class PostgresStore(ThreadedSQLStore["psycopg.Connection[Any]"]):
         """The notification channel of the nodes sharing this schema."""
         return f"trio_jobs.{self.schema}"[:63]
 
+    def _notices(self) -> Notifier:
+        if not self._opened:
+            raise trio.ClosedResourceError("store is not open")
+        if self._notifier is None:
+            self._notifier = Notifier(self.dsn, self.channel)
+        return self._notifier
+
     async def notify(self, kind: str, job_ids: list[str]) -> None:
         """Tell every node on the schema something about these jobs (see
-        :func:`~trio_jobs._stores._base.notices`)."""
+        :func:`~trio_jobs._stores._base.notices`), at once: on a connection of its own
+        (no wait behind the store's writes)."""
+        await self._notices().send(notices(kind, job_ids))
 
-        def send(conn: psycopg.Connection[Any]) -> None:
-            for notice in notices(kind, job_ids):
-                conn.execute(_NOTIFY, (self.channel, notice))
+    async def notify_events(self, job_id: str, events: Sequence[NarrationEvent]) -> None:
+        """Tell the nodes following a job its events as soon as its own readers may see
+        them (before they are stored: their ids are reserved in the store, so none is
+        ever reused). An event too big for a notice is left out: its followers see the
+        gap and read the store."""
+        await self._notices().send(_event_notices(job_id, list(events)))
 
-        await self._run(send)
+    async def aclose(self) -> None:
+        notifier, self._notifier = self._notifier, None
+        if notifier is not None:
+            notifier.close()
+        await super().aclose()
 
     async def listen(
         self,
@@ -363,6 +389,30 @@ class PostgresStore(ThreadedSQLStore["psycopg.Connection[Any]"]):
 
 
 _NOTIFY = "SELECT pg_notify(%s, %s)"
+
+
+def _event_notices(job_id: str, events: list[NarrationEvent]) -> list[str]:
+    """``e`` notices carrying ``events`` (of one job, oldest first): one per run of
+    consecutive ids (a follower copies a notice only when it continues what it has),
+    each under the payload limit (a run is halved until it fits; a single event that
+    does not fit is left out)."""
+    runs: list[list[NarrationEvent]] = []
+    for event in events:
+        if runs and event.id == runs[-1][-1].id + 1:
+            runs[-1].append(event)
+        else:
+            runs.append([event])
+    out: list[str] = []
+    while runs:
+        run = runs.pop(0)
+        _, _, _, chunk = event_chunks(run)[0]
+        notice = f"{EVENTS} {job_id} {chunk}"
+        if len(notice.encode()) < _NOTICE_BYTES:
+            out.append(notice)
+        elif len(run) > 1:
+            half = len(run) // 2
+            runs[:0] = [run[:half], run[half:]]
+    return out
 
 
 def _stored(row: Any) -> StoredJob:
