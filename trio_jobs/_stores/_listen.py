@@ -7,7 +7,7 @@ cancel was asked, instead of polling for it.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
 import trio
@@ -15,7 +15,7 @@ import trio
 if TYPE_CHECKING:
     from psycopg.pq.abc import PGconn
 
-__all__ = ["RESYNC", "Notifier", "listen"]
+__all__ = ["RESYNC", "Notifier", "listen", "notify_calls"]
 
 logger = logging.getLogger("trio_jobs.store")
 
@@ -100,15 +100,21 @@ async def _session(
         pgconn.finish()
 
 
+def notify_calls(first: int, count: int) -> str:
+    """``pg_notify($1, $first), ...``: ``count`` notices on the channel in ``$1``."""
+    return ", ".join(f"pg_notify($1, ${first + i})" for i in range(count))
+
+
 class Notifier:
-    """Sends notifications at once, on a connection of its own driven from trio (no
-    worker thread, no wait behind the store's other statements): one round trip for any
-    number of payloads. Connected on first use and again after a failure; a send that
-    fails raises (notices are best effort: callers keep a safety net)."""
+    """Runs statements at once on a connection of its own driven from trio (no worker
+    thread, no wait behind the store's other statements): how notices go out, in one
+    round trip for any number of them. Connected on first use and again after a
+    failure; a statement that fails raises (notices are best effort: callers keep a
+    safety net)."""
 
     def __init__(self, dsn: str, channel: str) -> None:
         self.dsn = dsn
-        self.channel = channel.encode()
+        self.channel = channel
         self._pgconn: PGconn | None = None
         self._lock = trio.Lock()
 
@@ -117,15 +123,18 @@ class Notifier:
         if not payloads:
             await trio.lowlevel.checkpoint()
             return
-        calls = ", ".join(f"pg_notify($1, ${i + 2})" for i in range(len(payloads)))
-        sql = f"SELECT {calls}".encode()
-        params: list[bytes | None] = [self.channel, *(p.encode() for p in payloads)]
+        await self.execute(f"SELECT {notify_calls(2, len(payloads))}", [self.channel, *payloads])
+
+    async def execute(self, sql: str, params: Sequence[str]) -> None:
+        """Run one statement (autocommit) with text parameters ``$1``, ``$2``...; its
+        result is discarded."""
+        encoded: list[bytes | None] = [p.encode() for p in params]
         async with self._lock:
             try:
                 with trio.fail_after(_IDLE):
                     if self._pgconn is None:
                         self._pgconn = await _connect(self.dsn)
-                    await _query(self._pgconn, sql, params)
+                    await _query(self._pgconn, sql.encode(), encoded)
             except BaseException:
                 self.close()
                 raise

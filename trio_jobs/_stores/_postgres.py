@@ -7,6 +7,7 @@ connection from worker threads (see ``ThreadedSQLStore``). Batched writes go thr
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
@@ -24,7 +25,7 @@ from ._base import (
     notices,
     written_notices,
 )
-from ._listen import Notifier, listen
+from ._listen import Notifier, listen, notify_calls
 from ._migrations import POSTGRES
 from ._rows import (
     JOB_COLUMNS,
@@ -269,21 +270,18 @@ class PostgresStore(ThreadedSQLStore["psycopg.Connection[Any]"]):
         return await self._run(asked)
 
     async def request_cancel(self, job_ids: list[str]) -> None:
-        """Ask the owners of these jobs to cancel them (they see it at their heartbeat)."""
-
-        def ask(conn: psycopg.Connection[Any]) -> None:
-            first, *more = notices(CANCEL, job_ids)
-            # One statement (one round trip): the notice goes out as the request commits.
-            conn.execute(
-                "WITH asked AS (UPDATE jobs SET cancel_requested = TRUE "
-                f"WHERE id = ANY(%s) AND state IN {_ACTIVE} RETURNING id) "
-                "SELECT pg_notify(%s, %s)",
-                (job_ids, self.channel, first),
-            )
-            for notice in more:
-                conn.execute(_NOTIFY, (self.channel, notice))
-
-        await self._run(ask)
+        """Ask the owners of these jobs to cancel them: the request is stored and its
+        notice goes out as it commits, in one statement on the notices' connection (not
+        behind the store's writes); owners not listening see it at their next poll."""
+        payloads = notices(CANCEL, job_ids)
+        jobs = _quoted(self.schema) + ".jobs"
+        await self._notices().execute(
+            f"WITH asked AS (UPDATE {jobs} SET cancel_requested = TRUE "
+            "WHERE id IN (SELECT jsonb_array_elements_text($2::jsonb)) "
+            f"AND state IN {_ACTIVE} RETURNING id) "
+            f"SELECT {notify_calls(3, len(payloads))}",
+            [self.channel, json.dumps(job_ids), *payloads],
+        )
 
     async def take_cancelled(self, job_ids: list[str], lease: float) -> list[StoredJob]:
         """Take the queued jobs among ``job_ids`` that no live node claimed (their cancel
@@ -378,10 +376,9 @@ class PostgresStore(ThreadedSQLStore["psycopg.Connection[Any]"]):
         """Hand every notice on the schema's channel to ``deliver`` as it arrives (on a
         connection of its own, reconnected after the server went away; ``"*"`` after
         each connection: notices may have been missed)."""
-        quoted = '"' + self.channel.replace('"', '""') + '"'
         await listen(
             self.dsn,
-            f"LISTEN {quoted}".encode(),
+            f"LISTEN {_quoted(self.channel)}".encode(),
             deliver,
             on_state=on_state,
             task_status=task_status,
@@ -389,6 +386,11 @@ class PostgresStore(ThreadedSQLStore["psycopg.Connection[Any]"]):
 
 
 _NOTIFY = "SELECT pg_notify(%s, %s)"
+
+
+def _quoted(name: str) -> str:
+    """An SQL identifier, quoted."""
+    return '"' + name.replace('"', '""') + '"'
 
 
 def _event_notices(job_id: str, events: list[NarrationEvent]) -> list[str]:
