@@ -24,6 +24,7 @@ through the other queen stops the job within 20 ms p99.
 
 from __future__ import annotations
 
+import json
 import os
 import statistics
 import sys
@@ -49,6 +50,8 @@ from trio_jobs.http import create_app, serve
 EVENTS = 150
 GAP_S = 0.004
 CANCELS = 40
+CANCELS_PER_ROUND = 15
+"""Daemon cancels per round and way (45 per run: a p99 needs more than 20 samples)."""
 
 
 def _pg_dsn() -> str | None:
@@ -267,7 +270,7 @@ async def run_daemons(dsn: str, rounds: int) -> dict[str, list[float]]:
             async with httpx.AsyncClient() as http:
                 for url in urls.values():
                     await http.get(f"{url}/health")
-                for _ in range(rounds * 7):
+                for _ in range(rounds * CANCELS_PER_ROUND):
                     for who in ("owner", "other"):
                         await _cancel_daemon(ca, urls, worker, who, http, results)
             probes.cancel_scope.cancel()
@@ -386,6 +389,9 @@ def main(rounds: int = 3) -> None:
         res = trio.run(run, dsn, rounds)
         res.update(trio.run(run_daemons, dsn, rounds))
         runs.append(res)
+    raw = os.environ.get("TRIO_JOBS_BENCH_RAW")
+    if raw:  # every sample, for a closer look
+        Path(raw).write_text(json.dumps(runs))
     print(
         f"cross-queen streams and cancels (ms; real sockets, PostgreSQL LISTEN/NOTIFY); "
         f"median over {len(runs)} run(s) of each run's p50/p99 [min-max over runs]"
