@@ -127,17 +127,30 @@ class Notifier:
 
     async def execute(self, sql: str, params: Sequence[str]) -> None:
         """Run one statement (autocommit) with text parameters ``$1``, ``$2``...; its
-        result is discarded."""
+        result is discarded. Raises ``_Broken`` (an error of the statement or of the
+        connection), ``OperationalError``, ``OSError`` or ``trio.TooSlowError``."""
+        from psycopg import OperationalError
+
         encoded: list[bytes | None] = [p.encode() for p in params]
         async with self._lock:
-            try:
-                with trio.fail_after(_IDLE):
-                    if self._pgconn is None:
-                        self._pgconn = await _connect(self.dsn)
-                    await _query(self._pgconn, sql.encode(), encoded)
-            except BaseException:
-                self.close()
-                raise
+            # A connection that was idle may have been closed meanwhile (a server
+            # restart): its failure is retried once on a new one. Every statement sent
+            # here may run twice (notices are idempotent for their receivers).
+            tries = 2 if self._pgconn is not None else 1
+            for attempt in range(tries):
+                try:
+                    with trio.fail_after(_IDLE):
+                        if self._pgconn is None:
+                            self._pgconn = await _connect(self.dsn)
+                        await _query(self._pgconn, sql.encode(), encoded)
+                    return
+                except (_Broken, OperationalError, OSError):
+                    self.close()
+                    if attempt == tries - 1:
+                        raise
+                except BaseException:
+                    self.close()
+                    raise
 
     def close(self) -> None:
         pgconn, self._pgconn = self._pgconn, None
