@@ -16,7 +16,14 @@ runs every job (node B claims none), clients talk HTTP:
    (a token every 5 ms) is streamed through both queens at once; lag = arrival of each
    event through the queen not running the job minus its arrival through the one that
    does. Then a long ``infer`` is cancelled through the other queen (and, as baseline,
-   through its owner); time until the owner's stream ends ``[CANCELLED]``.
+   through its owner) on a kept-alive connection: time until the worker's job stopped
+   (its own stream's ``[CANCELLED]``: the owner forwards the cancel to the worker), until
+   the owner's stream ends ``[CANCELLED]`` (released once the end is stored), and until
+   the ``DELETE`` is answered.
+
+Each part also reports how late a 2 ms sleep of the benchmark's own event loop wakes up:
+the machine's noise, which bounds every p99 here. ``TRIO_JOBS_BENCH_REPEATS`` (default
+3) whole runs are made; each figure is the median of the runs' p50s and p99s.
 
 Targets (issue 11): lag through the other queen p50 <= 5 ms, p99 <= 20 ms; a cancel
 through the other queen stops the job within 20 ms p99.
