@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import ipaddress
 import logging
 import os
@@ -80,6 +81,10 @@ async def run_daemon(
             logger.info("%s %s (pid %d)", name, url, os.getpid())
             if started is not None:
                 started(url)
+            # What start-up loaded (modules, the app, schemas) lives as long as the
+            # daemon: kept out of the collector's full passes, which otherwise scan it
+            # all and pause the event loop for tens of ms (the p99 of a cancel).
+            gc.freeze()
             for task in background or ():
                 nursery.start_soon(task, url)
             task_status.started(url)

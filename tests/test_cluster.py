@@ -115,6 +115,8 @@ async def test_queens_on_one_postgres_share_workers_and_hives(tmp_path: Path) ->
                 _, _, terminal = await collect(ca, op)
                 assert terminal is not None and terminal.wire == "[DONE]"
                 want = {"localhost", "gpu", "gpu-1", "gpu-2"}
+                # each queen reads the others' hives every second: either may run the list
+                await _until(a, "/v1/hives", lambda d: _aliases(d) == want)
                 hives = await _until(b, "/v1/hives", lambda d: _aliases(d) == want)
                 by_alias = {h["alias"]: h for h in hives["hives"]}
                 assert by_alias["gpu-2"] == {

@@ -28,6 +28,7 @@ from trio_jobs import (
     SharedRunner,
     TerminalSignal,
     narrate,
+    run_persistence,
     run_shared_jobs,
 )
 from trio_jobs.http import create_app, serve
@@ -182,3 +183,51 @@ async def test_the_listener_comes_back_after_a_postgres_restart() -> None:
                 await _live_streams_and_a_cancel(a, b, steps)
     finally:
         own.stop()
+
+
+async def test_a_followed_jobs_events_reach_the_other_node_before_they_are_stored() -> None:
+    """The owner relays a followed job's events as its own readers may see them: with a
+    group commit that would wait longer than the test, B's client still sees each step
+    before the next is narrated, while the store holds none of them yet."""
+    steps = Steps()
+    dsn, schema = pg.dsn_or_skip(), pg.fresh_schema()
+    stored: list[int] = []
+
+    async def work(job_id: str, payload: Any) -> None:
+        await steps.work(job_id, payload)
+        stored.append(len(await a_store.load_events(job_id)))
+
+    a_store = PostgresStore(dsn, schema=schema, node="a")
+    with trio.fail_after(CAP):
+        async with trio.open_nursery() as nursery:
+            urls = []
+            a_registry = JobRegistry(store=a_store)
+            await nursery.start(partial(run_persistence, a_registry, interval=QUIET))
+            for node, registry in (("a", a_registry), ("b", None)):
+                if registry is None:
+                    registry = JobRegistry(store=PostgresStore(dsn, schema=schema, node=node))
+                runner = await nursery.start(
+                    partial(
+                        run_shared_jobs,
+                        registry,
+                        work,
+                        claim=node == "a",
+                        max_concurrent=1,  # no claim round flushes while the job runs
+                        poll_interval=QUIET,
+                        lease=QUIET,
+                    )
+                )
+                runner.safety_interval = QUIET
+                with trio.fail_after(5):
+                    while not runner.listening:
+                        await trio.sleep(0.01)
+                urls.append(await nursery.start(serve, create_app(registry, None)))
+            a, b = urls
+            async with httpx.AsyncClient(timeout=10) as http:
+                job_id = (await http.post(f"{a}/v1/jobs", json={"steps": 5})).json()["job_id"]
+            assert await _stream(b, job_id, steps) == "[DONE]"
+            assert stored == [0]  # nothing of it was written while it ran
+            async with JobClient(b) as client:  # and B's copy is the stored one
+                record = await client.get(job_id)
+            assert record["state"] == "completed"
+            nursery.cancel_scope.cancel()

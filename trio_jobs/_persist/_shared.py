@@ -19,6 +19,7 @@ from __future__ import annotations
 import functools
 import logging
 import math
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
 import trio
@@ -44,6 +45,12 @@ from ._writer import Persister
 __all__ = ["SharedRunner"]
 
 logger = logging.getLogger("trio_jobs.persist")
+
+_RELAY_BACKLOG = 64
+"""Events before the newest that a relay starts with: a follower has read the store,
+which lags the job by a group commit, so it gets what it lacks without reading again."""
+
+Relay = Callable[[str, Sequence[NarrationEvent]], Awaitable[None]]
 
 
 class SharedRunner:
@@ -114,6 +121,9 @@ class SharedRunner:
         """One read-and-copy of followed jobs at a time (so none applies an older row)."""
         self._resync = False
         self._notice_wake = trio.Event()
+        self._nursery: trio.Nursery | None = None
+        self._relayed: set[str] = set()
+        """Jobs running here whose events are relayed to their followers."""
         registry.add_observer(self._observe)
 
     def _observe(self, job: Job, transition: Transition) -> None:
@@ -139,12 +149,19 @@ class SharedRunner:
             return
         asked, self._cancel_queue = self._cancel_queue, []
         try:
-            await self.persister.flush()  # the rows must be there to carry the request
+            if any(self._unwritten(job_id) for job_id in asked):
+                await self.persister.flush()  # the rows must be there to carry the request
             await self.store.request_cancel(asked)
         except BaseException:
             self._cancel_queue[:0] = asked
             raise
         self._cancelling.update(asked)
+
+    def _unwritten(self, job_id: str) -> bool:
+        """True when the job's row may not be committed yet (a job of this node)."""
+        job = self.registry.job(job_id)
+        persister = self.persister
+        return job is not None and job_id not in persister.foreign and persister.unstored(job)
 
     async def _cancel_sender(self) -> None:
         """Forever: send cancels as soon as they are asked (not at the next round)."""
@@ -229,7 +246,10 @@ class SharedRunner:
             return True
         self.persister.disown(job_id)
         self._wake.set()
-        await self._tell(FOLLOW, [job_id])
+        if self._nursery is not None:  # nothing here waits for it
+            self._nursery.start_soon(self._tell, FOLLOW, [job_id])
+        else:
+            await self._tell(FOLLOW, [job_id])
         return True
 
     async def _tell(self, kind: str, job_ids: list[str]) -> None:
@@ -269,7 +289,7 @@ class SharedRunner:
         elif kind == FOLLOW:
             for job_id in ids:
                 if job_id in self.here:
-                    self.persister.watch(job_id)
+                    self._relay(job_id)
                 elif job_id in self.registry:
                     self._wanted.add(job_id)  # watched once it runs here
         else:  # a (re)connection or an overflow: notices may have been missed
@@ -291,6 +311,9 @@ class SharedRunner:
             events = events_from_chunks(job_id, [chunk], after, None)
         except ValueError:
             events = []
+        else:
+            if not events:  # known here already
+                return
         if not events or events[0].id != after + 1:
             self._notified.add(job_id)  # a gap (or nothing new): the store has it all
             self._notice_wake.set()
@@ -347,14 +370,50 @@ class SharedRunner:
         if job.state is not JobState.RUNNING:
             return
         self.here.add(job_id)
-        if fresh:  # write its events at once
-            self.persister.watch(job_id)
+        if fresh:  # relay its events at once
+            self._relay(job_id)
         if job.cancel_requested:  # cancelled here before the claim: it ends at once
             self._cancelling.discard(job_id)
             job.finish(TerminalSignal(Signal.CANCELLED), job.cancel_reason or "cancelled")
             return
         self.running_here += 1
         nursery.start_soon(self._run_one, job)
+
+    def _relay(self, job_id: str) -> None:
+        """Another node follows a job running here: send it the job's events as soon as
+        readers here may see them (see ``PostgresStore.notify_events``); without such a
+        store, the events are written at once instead."""
+        notify: Relay | None = getattr(self.store, "notify_events", None)
+        if notify is None or self._nursery is None:
+            self.persister.watch(job_id)
+            return
+        job = self.registry.job(job_id)
+        if job_id in self._relayed or job is None or job.log.terminal is not None:
+            return
+        self._relayed.add(job_id)
+        self._nursery.start_soon(self._relay_events, job, notify)
+
+    async def _relay_events(self, job: Job, notify: Relay) -> None:
+        """Until the job ends (or leaves this node): each batch of events readers here
+        may see (reserved in the store, so their ids are never reused), notified in one
+        round trip; events arriving meanwhile make the next batch."""
+        log = job.log
+        stream = log.open_stream(max(log.first_id, log.next_id - _RELAY_BACKLOG) - 1)
+        try:
+            while job.id in self.here:
+                await stream.wait_ready()
+                items = stream.receive_batch()
+                events = [item for item in items if isinstance(item, NarrationEvent)]
+                if events and job.id in self.here:
+                    try:
+                        await notify(job.id, events)
+                    except Exception as exc:  # the followers' safety net reads the store
+                        logger.debug("relaying events of %s failed: %s", job.id, exc)
+                if len(events) < len(items) or not items:
+                    return  # the signal: the end is stored and notified by the writer
+        finally:
+            stream.close()
+            self._relayed.discard(job.id)
 
     async def _run_one(self, job: Job) -> None:
         try:
@@ -398,6 +457,7 @@ class SharedRunner:
         failing = 0
         health = self.persister.health
         listen = getattr(self.store, "listen", None) if self.listen else None
+        self._nursery = nursery
         nursery.start_soon(self._cancel_sender)
         if listen is not None:
             nursery.start_soon(self._follow_notified)

@@ -7,7 +7,7 @@ cancel was asked, instead of polling for it.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
 import trio
@@ -15,7 +15,7 @@ import trio
 if TYPE_CHECKING:
     from psycopg.pq.abc import PGconn
 
-__all__ = ["RESYNC", "listen"]
+__all__ = ["RESYNC", "Notifier", "listen", "notify_calls"]
 
 logger = logging.getLogger("trio_jobs.store")
 
@@ -52,11 +52,14 @@ async def _connect(dsn: str) -> PGconn:
         raise
 
 
-async def _query(pgconn: PGconn, sql: bytes) -> None:
+async def _query(pgconn: PGconn, sql: bytes, params: list[bytes | None] | None = None) -> None:
     """Run one statement to completion (its results are discarded; errors raise)."""
     from psycopg import pq
 
-    pgconn.send_query(sql)
+    if params is None:
+        pgconn.send_query(sql)
+    else:
+        pgconn.send_query_params(sql, params)
     while pgconn.flush():
         await trio.lowlevel.wait_writable(pgconn.socket)
     failed = None
@@ -95,6 +98,64 @@ async def _session(
                 deliver(notice.extra.decode(errors="replace"))
     finally:
         pgconn.finish()
+
+
+def notify_calls(first: int, count: int) -> str:
+    """``pg_notify($1, $first), ...``: ``count`` notices on the channel in ``$1``."""
+    return ", ".join(f"pg_notify($1, ${first + i})" for i in range(count))
+
+
+class Notifier:
+    """Runs statements at once on a connection of its own driven from trio (no worker
+    thread, no wait behind the store's other statements): how notices go out, in one
+    round trip for any number of them. Connected on first use and again after a
+    failure; a statement that fails raises (notices are best effort: callers keep a
+    safety net)."""
+
+    def __init__(self, dsn: str, channel: str) -> None:
+        self.dsn = dsn
+        self.channel = channel
+        self._pgconn: PGconn | None = None
+        self._lock = trio.Lock()
+
+    async def send(self, payloads: list[str]) -> None:
+        """Notify every payload on the channel (in one statement, so in one commit)."""
+        if not payloads:
+            await trio.lowlevel.checkpoint()
+            return
+        await self.execute(f"SELECT {notify_calls(2, len(payloads))}", [self.channel, *payloads])
+
+    async def execute(self, sql: str, params: Sequence[str]) -> None:
+        """Run one statement (autocommit) with text parameters ``$1``, ``$2``...; its
+        result is discarded. Raises ``_Broken`` (an error of the statement or of the
+        connection), ``OperationalError``, ``OSError`` or ``trio.TooSlowError``."""
+        from psycopg import OperationalError
+
+        encoded: list[bytes | None] = [p.encode() for p in params]
+        async with self._lock:
+            # A connection that was idle may have been closed meanwhile (a server
+            # restart): its failure is retried once on a new one. Every statement sent
+            # here may run twice (notices are idempotent for their receivers).
+            tries = 2 if self._pgconn is not None else 1
+            for attempt in range(tries):
+                try:
+                    with trio.fail_after(_IDLE):
+                        if self._pgconn is None:
+                            self._pgconn = await _connect(self.dsn)
+                        await _query(self._pgconn, sql.encode(), encoded)
+                    return
+                except (_Broken, OperationalError, OSError):
+                    self.close()
+                    if attempt == tries - 1:
+                        raise
+                except BaseException:
+                    self.close()
+                    raise
+
+    def close(self) -> None:
+        pgconn, self._pgconn = self._pgconn, None
+        if pgconn is not None:
+            pgconn.finish()
 
 
 async def listen(

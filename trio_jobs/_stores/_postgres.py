@@ -7,6 +7,7 @@ connection from worker threads (see ``ThreadedSQLStore``). Batched writes go thr
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
@@ -14,8 +15,17 @@ from typing import TYPE_CHECKING, Any
 import trio
 
 from .._models import NarrationEvent
-from ._base import CANCEL, StoredJob, WriteBatch, event_notices, notices, written_notices
-from ._listen import listen
+from ._base import (
+    _NOTICE_BYTES,
+    CANCEL,
+    EVENTS,
+    StoredJob,
+    WriteBatch,
+    event_notices,
+    notices,
+    written_notices,
+)
+from ._listen import Notifier, listen, notify_calls
 from ._migrations import POSTGRES
 from ._rows import (
     JOB_COLUMNS,
@@ -98,6 +108,7 @@ class PostgresStore(ThreadedSQLStore["psycopg.Connection[Any]"]):
         self.dsn = dsn
         self.schema = schema
         self.node = node
+        self._notifier: Notifier | None = None
 
     def __repr__(self) -> str:
         return f"PostgresStore(schema={self.schema!r})"
@@ -261,21 +272,18 @@ class PostgresStore(ThreadedSQLStore["psycopg.Connection[Any]"]):
         return await self._run(asked)
 
     async def request_cancel(self, job_ids: list[str]) -> None:
-        """Ask the owners of these jobs to cancel them (they see it at their heartbeat)."""
-
-        def ask(conn: psycopg.Connection[Any]) -> None:
-            first, *more = notices(CANCEL, job_ids)
-            # One statement (one round trip): the notice goes out as the request commits.
-            conn.execute(
-                "WITH asked AS (UPDATE jobs SET cancel_requested = TRUE "
-                f"WHERE id = ANY(%s) AND state IN {_ACTIVE} RETURNING id) "
-                "SELECT pg_notify(%s, %s)",
-                (job_ids, self.channel, first),
-            )
-            for notice in more:
-                conn.execute(_NOTIFY, (self.channel, notice))
-
-        await self._run(ask)
+        """Ask the owners of these jobs to cancel them: the request is stored and its
+        notice goes out as it commits, in one statement on the notices' connection (not
+        behind the store's writes); owners not listening see it at their next poll."""
+        payloads = notices(CANCEL, job_ids)
+        jobs = _quoted(self.schema) + ".jobs"
+        await self._notices().execute(
+            f"WITH asked AS (UPDATE {jobs} SET cancel_requested = TRUE "
+            "WHERE id IN (SELECT jsonb_array_elements_text($2::jsonb)) "
+            f"AND state IN {_ACTIVE} RETURNING id) "
+            f"SELECT {notify_calls(3, len(payloads))}",
+            [self.channel, json.dumps(job_ids), *payloads],
+        )
 
     async def take_cancelled(self, job_ids: list[str], lease: float) -> list[StoredJob]:
         """Take the queued jobs among ``job_ids`` that no live node claimed (their cancel
@@ -334,15 +342,31 @@ class PostgresStore(ThreadedSQLStore["psycopg.Connection[Any]"]):
         """The notification channel of the nodes sharing this schema."""
         return f"trio_jobs.{self.schema}"[:63]
 
+    def _notices(self) -> Notifier:
+        if not self._opened:
+            raise trio.ClosedResourceError("store is not open")
+        if self._notifier is None:
+            self._notifier = Notifier(self.dsn, self.channel)
+        return self._notifier
+
     async def notify(self, kind: str, job_ids: list[str]) -> None:
         """Tell every node on the schema something about these jobs (see
-        :func:`~trio_jobs._stores._base.notices`)."""
+        :func:`~trio_jobs._stores._base.notices`), at once: on a connection of its own
+        (no wait behind the store's writes)."""
+        await self._notices().send(notices(kind, job_ids))
 
-        def send(conn: psycopg.Connection[Any]) -> None:
-            for notice in notices(kind, job_ids):
-                conn.execute(_NOTIFY, (self.channel, notice))
+    async def notify_events(self, job_id: str, events: Sequence[NarrationEvent]) -> None:
+        """Tell the nodes following a job its events as soon as its own readers may see
+        them (before they are stored: their ids are reserved in the store, so none is
+        ever reused). An event too big for a notice is left out: its followers see the
+        gap and read the store."""
+        await self._notices().send(_event_notices(job_id, list(events)))
 
-        await self._run(send)
+    async def aclose(self) -> None:
+        notifier, self._notifier = self._notifier, None
+        if notifier is not None:
+            notifier.close()
+        await super().aclose()
 
     async def listen(
         self,
@@ -354,10 +378,9 @@ class PostgresStore(ThreadedSQLStore["psycopg.Connection[Any]"]):
         """Hand every notice on the schema's channel to ``deliver`` as it arrives (on a
         connection of its own, reconnected after the server went away; ``"*"`` after
         each connection: notices may have been missed)."""
-        quoted = '"' + self.channel.replace('"', '""') + '"'
         await listen(
             self.dsn,
-            f"LISTEN {quoted}".encode(),
+            f"LISTEN {_quoted(self.channel)}".encode(),
             deliver,
             on_state=on_state,
             task_status=task_status,
@@ -365,6 +388,35 @@ class PostgresStore(ThreadedSQLStore["psycopg.Connection[Any]"]):
 
 
 _NOTIFY = "SELECT pg_notify(%s, %s)"
+
+
+def _quoted(name: str) -> str:
+    """An SQL identifier, quoted."""
+    return '"' + name.replace('"', '""') + '"'
+
+
+def _event_notices(job_id: str, events: list[NarrationEvent]) -> list[str]:
+    """``e`` notices carrying ``events`` (of one job, oldest first): one per run of
+    consecutive ids (a follower copies a notice only when it continues what it has),
+    each under the payload limit (a run is halved until it fits; a single event that
+    does not fit is left out)."""
+    runs: list[list[NarrationEvent]] = []
+    for event in events:
+        if runs and event.id == runs[-1][-1].id + 1:
+            runs[-1].append(event)
+        else:
+            runs.append([event])
+    out: list[str] = []
+    while runs:
+        run = runs.pop(0)
+        _, _, _, chunk = event_chunks(run)[0]
+        notice = f"{EVENTS} {job_id} {chunk}"
+        if len(notice.encode()) < _NOTICE_BYTES:
+            out.append(notice)
+        elif len(run) > 1:
+            half = len(run) // 2
+            runs[:0] = [run[:half], run[half:]]
+    return out
 
 
 def _stored(row: Any) -> StoredJob:
