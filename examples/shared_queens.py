@@ -87,6 +87,9 @@ async def demo(dsn: str, schema: str, root: Path) -> None:
             nursery.start_soon(follow, b, job_id, "b")
             await trio.sleep(0.3)
             await b.cancel(job_id)
+        # Either queen may have claimed the job; the other's record of it follows the
+        # store's notices a moment later.
+        await wait_state(a, job_id, "cancelled")
         print(f"  a says: {(await a.get(job_id))['state']}")
 
         print("\n2. ten jobs submitted to both queens")
