@@ -78,9 +78,9 @@ class JobLog:
         self._floor = 1
         """Ids below this are gone even while the ring is not full (a restored log)."""
         self._origin = 1
+        """The id kept at ring index 0 (ids map to ``(id - origin) % capacity``)."""
         self._gaps = False
         """True once the ring may hold gaps (a restored log, skipped ids)."""
-        """The id kept at ring index 0 (ids map to ``(id - origin) % capacity``)."""
         self.limit = _NO_LIMIT
         """The highest event id readers may see."""
         self.held = False

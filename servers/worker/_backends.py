@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import functools
 import json
-import ssl
 from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from contextlib import aclosing, asynccontextmanager, suppress
 from dataclasses import dataclass, field
@@ -12,6 +10,8 @@ from typing import Any, Protocol, cast
 
 import httpx
 import trio
+
+from trio_jobs._client._client import default_ssl_context
 
 from ..operations import Infer
 from ._tiny import tiny_tokens
@@ -24,12 +24,6 @@ is waited for before its response is closed (a closed response loses its connect
 
 TokenSink = Callable[[str], None]
 """Called once per generated token, in order."""
-
-
-@functools.cache
-def _ssl_context() -> ssl.SSLContext:
-    """Built once: loading the CA bundle for every request's client took 40-250 ms."""
-    return httpx.create_ssl_context()
 
 
 class UpstreamError(Exception):
@@ -111,7 +105,7 @@ class OpenAIBackend:
     def open_client(self) -> httpx.AsyncClient:
         """A new client for the upstream (the caller enters and closes it)."""
         return httpx.AsyncClient(
-            timeout=httpx.Timeout(self.connect_timeout_s, read=None), verify=_ssl_context()
+            timeout=httpx.Timeout(self.connect_timeout_s, read=None), verify=default_ssl_context()
         )
 
     @asynccontextmanager
@@ -158,7 +152,7 @@ class OpenAIBackend:
         url = f"{self.api_url}/models"
         try:
             async with httpx.AsyncClient(
-                timeout=self.check_timeout_s, verify=_ssl_context()
+                timeout=self.check_timeout_s, verify=default_ssl_context()
             ) as client:
                 response = await client.get(url, headers=self._headers())
         except (httpx.HTTPError, httpx.InvalidURL) as exc:

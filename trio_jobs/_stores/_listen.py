@@ -28,7 +28,7 @@ closing the socket would otherwise never be noticed)."""
 
 
 class _Broken(Exception):
-    pass
+    """The connection failed (or a statement on it did): it is closed, make a new one."""
 
 
 async def _connect(dsn: str) -> PGconn:
