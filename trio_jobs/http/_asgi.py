@@ -40,6 +40,7 @@ from ._connection import Inbox
 from ._errors import ApiError, logger
 from ._guard import has_body
 from ._handlers import Answer
+from ._http11 import HOLD_HEAD, Exchange
 from ._service import JobService
 from ._sse import SseBody
 
@@ -97,7 +98,7 @@ class _RequestChunks:
         channel = getattr(receive, "__self__", None)
         self._nowait = (
             channel.receive_nowait
-            if isinstance(channel, (Inbox, trio.MemoryReceiveChannel))
+            if isinstance(channel, (Exchange, Inbox, trio.MemoryReceiveChannel))
             else None
         )
         self._ready: list[bytes] = []
@@ -432,7 +433,13 @@ class JobRoutes:
             chunk = body.take()
             if chunk is not None and body.done:
                 body.close()  # the stream is over before the client reads its end
-            await send({"type": "http.response.start", "status": 200, "headers": headers})
+            start: Any = {
+                "type": "http.response.start",
+                "status": 200,
+                "headers": headers,
+                HOLD_HEAD: chunk is not None,
+            }
+            await send(start)
             if chunk is not None:
                 await send(
                     {"type": "http.response.body", "body": chunk, "more_body": not body.done}

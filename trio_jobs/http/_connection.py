@@ -41,6 +41,8 @@ from hypercorn.trio.worker_context import WorkerContext
 from hypercorn.typing import AppWrapper, ConnectionState, LifespanState
 from hypercorn.utils import ShutdownError, parse_socket_addr, raise_shutdown, repr_socket_addr
 
+from ._http11 import Http11Connection
+
 __all__ = ["Connection", "worker_serve"]
 
 logger = logging.getLogger("trio_jobs.http")
@@ -119,14 +121,16 @@ class Connection(TCPServer):
         state: LifespanState,
         stream: Any,
         *,
-        idle: set[Connection],
+        idle: set[Any],
     ) -> None:
         super().__init__(app, config, context, state, stream)
         self._idle = idle
         self._reads = trio.CancelScope()
         self._closed = False
 
-    async def run(self) -> None:
+    async def run(self, preread: bytes = b"") -> None:
+        """Serve the connection; ``preread``: bytes already read from it (a request
+        :class:`~trio_jobs.http._http11.Http11Connection` hands over)."""
         socket = self.stream.socket
         try:
             client = parse_socket_addr(socket.family, socket.getpeername())
@@ -147,6 +151,8 @@ class Connection(TCPServer):
                 )
                 await self.protocol.initiate()
                 self._set_idle(True)
+                if preread:
+                    await self.protocol.handle(RawData(preread))
                 await self._read_data()
         except OSError:
             pass
@@ -224,7 +230,7 @@ class Connection(TCPServer):
 
 async def _accept(
     listener: trio.SocketListener,
-    handler: Callable[[trio.SocketStream], Connection],
+    handler: Callable[[trio.SocketStream], Http11Connection],
     nursery: trio.Nursery,
 ) -> None:
     """``trio.serve_listeners`` for one listener, without its second close of every
@@ -255,7 +261,7 @@ async def worker_serve(
     lifespan_state: LifespanState = {}
     lifespan = Lifespan(app, config, lifespan_state)
     context = WorkerContext(None)
-    idle: set[Connection] = set()
+    idle: set[Connection | Http11Connection] = set()
     async with trio.open_nursery() as lifespan_nursery:
         await lifespan_nursery.start(lifespan.handle_lifespan)
         await lifespan.wait_for_startup()
@@ -270,8 +276,10 @@ async def worker_serve(
                 binds.append(f"http://{bind}")
                 await config.log.info(f"Running on http://{bind} (CTRL + C to quit)")
             task_status.started(binds)
+            state = ConnectionState(lifespan_state.copy())
+            fallback = partial(Connection, app, config, context, state, idle=idle)
             handler = partial(
-                Connection, app, config, context, ConnectionState(lifespan_state.copy()), idle=idle
+                Http11Connection, app, config, context, state, idle=idle, fallback=fallback
             )
             try:
                 async with trio.open_nursery() as nursery:
