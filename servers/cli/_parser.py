@@ -287,6 +287,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="seconds a forwarded job's daemon may send nothing (not even a keep-alive) "
         "before the job fails 'lost worker' (default 60)",
     )
+    queen.add_argument(
+        "--background-timeout",
+        type=float,
+        default=None,
+        help="seconds a background response (OpenAI Responses API) may run before it "
+        "ends failed (default 3600)",
+    )
     _store_options(queen, "trio_jobs")
     queen.add_argument(
         "--node",
@@ -324,6 +331,12 @@ def build_parser() -> argparse.ArgumentParser:
     worker.add_argument("--upstream-model", default=None, help="model name sent upstream")
     worker.add_argument("--token-delay", type=float, default=None, help="tiny: s per token")
     worker.add_argument("--heartbeat-s", type=float, default=None)
+    worker.add_argument(
+        "--max-concurrent",
+        type=int,
+        default=None,
+        help="jobs run at once, advertised to the queen as its capacity (default 4)",
+    )
     worker.add_argument("--parent-pid", type=int, default=None, help="stop when it exits")
     worker.add_argument(
         "--stop-grace",
