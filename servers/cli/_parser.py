@@ -436,12 +436,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--backend", choices=["tiny", "openai"], default="tiny")
     p.add_argument("--upstream-url", dest="upstream_url", default=None)
     p.add_argument("--token-delay", dest="token_delay_s", type=float, default=None)
-    p.set_defaults(
-        build=_fields_body(
-            "worker_spawn",
-            ("hive_id", "model", "worker", "device", "backend", "upstream_url", "token_delay_s"),
-        )
+    p.add_argument(
+        "--max-concurrent",
+        dest="max_concurrent",
+        type=int,
+        default=None,
+        help="jobs it runs at once, its capacity for the queen (default 4)",
     )
+    fields = ("hive_id", "model", "worker", "device", "backend", "upstream_url")
+    p.set_defaults(build=_fields_body("worker_spawn", (*fields, "token_delay_s", "max_concurrent")))
     p = _keeper(sub, "worker-list", "workers of a hive")
     hive_opt(p)
     p.set_defaults(build=_fields_body("worker_list", ("hive_id",)))
