@@ -262,6 +262,8 @@ class WorkerSpawn(_HiveTargeted):
     backend: Literal["tiny", "openai"] = "tiny"
     upstream_url: str | None = Field(default=None, json_schema_extra={"pattern": _HTTP_URL})
     token_delay_s: float | None = Field(default=None, ge=0, le=10)
+    max_concurrent: int | None = Field(default=None, ge=1, le=4096)
+    """Jobs the worker runs at once, its capacity as the queen schedules (default 4)."""
     queen_url: str | None = None
 
     @field_validator("upstream_url")

@@ -140,12 +140,19 @@ async def collect(
 
 
 async def spawn_worker(
-    client: JobClient, model: str, *, token_delay_s: float | None = None, hive: str = "localhost"
+    client: JobClient,
+    model: str,
+    *,
+    token_delay_s: float | None = None,
+    max_concurrent: int | None = None,
+    hive: str = "localhost",
 ) -> dict[str, Any]:
     """``worker_spawn`` through the queen; returns the worker record (pid, url, ...)."""
     body: dict[str, Any] = {"operation": "worker_spawn", "model": model, "hive_id": hive}
     if token_delay_s is not None:
         body["token_delay_s"] = token_delay_s
+    if max_concurrent is not None:
+        body["max_concurrent"] = max_concurrent
     _, events, terminal = await collect(client, body, timeout_s=30)
     assert terminal is not None and terminal.wire == "[DONE]", terminal
     ready = [e for e in events if e.action == "worker_ready"]

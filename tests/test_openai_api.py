@@ -11,11 +11,13 @@ bounded by ``trio.fail_after``; tests that cancel check the worker's own job rec
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import json
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import datetime
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -434,6 +436,126 @@ def test_a_foreground_streamed_response_that_cannot_start_is_an_error_status(env
         assert _error(missing.value)["code"] == "model_not_found"
 
 
+def test_a_model_whose_workers_are_all_at_capacity_is_429_with_retry_after(env: Env) -> None:
+    """A worker spawned with ``max_concurrent`` 1 advertises that capacity: while one
+    stream holds its slot, requests for its model wait the queen's ``schedule_wait`` (1 s)
+    and then get 429 (``RateLimitError``, ``Retry-After``, the job named), a background
+    response ends ``failed`` with ``rate_limit_exceeded`` and a plain job fails with the
+    same clear error; a model whose only worker is live but not ready stays 503. Once the
+    stream is closed, the slot serves the next request."""
+
+    async def spawn() -> dict[str, Any]:
+        async with JobClient(env.queen, token=TOKEN) as jobs:
+            return await spawn_worker(jobs, "capped", token_delay_s=0.05, max_concurrent=1)
+
+    worker = trio.run(spawn)
+    hello = [{"role": "user", "content": "x"}]
+    sick = {"worker_id": "sick-1", "url": "http://127.0.0.1:9", "model": "sick"}
+    with env.client() as client:
+        holder = client.chat.completions.create(
+            model="capped", messages=hello, max_tokens=1000, stream=True
+        )
+        next(iter(holder))  # the worker took it: its one slot is held
+        listed = httpx.get(f"{env.queen}/v1/workers", headers=_headers()).json()["workers"]
+        assert [w["capacity"] for w in listed if w["worker_id"] == worker["id"]] == [1]
+        beat = {**sick, "state": "not_ready"}
+        httpx.post(f"{env.queen}/v1/workers/heartbeat", json=beat, headers=_headers())
+
+        def chat() -> openai.APIStatusError:
+            with pytest.raises(openai.RateLimitError) as info:
+                client.chat.completions.create(model="capped", messages=hello)
+            return info.value
+
+        def streamed_response() -> openai.APIStatusError:
+            with pytest.raises(openai.RateLimitError) as info:
+                client.responses.create(model="capped", input="x", stream=True)
+            return info.value
+
+        def not_ready() -> openai.APIStatusError:
+            with pytest.raises(openai.InternalServerError) as info:
+                client.chat.completions.create(model="sick", messages=hello)
+            return info.value
+
+        def background() -> Any:
+            response = client.responses.create(model="capped", input="x", background=True)
+            return _wait_state(env.queen, response.id.removeprefix("resp_"), {"failed"})
+
+        def plain_job() -> Any:
+            body = {"operation": "infer", "model": "capped", "prompt": "x"}
+            created = httpx.post(f"{env.queen}/v1/jobs", json=body, headers=_headers())
+            return _wait_state(env.queen, created.json()["job_id"], {"failed"})
+
+        with concurrent.futures.ThreadPoolExecutor(5) as pool:
+            calls = [chat, streamed_response, not_ready, background, plain_job]
+            started = time.monotonic()
+            busy_chat, busy_response, unready, bg_record, job = (
+                f.result() for f in [pool.submit(call) for call in calls]
+            )
+            assert time.monotonic() - started >= 1.0  # each waited the schedule_wait
+        for busy in (busy_chat, busy_response):
+            assert busy.status_code == 429
+            assert busy.response.headers["Retry-After"] == "1"
+            error = _error(busy)
+            assert (error["type"], error["code"]) == ("requests", "rate_limit_exceeded")
+            assert "stayed at capacity for 1s" in error["message"], error
+            job_id = busy.response.headers["X-Job-Id"]
+            assert _job(env, job_id)["state"] == "failed"
+        assert unready.status_code == 503
+        assert _error(unready)["code"] == "no_worker_available"
+        stored = client.responses.retrieve("resp_" + bg_record["job_id"])
+        assert stored.status == "failed" and stored.error is not None
+        assert stored.error.code == "rate_limit_exceeded"
+        assert job["error"] == (
+            f"all 1 live worker(s) serving model 'capped' stayed at capacity for 1s "
+            f"({worker['id']} 1/1 jobs)"
+        )
+        holder.close()
+        done = client.chat.completions.create(model="capped", messages=hello, max_tokens=2)
+        assert done.choices[0].finish_reason == "length"
+
+
+def test_tools_are_refused_by_name_on_chat_and_responses(env: Env) -> None:
+    """No backend calls tools: a request asking for one is a 400 naming the parameter,
+    not a completion that silently ignored it; ``tool_choice`` "none"/"auto" alone pass."""
+    hello = [{"role": "user", "content": "hi"}]
+    tool = {"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}
+    forced = {"type": "function", "function": {"name": "f"}}
+    chat: list[tuple[dict[str, Any], str]] = [
+        ({"tools": [tool]}, "tools"),
+        ({"tool_choice": "required"}, "tool_choice"),
+        ({"tool_choice": forced}, "tool_choice"),
+        ({"functions": [tool["function"]]}, "functions"),
+        ({"function_call": {"name": "f"}}, "function_call"),
+    ]
+    responses: list[tuple[dict[str, Any], str]] = [
+        ({"tools": [{"type": "web_search"}]}, "tools"),
+        ({"tool_choice": "required"}, "tool_choice"),
+    ]
+    with env.client() as client:
+        calls: list[tuple[Callable[[], Any], str]] = [
+            (partial(client.chat.completions.create, model="tiny", messages=hello, **extra), p)
+            for extra, p in chat
+        ]
+        calls += [
+            (partial(client.responses.create, model="tiny", input="x", **extra), p)
+            for extra, p in responses
+        ]
+        for call, param in calls:
+            with pytest.raises(openai.BadRequestError) as info:
+                call()
+            error = _error(info.value)
+            assert (error["param"], error["type"]) == (param, "invalid_request_error"), error
+            assert "tools are not supported by this server" in error["message"]
+        done = client.chat.completions.create(
+            model="tiny", messages=hello, max_tokens=2, tools=[], tool_choice="none"
+        )
+        assert done.choices[0].finish_reason == "length"
+        response = client.responses.create(
+            model="tiny", input="x", max_output_tokens=2, tool_choice="auto"
+        )
+        assert response.status == "incomplete"
+
+
 def test_a_failure_after_the_stream_started_is_an_error_object_and_no_done(env: Env) -> None:
     """The job is cancelled through /v1/jobs mid-stream: the stream ends with an error
     object and no [DONE]; the SDK raises APIError from it."""
@@ -671,6 +793,60 @@ def test_langchain_chat_openai_invoke_and_stream(env: Env) -> None:
     bad = ChatOpenAI(base_url=env.base, api_key="wrong", model="tiny", max_retries=0)  # type: ignore[call-arg]
     with pytest.raises(openai.AuthenticationError):
         bad.invoke("x")
+
+
+def test_a_background_response_ends_failed_at_the_servers_time_limit(tmp_path: Path) -> None:
+    """``--background-timeout`` bounds a background response (its job's timeout): one that
+    would generate for 100 s ends ``failed`` after 0.5 s, keeping what it generated, with
+    an error that says why; the worker's job stops with it. A foreground response (its
+    client waits, and cancels it by leaving) is not bound by it. Its own small cluster: a
+    queen (memory store) and a standalone worker that heartbeats to it."""
+    cluster = Cluster(tmp_path)
+    try:
+        queen = cluster.start(
+            "queen",
+            [
+                *("queen", "--port", "0", "--store", "memory", "--background-timeout", "0.5"),
+                *("--heartbeat-ttl", "2", "--hive", f"localhost=http://127.0.0.1:{closed_port()}"),
+            ],
+        )
+        worker = cluster.start(
+            "worker",
+            [
+                *("worker", "--port", "0", "--model", "bounded", "--queen", queen),
+                *("--token-delay", "0.05", "--heartbeat-s", "0.2", "--max-concurrent", "2"),
+            ],
+        )
+        with openai.OpenAI(base_url=queen + "/v1", api_key="unused", max_retries=0) as client:
+            deadline = time.monotonic() + 10
+            while "bounded" not in {m.id for m in client.models.list()}:
+                assert time.monotonic() < deadline, "the worker did not report"
+                time.sleep(0.05)
+            started = time.monotonic()
+            response = client.responses.create(
+                model="bounded", input="x", max_output_tokens=2000, background=True
+            )
+            record = _wait_state(queen, response.id.removeprefix("resp_"), {"failed"})
+            assert 0.5 <= time.monotonic() - started < 5
+            assert (record["timeout_s"], record["error"]) == (0.5, "Job timed out after 0.5s")
+            final = client.responses.retrieve(response.id)
+            assert final.status == "failed" and final.error is not None
+            assert final.error.code == "server_error"
+            assert final.error.message == (
+                "The response did not finish within 0.5s, this server's limit for "
+                "background responses (background_timeout_s)"
+            )
+            assert final.usage is not None and 0 < final.usage.output_tokens < 20
+            assert final.output_text == _expected("bounded", "x", final.usage.output_tokens)
+            assert final.output[0].status == "incomplete"  # type: ignore[union-attr]
+            events = list(client.responses.retrieve(response.id, stream=True))
+            assert events[-1].type == "response.failed"
+            assert events[-1].response.error == final.error  # type: ignore[union-attr]
+            trio.run(partial(wait_idle, worker, within_s=5))
+            foreground = client.responses.create(model="bounded", input="x", max_output_tokens=20)
+            assert foreground.status == "incomplete"  # 1 s of tokens, past the bound
+    finally:
+        cluster.close()
 
 
 # ---- durability: a queen restart (keep last: it restarts the module's queen) -----------------

@@ -8,7 +8,7 @@ import pytest
 import trio
 import trio.testing
 
-from servers.queen import NoWorker, WorkerTable
+from servers.queen import NoWorker, WorkersBusy, WorkerTable
 
 
 def beat(table: WorkerTable, worker_id: str, model: str = "tiny", **extra: Any) -> None:
@@ -134,3 +134,65 @@ async def test_heartbeats_heard_by_other_queens_merge_by_age(
     table.refresh = refresh
     assert (await table.pick("big", None, wait_s=1)).worker_id == "w3"
     assert asked == [1]
+
+
+async def test_take_respects_capacity_and_reserves_the_slot(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    """A worker at its advertised capacity is not taken; ``take`` counts the job at once
+    (two takers never get one free slot), ``release`` frees it and wakes a waiter; a
+    worker advertising no capacity has no limit."""
+    table = WorkerTable(ttl_s=5)
+    beat(table, "w1", capacity=2)
+    assert [(await table.take("tiny", None, 0)).worker_id for _ in range(2)] == ["w1", "w1"]
+    assert table.assigned == {"w1": 2}
+    start = trio.current_time()
+    with pytest.raises(WorkersBusy) as info:
+        await table.take("tiny", None, wait_s=3)
+    assert trio.current_time() - start == pytest.approx(3)
+    assert str(info.value) == (
+        "all 1 live worker(s) serving model 'tiny' stayed at capacity for 3s (w1 2/2 jobs)"
+    )
+    assert isinstance(info.value, NoWorker) and table.assigned == {"w1": 2}
+
+    taken: list[str] = []
+
+    async def taker() -> None:
+        taken.append((await table.take("tiny", None, wait_s=10)).worker_id)
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(taker)
+        nursery.start_soon(taker)
+        await trio.sleep(1)
+        assert taken == []
+        table.release("w1")
+        await trio.testing.wait_all_tasks_blocked()
+        assert taken == ["w1"] and table.assigned == {"w1": 2}
+        beat(table, "w2")  # no capacity advertised: no limit
+    assert taken == ["w1", "w2"]
+    with pytest.raises(NoWorker) as none:
+        await table.take("other", None, wait_s=0)
+    assert not isinstance(none.value, WorkersBusy)
+
+
+async def test_capacity_counts_what_the_worker_ran_for_others(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    """A worker's load is this queen's jobs there now plus what its last heartbeat ran
+    beyond them (another queen's jobs): ``running`` 3 of which 1 ours leaves 2 foreign."""
+    table = WorkerTable(ttl_s=5)
+    beat(table, "w1", capacity=3)
+    await table.take("tiny", None, 0)
+    beat(table, "w1", capacity=3, running=3)
+    [entry] = table.live()
+    assert (entry.foreign, table.load(entry), table.has_room(entry)) == (2, 3, False)
+    table.release("w1")
+    assert (table.load(entry), table.has_room(entry)) == (2, True)
+    assert table.snapshot()[0]["capacity"] == 3
+    cancelled = trio.CancelScope()
+    with cancelled:
+        await table.take("tiny", None, 0)
+        beat(table, "w1", capacity=3, running=3)  # 3 running, 1 of them ours: full
+        cancelled.cancel()
+        await table.take("tiny", None, 10)
+    assert table.assigned == {"w1": 1}  # the cancelled take reserved nothing

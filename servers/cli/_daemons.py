@@ -128,6 +128,9 @@ def run_queen(args: argparse.Namespace) -> int:
             schedule_wait_s=float(_pick(args.schedule_wait, data, "schedule_wait_s", 10.0)),
             stream_silence_s=float(_pick(args.stream_silence, data, "stream_silence_s", 60.0)),
             lost_worker_grace_s=float(data.get("lost_worker_grace_s", 0.5)),
+            background_timeout_s=float(
+                _pick(args.background_timeout, data, "background_timeout_s", 3600.0)
+            ),
             store=_store(args, data, "queen"),
             pg_schema=_pick(args.pg_schema, data, "pg_schema", "trio_jobs"),
             node=_pick(args.node, data, "node", None),
@@ -193,6 +196,7 @@ def run_worker(args: argparse.Namespace) -> int:
         stop_grace_s=float(_pick(args.stop_grace, data, "stop_grace_s", 2.0)),
         parent_pid=args.parent_pid,
         token=token,
+        max_concurrent=_max_concurrent(args, data) or 4,
     )
     if args.worker_id or data.get("worker_id"):
         config.worker_id = _pick(args.worker_id, data, "worker_id", None)

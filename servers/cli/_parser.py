@@ -287,6 +287,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="seconds a forwarded job's daemon may send nothing (not even a keep-alive) "
         "before the job fails 'lost worker' (default 60)",
     )
+    queen.add_argument(
+        "--background-timeout",
+        type=float,
+        default=None,
+        help="seconds a background response (OpenAI Responses API) may run before it "
+        "ends failed (default 3600)",
+    )
     _store_options(queen, "trio_jobs")
     queen.add_argument(
         "--node",
@@ -324,6 +331,12 @@ def build_parser() -> argparse.ArgumentParser:
     worker.add_argument("--upstream-model", default=None, help="model name sent upstream")
     worker.add_argument("--token-delay", type=float, default=None, help="tiny: s per token")
     worker.add_argument("--heartbeat-s", type=float, default=None)
+    worker.add_argument(
+        "--max-concurrent",
+        type=int,
+        default=None,
+        help="jobs run at once, advertised to the queen as its capacity (default 4)",
+    )
     worker.add_argument("--parent-pid", type=int, default=None, help="stop when it exits")
     worker.add_argument(
         "--stop-grace",
@@ -423,12 +436,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--backend", choices=["tiny", "openai"], default="tiny")
     p.add_argument("--upstream-url", dest="upstream_url", default=None)
     p.add_argument("--token-delay", dest="token_delay_s", type=float, default=None)
-    p.set_defaults(
-        build=_fields_body(
-            "worker_spawn",
-            ("hive_id", "model", "worker", "device", "backend", "upstream_url", "token_delay_s"),
-        )
+    p.add_argument(
+        "--max-concurrent",
+        dest="max_concurrent",
+        type=int,
+        default=None,
+        help="jobs it runs at once, its capacity for the queen (default 4)",
     )
+    fields = ("hive_id", "model", "worker", "device", "backend", "upstream_url")
+    p.set_defaults(build=_fields_body("worker_spawn", (*fields, "token_delay_s", "max_concurrent")))
     p = _keeper(sub, "worker-list", "workers of a hive")
     hive_opt(p)
     p.set_defaults(build=_fields_body("worker_list", ("hive_id",)))

@@ -171,6 +171,8 @@ class WorkerSupervisor:
             cmd += ["--upstream-url", op.upstream_url]
         if op.token_delay_s is not None:
             cmd += ["--token-delay", f"{op.token_delay_s:g}"]
+        if op.max_concurrent is not None:
+            cmd += ["--max-concurrent", str(op.max_concurrent)]
         return cmd
 
     async def spawn(self, op: WorkerSpawn) -> WorkerProcess:

@@ -13,6 +13,7 @@ from ._forward import ForwardFailed as ForwardFailed
 from ._forward import forward_job as forward_job
 from ._scheduler import NoWorker as NoWorker
 from ._scheduler import WorkerEntry as WorkerEntry
+from ._scheduler import WorkersBusy as WorkersBusy
 from ._scheduler import WorkerTable as WorkerTable
 from ._server import Queen as Queen
 from ._server import make_registry as make_registry
@@ -30,6 +31,7 @@ __all__ = [
     "QueenConfig",
     "WorkerEntry",
     "WorkerTable",
+    "WorkersBusy",
     "forward_job",
     "hives_from_config",
     "load_config_file",

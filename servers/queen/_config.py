@@ -56,6 +56,7 @@ CONFIG_KEYS: dict[str, dict[str, str]] = {
         "schedule_wait_s": "number",
         "stream_silence_s": "number",
         "lost_worker_grace_s": "number",
+        "background_timeout_s": "number",
         "node": "string",
         "lease_s": "number",
         "hives": "table",
@@ -83,6 +84,7 @@ CONFIG_KEYS: dict[str, dict[str, str]] = {
         "token_delay_s": "number",
         "heartbeat_s": "number",
         "stop_grace_s": "number",
+        "max_concurrent": "integer",
     },
 }
 """Each daemon's config keys and the kind of value each takes (``string``, ``path``,
@@ -213,7 +215,8 @@ class QueenConfig:
     """How the queen runs.
 
     ``heartbeat_ttl_s``: a worker whose last heartbeat is older is not scheduled.
-    ``schedule_wait_s``: how long an ``infer`` waits for a live worker of its model.
+    ``schedule_wait_s``: how long an ``infer`` waits for a live worker of its model with
+    room for it (below the capacity it advertises); then the job fails.
     ``cancel_timeout_s``: bound on the DELETE sent to a hive or worker when a forwarded
     job is cancelled or times out.
     ``stream_silence_s``: a forwarded job whose daemon sends nothing at all (no event, no
@@ -222,6 +225,8 @@ class QueenConfig:
     ``lost_worker_grace_s``: after a worker's heartbeat is older than ``heartbeat_ttl_s``,
     its in-flight ``infer`` jobs fail ``lost worker ...`` within this many seconds (or are
     retried on another worker when their retry policy allows).
+    ``background_timeout_s``: how long a background response (OpenAI Responses API) may
+    run; then it ends ``failed`` (its job: ``Job timed out after <N>s``).
     ``store``: where jobs are kept (memory here; the CLI defaults to a SQLite file); with
     PostgreSQL the queen shares the ``pg_schema`` tables with other queens as ``node``
     (default ``<hostname>-<pid>``), and takes over the jobs of a queen that renewed no
@@ -241,6 +246,7 @@ class QueenConfig:
     cancel_timeout_s: float = 3.0
     stream_silence_s: float = 60.0
     lost_worker_grace_s: float = 0.5
+    background_timeout_s: float = 3600.0
     ssh_timeout_s: float = 15.0
     max_concurrent: int | None = None
     store: StoreSpec = field(default_factory=lambda: StoreSpec("memory"))
@@ -254,7 +260,7 @@ class QueenConfig:
     state_dir: str | None = None
 
     def __post_init__(self) -> None:
-        for name in ("stream_silence_s", "lost_worker_grace_s"):
+        for name in ("stream_silence_s", "lost_worker_grace_s", "background_timeout_s"):
             value = getattr(self, name)
             if not (isinstance(value, int | float) and 0 < value < float("inf")):
                 raise ValueError(f"{name} must be a positive number of seconds, got {value!r}")

@@ -20,10 +20,14 @@ the queen's job) is translated into OpenAI's shapes:
   terminal signal's id), so resuming after ``N`` needs only the job's events.
 
 Errors are ``{"error": {"message", "type", "param", "code"}}`` with the statuses the SDKs
-map to their exceptions: 400 bad request, 401 without the queen's token (the API key),
-404 unknown model or response, 409 a job cancelled elsewhere, 413/415 as the job API, 502
-the worker failed before answering, 503 (``Retry-After``) no worker or store could take
-the request.
+map to their exceptions: 400 bad request (``tools`` included: no backend calls tools), 401
+without the queen's token (the API key), 404 unknown model or response, 409 a job
+cancelled elsewhere, 413/415 as the job API, 429 (``Retry-After``) every worker of the
+model stayed at its capacity for the queen's ``schedule_wait_s``, 502 the worker failed
+before answering, 503 (``Retry-After``) no worker or store could take the request.
+
+A background response runs at most the queen's ``background_timeout_s`` (its job's
+timeout), then ends ``failed``.
 """
 
 from __future__ import annotations
@@ -48,6 +52,7 @@ from trio_jobs import (
     StoreUnavailable,
     StreamItem,
     TerminalSignal,
+    timeout_message,
 )
 from trio_jobs.http import (
     SSE_HEADERS,
@@ -90,8 +95,10 @@ _ERROR_TYPES = {
     403: "permission_error",
     404: "not_found_error",
     409: "conflict_error",
-    429: "rate_limit_error",
+    429: "requests",
 }
+"""Error types by status; 429 as OpenAI's request-rate limit answers (code
+``rate_limit_exceeded``)."""
 
 
 class OpenAIError(Exception):
@@ -156,6 +163,33 @@ def _invalid(exc: ValidationError) -> OpenAIError:
         param=where or None,
         code="invalid_value" if where else None,
     )
+
+
+_NO_TOOL = (None, "none", "auto")
+"""``tool_choice`` / ``function_call`` values that do not require a tool."""
+
+
+def _refuse_tools(body: Mapping[str, Any]) -> None:
+    """400 for a request that asks for tools: no backend here can call one, and a tool
+    silently dropped would leave the client waiting for a call that never comes."""
+    for name in ("tools", "functions"):
+        if body.get(name):
+            raise OpenAIError(
+                400,
+                f"Unsupported parameter: {name!r}: tools are not supported by this server "
+                "(its backends generate text only)",
+                param=name,
+                code="unsupported_parameter",
+            )
+    for name in ("tool_choice", "function_call"):
+        if body.get(name) not in _NO_TOOL:
+            raise OpenAIError(
+                400,
+                f"Unsupported value: {name!r} requires a tool, and tools are not supported "
+                "by this server",
+                param=name,
+                code="unsupported_value",
+            )
 
 
 # ---- request bodies ------------------------------------------------------------------
@@ -258,6 +292,8 @@ class Progress:
     finish: str | None = None
     prompt_tokens: int | None = None
     scheduled: bool = False
+    busy: bool = False
+    """Not scheduled because every worker of the model stayed at its capacity."""
     signal: TerminalSignal | None = None
     last_id: int = 0
 
@@ -283,6 +319,8 @@ class Progress:
             return token
         if action == "forward":  # a worker accepted the job
             self.scheduled = True
+        elif action == "infer_unscheduled":
+            self.busy = bool(item.fields.get("busy"))
         elif action == "infer_complete":
             self.finish = str(item.fields.get("finish_reason") or "stop")
             prompt_tokens = item.fields.get("prompt_tokens")
@@ -299,21 +337,33 @@ class Progress:
     def finish_reason(self) -> str:
         return self.finish or "stop"
 
-    def failure(self) -> OpenAIError:
-        """The HTTP error of a job that did not complete (its signal is not ``[DONE]``)."""
+    def failure(self, job_id: str) -> OpenAIError:
+        """The HTTP error of job ``job_id`` that did not complete (its signal is not
+        ``[DONE]``); its ``X-Job-Id`` header names the job."""
         signal = self.signal
         assert signal is not None
+        named = {"X-Job-Id": job_id}
+        retry = {**named, "Retry-After": "1"}
         if signal.signal is Signal.CANCELLED:
-            return OpenAIError(409, "the job was cancelled before it finished", code="cancelled")
+            return OpenAIError(
+                409, "the job was cancelled before it finished", code="cancelled", headers=named
+            )
         message = signal.message or "the job failed"
+        if not self.scheduled and self.busy:
+            return OpenAIError(
+                429,
+                f"Rate limit reached: {message}; retry shortly",
+                code="rate_limit_exceeded",
+                headers=retry,
+            )
         if not self.scheduled:
             return OpenAIError(
                 503,
                 f"no worker could take the request: {message}",
                 code="no_worker_available",
-                headers={"Retry-After": "1"},
+                headers=retry,
             )
-        return OpenAIError(502, f"the worker failed: {message}", code="worker_error")
+        return OpenAIError(502, f"the worker failed: {message}", code="worker_error", headers=named)
 
     def stream_error(self) -> dict[str, Any]:
         """The error object that ends a stream whose job did not complete."""
@@ -364,6 +414,19 @@ class ResponseView:
             return "cancelled" if signal.signal is Signal.CANCELLED else "failed"
         return "queued" if self.state is JobState.QUEUED else "in_progress"
 
+    def failure_detail(self) -> dict[str, str]:
+        """The ``error`` of a failed response, with a code from OpenAI's reference."""
+        message = self.error or "the job failed"
+        bound = self.meta.get("timeout_s")
+        if isinstance(bound, int | float) and message == timeout_message(bound):
+            message = (
+                f"The response did not finish within {bound:g}s, this server's limit for "
+                "background responses (background_timeout_s)"
+            )
+        elif self.progress.busy and not self.progress.scheduled:
+            return {"code": "rate_limit_exceeded", "message": message}
+        return {"code": "server_error", "message": message}
+
     def content_part(self, text: str) -> dict[str, Any]:
         return {"type": "output_text", "text": text, "annotations": [], "logprobs": []}
 
@@ -387,9 +450,7 @@ class ResponseView:
             item_status = "completed" if status == "completed" else "incomplete"
             output.append(self.item(item_status if finished else "in_progress"))
         usage = progress.usage()
-        error = None
-        if status == "failed":
-            error = {"code": "server_error", "message": self.error or "the job failed"}
+        error = self.failure_detail() if status == "failed" else None
         meta = self.meta
         return {
             "id": self.response_id,
@@ -613,11 +674,16 @@ class OpenAIApi:
                 code="model_not_found",
             )
 
-    async def _submit(self, infer: Infer, kind: str, metadata: dict[str, Any]) -> str:
+    async def _submit(
+        self, infer: Infer, kind: str, metadata: dict[str, Any], timeout: float | None = None
+    ) -> str:
         await self._check_model(infer.model)
         try:
             return await self.registry.submit(
-                infer.to_body(), tags={"openai": kind}, metadata={"openai": kind, **metadata}
+                infer.to_body(),
+                tags={"openai": kind},
+                metadata={"openai": kind, **metadata},
+                timeout=timeout,
             )
         except StoreUnavailable as exc:
             raise OpenAIError(
@@ -696,6 +762,7 @@ class OpenAIApi:
             req = ChatRequest.model_validate(body)
         except ValidationError as exc:
             raise _invalid(exc) from None
+        _refuse_tools(body)
         # Validated, then passed on as sent (fields we do not model, e.g. tool calls,
         # reach an OpenAI-compatible upstream unchanged).
         raw = body["messages"]
@@ -752,7 +819,7 @@ class OpenAIApi:
             signal = progress.signal
             assert signal is not None
             if signal.signal is not Signal.DONE:
-                raise progress.failure()
+                raise progress.failure(job_id)
             choice: dict[str, Any] = {"index": 0, "logprobs": None}
             if chat:
                 choice["message"] = {"role": "assistant", "content": progress.text, "refusal": None}
@@ -773,7 +840,7 @@ class OpenAIApi:
         first = await self._until_first_token(watch, progress)
         signal = progress.signal
         if signal is not None and signal.signal is not Signal.DONE and not progress.parts:
-            raise progress.failure()
+            raise progress.failure(job_id)
         with_usage = bool(req.stream_options and req.stream_options.include_usage)
         if chat:
             delta = frame_template(
@@ -885,10 +952,12 @@ class OpenAIApi:
         return view
 
     async def create_response(self) -> Response:
+        body = await self._body()
         try:
-            req = ResponsesRequest.model_validate(await self._body())
+            req = ResponsesRequest.model_validate(body)
         except ValidationError as exc:
             raise _invalid(exc) from None
+        _refuse_tools(body)
         messages: list[dict[str, Any]] = []
         if req.instructions:
             messages.append({"role": "system", "content": req.instructions})
@@ -908,7 +977,10 @@ class OpenAIApi:
             "user": req.user,
             "user_metadata": req.metadata,
         }
-        job_id = await self._submit(infer, "response", meta)
+        timeout = None
+        if req.background:  # nobody waits on it: bounded here, never runs forever
+            timeout = meta["timeout_s"] = self.queen.config.background_timeout_s
+        job_id = await self._submit(infer, "response", meta, timeout)
         response_id = "resp_" + job_id
         meta["openai"] = "response"
         created_at = self.registry.get(job_id).created_at
@@ -920,7 +992,7 @@ class OpenAIApi:
             await self._until_done(watch, view.progress)
             assert view.progress.signal is not None
             if view.progress.signal.signal is not Signal.DONE:
-                raise view.progress.failure()
+                raise view.progress.failure(job_id)
             view.finished_at = time.time()
             view.state = JobState.COMPLETED
             return _json_response(view.obj(), job_id)
@@ -934,7 +1006,7 @@ class OpenAIApi:
                 probe.feed(item)
             signal = probe.signal
             if signal is not None and signal.signal is not Signal.DONE and not probe.parts:
-                raise probe.failure()
+                raise probe.failure(job_id)
         return _sse_response(self._typed_events(watch, view, -1, early), job_id)
 
     async def _until_started(self, watch: _Watch) -> list[StreamItem]:

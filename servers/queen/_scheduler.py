@@ -3,6 +3,13 @@
 A worker heartbeats to one queen. Queens sharing a PostgreSQL store record each heartbeat
 there and read the others' back (:meth:`WorkerTable.merge`), so every queen schedules on
 every live worker; liveness is the same TTL rule whichever queen heard the worker.
+
+Capacity: a worker advertises how many jobs it runs at once (``capacity``, its
+``max_concurrent``; absent: no limit). A worker's load is the jobs this queen has in
+flight on it (:attr:`WorkerTable.assigned`, exact and current) plus the jobs it ran for
+anyone else (other queens, direct clients) as of its last heartbeat: its reported
+``running`` less what this queen had assigned to it then. :meth:`WorkerTable.take` waits
+for a worker with room and reserves the slot in the same step.
 """
 
 from __future__ import annotations
@@ -10,15 +17,20 @@ from __future__ import annotations
 import time
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 import trio
 
-__all__ = ["NoWorker", "WorkerEntry", "WorkerTable"]
+__all__ = ["NoWorker", "WorkerEntry", "WorkerTable", "WorkersBusy"]
 
 
 class NoWorker(LookupError):
     """No live worker serves the requested model."""
+
+
+class WorkersBusy(NoWorker):
+    """Live workers serve the model, but every one of them stayed at its capacity."""
 
 
 @dataclass
@@ -36,6 +48,10 @@ class WorkerEntry:
     last_seen: float
     via: str | None = None
     """The queen (node) that heard this heartbeat; None: this one."""
+    capacity: int | None = None
+    """Jobs the worker runs at once (its ``max_concurrent``); None: no limit."""
+    foreign: int = 0
+    """Jobs it ran for others than this queen at its last heartbeat (set by the table)."""
 
     def to_dict(self, now: float) -> dict[str, Any]:
         return {
@@ -49,6 +65,7 @@ class WorkerEntry:
             "backend": self.backend,
             "seen_s_ago": round(now - self.last_seen, 3),
             "via": self.via,
+            "capacity": self.capacity,
         }
 
     @classmethod
@@ -67,6 +84,7 @@ class WorkerEntry:
             backend=data.get("backend"),
             last_seen=last_seen,
             via=via,
+            capacity=data.get("capacity"),
         )
 
 
@@ -95,6 +113,7 @@ class WorkerTable:
         """Worker id -> trio time it was forgotten: not scheduled again until a heartbeat
         newer than that (heard here or by another queen)."""
         self.assigned: dict[str, int] = {}
+        """Worker id -> jobs this queen has in flight there (:meth:`take`, :meth:`release`)."""
 
     def _wake(self) -> None:
         self._changed.set()
@@ -104,7 +123,7 @@ class WorkerTable:
         """Record a heartbeat (validated by the caller); ``stopping`` ends scheduling on it."""
         entry = WorkerEntry.from_beat(data, trio.current_time())
         worker_id = entry.worker_id
-        self._workers[worker_id] = entry
+        self._enter(entry)
         self._forgotten.pop(worker_id, None)
         self._wake()
         return entry
@@ -126,10 +145,15 @@ class WorkerTable:
             forgotten = self._forgotten.get(worker_id)
             if forgotten is not None and last_seen > forgotten:
                 del self._forgotten[worker_id]
-            self._workers[worker_id] = WorkerEntry.from_beat(data, last_seen, node)
+            self._enter(WorkerEntry.from_beat(data, last_seen, node))
             changed = True
         if changed:
             self._wake()
+
+    def _enter(self, entry: WorkerEntry) -> None:
+        """Keep ``entry``; what it ran beyond this queen's jobs there is ``foreign``."""
+        entry.foreign = max(0, entry.running - self.assigned.get(entry.worker_id, 0))
+        self._workers[entry.worker_id] = entry
 
     def forget(self, worker_id: str) -> None:
         """Stop scheduling on ``worker_id`` until a heartbeat newer than now (one job could
@@ -157,8 +181,19 @@ class WorkerTable:
     def _schedulable(self, model: str, hive_id: str | None) -> list[WorkerEntry]:
         return [e for e in self.live(model, hive_id) if e.state in self.SCHEDULABLE]
 
+    def load(self, entry: WorkerEntry) -> int:
+        """Jobs ``entry`` runs now as far as this queen knows (see the module docstring)."""
+        return self.assigned.get(entry.worker_id, 0) + entry.foreign
+
+    def has_room(self, entry: WorkerEntry) -> bool:
+        """True while ``entry`` is below its advertised capacity (or advertises none)."""
+        return entry.capacity is None or self.load(entry) < entry.capacity
+
     def _load(self, entry: WorkerEntry) -> tuple[int, str]:
-        return (entry.running + self.assigned.get(entry.worker_id, 0), entry.worker_id)
+        return (self.load(entry), entry.worker_id)
+
+    def _with_room(self, model: str, hive_id: str | None) -> list[WorkerEntry]:
+        return [e for e in self._schedulable(model, hive_id) if self.has_room(e)]
 
     def live(self, model: str | None = None, hive_id: str | None = None) -> list[WorkerEntry]:
         """Live workers, optionally only those serving ``model`` on hive ``hive_id``."""
@@ -180,27 +215,75 @@ class WorkerTable:
         now = trio.current_time()
         return [entry.to_dict(now) for entry in self.live()]
 
+    async def _wait_for(
+        self, found: Callable[[], list[WorkerEntry]], wait_s: float
+    ) -> list[WorkerEntry]:
+        """What ``found`` returns once it is not empty (or at ``wait_s``); heartbeats and
+        released slots wake the wait. Returns right after the last check (no checkpoint
+        in between, so the caller may act on it before anyone else runs)."""
+        with trio.move_on_after(wait_s):
+            if not found() and self.refresh is not None:
+                await self.refresh()
+            while not found():
+                await self._changed.wait()
+        return found()
+
     async def pick(self, model: str, hive_id: str | None, wait_s: float) -> WorkerEntry:
-        """The least busy live worker for ``model``, waiting up to ``wait_s`` for one.
+        """The least busy live worker for ``model``, waiting up to ``wait_s`` for one
+        (whatever its load: see :meth:`take` to schedule a job).
 
         Raises:
             NoWorker: none appeared in time.
         """
-        with trio.move_on_after(wait_s):
-            if not self._schedulable(model, hive_id) and self.refresh is not None:
-                await self.refresh()
-            while not self._schedulable(model, hive_id):
-                await self._changed.wait()
-        candidates = self._schedulable(model, hive_id)
+        candidates = await self._wait_for(partial(self._schedulable, model, hive_id), wait_s)
         if candidates:
             await trio.lowlevel.checkpoint()
             return min(candidates, key=self._load)
+        raise self._no_worker(model, hive_id)
+
+    async def take(self, model: str, hive_id: str | None, wait_s: float) -> WorkerEntry:
+        """The least busy live worker for ``model`` with room for one more job, waiting up
+        to ``wait_s`` for one; the job is counted in :attr:`assigned` at once (so nobody
+        else takes the same slot): hand it back with :meth:`release`. Cancelled while
+        waiting, it reserves nothing.
+
+        Raises:
+            WorkersBusy: workers serve ``model`` but every one stayed at its capacity.
+            NoWorker: no live worker serves ``model``.
+        """
+        await trio.lowlevel.checkpoint()
+        candidates = await self._wait_for(partial(self._with_room, model, hive_id), wait_s)
+        if candidates:
+            entry = min(candidates, key=self._load)
+            self.assigned[entry.worker_id] = self.assigned.get(entry.worker_id, 0) + 1
+            return entry
+        full = self._schedulable(model, hive_id)
+        if not full:
+            raise self._no_worker(model, hive_id)
+        loads = ", ".join(
+            f"{e.worker_id} {self.load(e)}/{e.capacity}" for e in sorted(full, key=self._load)
+        )
+        raise WorkersBusy(
+            f"all {len(full)} live worker(s) serving model {model!r} stayed at capacity "
+            f"for {wait_s:g}s ({loads} jobs)"
+        )
+
+    def release(self, worker_id: str) -> None:
+        """Give back a slot :meth:`take` reserved on ``worker_id`` (wakes waiters)."""
+        left = self.assigned.get(worker_id, 0) - 1
+        if left > 0:
+            self.assigned[worker_id] = left
+        else:
+            self.assigned.pop(worker_id, None)
+        self._wake()
+
+    def _no_worker(self, model: str, hive_id: str | None) -> NoWorker:
         where = f" on hive {hive_id!r}" if hive_id else ""
         others = sorted(
             f"{e.worker_id} ({e.model}{'' if e.state in self.SCHEDULABLE else ', ' + e.state})"
             for e in self.live()
         )
-        raise NoWorker(
+        return NoWorker(
             f"no live worker serves model {model!r}{where} "
             f"(live workers: {', '.join(others) or 'none'}; spawn one with worker_spawn)"
         )

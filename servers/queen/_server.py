@@ -47,7 +47,7 @@ from ._cluster import ClusterBook
 from ._config import HiveEntry, QueenConfig, read_config
 from ._forward import ForwardFailed, forward_job
 from ._openai import add_openai_routes
-from ._scheduler import NoWorker, WorkerEntry, WorkerTable
+from ._scheduler import NoWorker, WorkerEntry, WorkersBusy, WorkerTable
 
 __all__ = [
     "Queen",
@@ -107,6 +107,8 @@ class Heartbeat(BaseModel):
     state: str = "ready"
     running: int = 0
     backend: str | None = None
+    capacity: int | None = Field(default=None, ge=1)
+    """Jobs the worker runs at once (its ``max_concurrent``); None: no limit."""
 
 
 def make_registry(store: JobStore | None = None, retention_s: float = 600.0) -> JobRegistry:
@@ -275,8 +277,12 @@ class Queen:
         )
 
     async def infer(self, op: Infer) -> None:
-        """Run ``op`` on the least busy live worker of its model.
+        """Run ``op`` on the least busy live worker of its model that has room for it.
 
+        Scheduling waits up to ``schedule_wait_s`` for a live worker of the model below
+        its advertised capacity (jobs this queen has in flight there plus what it ran for
+        others at its last heartbeat); then the job fails, narrating
+        ``infer_unscheduled`` (``busy``: workers serve the model, all at capacity).
         A request that reached no worker (connection refused or reset, a 5xx refusal:
         no job id came back) is tried on the next live worker before the job fails; the
         worker that failed is not picked again until it heartbeats. A request that did
@@ -294,18 +300,24 @@ class Queen:
         failed = ""
         for _ in range(_MAX_FAILOVERS):
             try:
-                worker = await self.workers.pick(op.model, op.hive_id, wait_s)
+                worker = await self.workers.take(op.model, op.hive_id, wait_s)
             except NoWorker as exc:
-                if wait_s:  # the first pick: nothing else went wrong
+                if not failed:  # the first pick: nothing else went wrong
+                    narrate(
+                        "infer_unscheduled",
+                        str(exc),
+                        model=op.model,
+                        busy=isinstance(exc, WorkersBusy),
+                    )
                     raise
                 raise ForwardFailed(f"{failed} (and {exc})") from None
-            narrate(
-                "infer_worker",
-                f"Scheduled to worker {worker.worker_id} at {worker.url}",
-                worker_id=worker.worker_id,
-                url=worker.url,
-            )
             try:
+                narrate(
+                    "infer_worker",
+                    f"Scheduled to worker {worker.worker_id} at {worker.url}",
+                    worker_id=worker.worker_id,
+                    url=worker.url,
+                )
                 await self._infer_on(worker, op)
                 return
             except ForwardFailed as exc:
@@ -314,30 +326,25 @@ class Queen:
                 if not exc.try_elsewhere:
                     raise
                 failed = str(exc)
+            finally:
+                self.workers.release(worker.worker_id)
             logger.warning("infer: %s; trying another worker", failed)
             narrate("infer_failover", f"{failed}; trying another worker", error=failed)
             wait_s = 0.0
         raise ForwardFailed(f"{failed} (gave up after {_MAX_FAILOVERS} workers)")
 
     async def _infer_on(self, worker: WorkerEntry, op: Infer) -> None:
-        """Forward ``op`` to ``worker``, watching its heartbeats; counted in ``assigned``."""
-        assigned = self.workers.assigned
-        assigned[worker.worker_id] = assigned.get(worker.worker_id, 0) + 1
-        try:
-            await forward_job(
-                self.registry,
-                worker.url,
-                op.to_body(),
-                what=f"worker {worker.worker_id}",
-                token=self.config.token,
-                cancel_timeout_s=self.config.cancel_timeout_s,
-                watch=partial(self._until_silent, worker.worker_id),
-                silence_s=self.config.stream_silence_s,
-            )
-        finally:
-            assigned[worker.worker_id] -= 1
-            if not assigned[worker.worker_id]:
-                del assigned[worker.worker_id]
+        """Forward ``op`` to ``worker``, watching its heartbeats."""
+        await forward_job(
+            self.registry,
+            worker.url,
+            op.to_body(),
+            what=f"worker {worker.worker_id}",
+            token=self.config.token,
+            cancel_timeout_s=self.config.cancel_timeout_s,
+            watch=partial(self._until_silent, worker.worker_id),
+            silence_s=self.config.stream_silence_s,
+        )
 
     async def _until_silent(self, worker_id: str) -> str:
         """Return once ``worker_id`` sent no heartbeat for the TTL (polled every

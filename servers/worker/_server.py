@@ -52,6 +52,8 @@ class WorkerConfig:
     parent_pid: int | None = None
     token: str | None = None
     max_concurrent: int | None = 4
+    """Jobs run at once (more wait in its queue); heartbeats advertise it as ``capacity``,
+    and the queen schedules no more than that on it."""
     stop_grace_s: float = 2.0
     """On SIGTERM, how long jobs in flight may go on before they end
     ``[ERROR] worker shutting down`` (the hive passes half its SIGKILL grace)."""
@@ -283,6 +285,7 @@ class Worker:
             "hive_id": self.config.hive_id,
             "pid": os.getpid(),
             "running": self.registry.running,
+            "capacity": self.config.max_concurrent,
             "tokens_total": self.tokens_total,
             "state": self.state,
             "ready": self.state in ("ready", "busy"),
