@@ -31,6 +31,7 @@ from trio_jobs import (
     raise_for_signal,
 )
 from trio_jobs._client._client import default_ssl_context
+from trio_jobs._client._transport import coalescing_transport
 
 __all__ = ["ForwardFailed", "forward_job"]
 
@@ -94,7 +95,7 @@ def _pool(base_url: str) -> httpx.AsyncHTTPTransport:
         trio.lowlevel.spawn_system_task(_close_pools, pools, name="forward pools closer")
     pool = pools.get(base_url)
     if pool is None:
-        pool = httpx.AsyncHTTPTransport(verify=default_ssl_context(), limits=_POOL_LIMITS)
+        pool = coalescing_transport(verify=default_ssl_context(), limits=_POOL_LIMITS)
         pools[base_url] = pool
     return pool
 

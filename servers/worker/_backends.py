@@ -12,6 +12,7 @@ import httpx
 import trio
 
 from trio_jobs._client._client import default_ssl_context
+from trio_jobs._client._transport import coalescing_transport
 
 from ..operations import Infer
 from ._tiny import tiny_tokens
@@ -105,7 +106,8 @@ class OpenAIBackend:
     def open_client(self) -> httpx.AsyncClient:
         """A new client for the upstream (the caller enters and closes it)."""
         return httpx.AsyncClient(
-            timeout=httpx.Timeout(self.connect_timeout_s, read=None), verify=default_ssl_context()
+            timeout=httpx.Timeout(self.connect_timeout_s, read=None),
+            transport=coalescing_transport(verify=default_ssl_context()),
         )
 
     @asynccontextmanager
