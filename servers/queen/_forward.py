@@ -68,6 +68,11 @@ _SPARE_REFRESH_S = 1.0
 """How often the spare connection to a daemon streaming to us is used (well within the
 pool's keep-alive expiry)."""
 
+_SPARE_AFTER_OPEN_S = 0.02
+"""How long after a stream opens the spare is checked (it may have taken it): a short job
+is over by then and gives its connection back, so jobs started at a high rate cost at
+most one extra request per this interval."""
+
 _DROP_AFTER_S = 2.0
 """A daemon no forward used for this long is forgotten with its pool (whose connections
 have expired by then)."""
@@ -84,8 +89,8 @@ class _Daemon:
     pool's connections for its job's whole life, so a request sent meanwhile (the DELETE
     of a cancel) would find none idle and connect first: milliseconds on the path of a
     cancel on a loaded machine. So while streams are open a spare connection is kept:
-    a ``HEAD /health`` through the pool leaves one idle, sent when a stream opens (it may
-    have taken the spare) and every ``_SPARE_REFRESH_S``. A daemon that no forward used
+    a ``HEAD /health`` through the pool leaves one idle, sent shortly after a stream opens
+    (it may have taken the spare) and every ``_SPARE_REFRESH_S``. A daemon that no forward used
     for ``_DROP_AFTER_S`` (gone, or just idle) is dropped with its pool.
     """
 
@@ -99,7 +104,6 @@ class _Daemon:
         self.refreshes = 0
         """Requests sent to keep the spare connection."""
         self._idle_since = trio.current_time()
-        self._spare_due = False
         self._next_use = 0.0
         self._kick = trio.Event()
 
@@ -114,7 +118,7 @@ class _Daemon:
 
     def stream_opened(self) -> None:
         self.streams += 1
-        self._spare_due = True  # this stream may have taken the spare
+        self._next_use = min(self._next_use, trio.current_time() + _SPARE_AFTER_OPEN_S)
         self._kick.set()
 
     def stream_closed(self) -> None:
@@ -126,8 +130,7 @@ class _Daemon:
         or when the run ends (system tasks are cancelled then)."""
         try:
             while True:
-                if self.streams and (self._spare_due or trio.current_time() >= self._next_use):
-                    self._spare_due = False
+                if self.streams and trio.current_time() >= self._next_use:
                     await self._use_spare()
                     self._next_use = trio.current_time() + _SPARE_REFRESH_S
                 if self.streams:
