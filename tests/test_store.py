@@ -171,7 +171,10 @@ async def test_round_trip_of_records_history_and_events(stores: StoreFactory) ->
             events = await store.load_events("job-x")
             tail = await store.load_events("job-x", limit=2)
             after = await store.load_events("job-x", after=2)
+            both = await store.load_job_and_events("job-x", limit=2)
+            assert await store.load_job_and_events("job-missing") is None
     assert got == stored
+    assert both == (stored, tail)
     assert stored.record == record
     assert stored.record.retry is not None and stored.record.retry.retry_on == (KeyError,)
     assert [t.state for t in stored.history] == [JobState.QUEUED, JobState.RUNNING]

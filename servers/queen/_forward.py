@@ -65,48 +65,134 @@ _POOL_LIMITS = httpx.Limits(
 """Kept-alive connections to one daemon. Idle ones are dropped after 2 s, before the
 daemon's own keep-alive timeout (hypercorn: 5 s) could close one as a request goes out."""
 
-_pools: trio.lowlevel.RunVar[dict[str, httpx.AsyncHTTPTransport]] = trio.lowlevel.RunVar(
-    "forward_pools"
-)
+_SPARE_REFRESH_S = 1.0
+"""How often the spare connection to a daemon streaming to us is used (well within the
+pool's keep-alive expiry)."""
+
+_SPARE_AFTER_OPEN_S = 0.02
+"""How long after a stream opens the spare is checked (it may have taken it): a short job
+is over by then and gives its connection back, so jobs started at a high rate cost at
+most one extra request per this interval."""
+
+_DROP_AFTER_S = 2.0
+"""A daemon no forward used for this long is forgotten with its pool (whose connections
+have expired by then)."""
+
+_daemons: trio.lowlevel.RunVar[dict[str, _Daemon]] = trio.lowlevel.RunVar("forward_daemons")
 
 
-async def _close_pools(pools: dict[str, httpx.AsyncHTTPTransport]) -> None:
-    """A system task: closes the pools when the run ends (system tasks are cancelled then)."""
-    try:
-        await trio.sleep_forever()
-    finally:
-        with trio.CancelScope(shield=True), trio.move_on_after(1.0):
-            for pool in pools.values():
-                with contextlib.suppress(Exception):
-                    await pool.aclose()
-
-
-def _pool(base_url: str) -> httpx.AsyncHTTPTransport:
-    """The connection pool to ``base_url``, one per daemon for the whole run (trio run).
+class _Daemon:
+    """The kept-alive connections to one daemon, shared by every forward to it in this run
+    (trio run).
 
     A fresh transport per forward cost a TCP connect and ~20 ms building its TLS context
-    (loading the CA bundle) on every job's first token.
+    (loading the CA bundle) on every job's first token. Each open stream holds one of the
+    pool's connections for its job's whole life, so a request sent meanwhile (the DELETE
+    of a cancel) would find none idle and connect first: milliseconds on the path of a
+    cancel on a loaded machine. So while streams are open a spare connection is kept:
+    a ``HEAD /health`` through the pool leaves one idle, sent shortly after a stream opens
+    (it may have taken the spare) and every ``_SPARE_REFRESH_S``. A daemon that no forward used
+    for ``_DROP_AFTER_S`` (gone, or just idle) is dropped with its pool.
     """
+
+    def __init__(self, base_url: str) -> None:
+        self.base_url = base_url
+        self.transport = coalescing_transport(verify=default_ssl_context(), limits=_POOL_LIMITS)
+        self.users = 0
+        """Forwards to this daemon under way."""
+        self.streams = 0
+        """Their open streams (each holding a connection)."""
+        self.refreshes = 0
+        """Requests sent to keep the spare connection."""
+        self._idle_since = trio.current_time()
+        self._next_use = 0.0
+        self._kick = trio.Event()
+
+    def enter(self) -> None:
+        self.users += 1
+
+    def leave(self) -> None:
+        self.users -= 1
+        if not self.users:
+            self._idle_since = trio.current_time()
+            self._kick.set()
+
+    def stream_opened(self) -> None:
+        self.streams += 1
+        self._next_use = min(self._next_use, trio.current_time() + _SPARE_AFTER_OPEN_S)
+        self._kick.set()
+
+    def stream_closed(self) -> None:
+        self.streams -= 1
+
+    async def keep(self, daemons: dict[str, _Daemon]) -> None:
+        """A system task: keeps the spare connection while streams are open, and drops
+        this daemon from ``daemons`` (closing its pool) once unused for ``_DROP_AFTER_S``
+        or when the run ends (system tasks are cancelled then)."""
+        try:
+            while True:
+                if self.streams and trio.current_time() >= self._next_use:
+                    await self._use_spare()
+                    self._next_use = trio.current_time() + _SPARE_REFRESH_S
+                if self.streams:
+                    until = self._next_use
+                elif self.users:
+                    until = math.inf
+                else:
+                    until = self._idle_since + _DROP_AFTER_S
+                    if trio.current_time() >= until:
+                        break
+                with trio.move_on_at(until):
+                    await self._kick.wait()
+                self._kick = trio.Event()
+        finally:
+            if daemons.get(self.base_url) is self:
+                del daemons[self.base_url]
+            with (
+                trio.CancelScope(shield=True),
+                trio.move_on_after(1.0),
+                contextlib.suppress(Exception),
+            ):
+                await self.transport.aclose()
+
+    async def _use_spare(self) -> None:
+        """One ``HEAD /health``: an idle connection is there afterwards (the one it found
+        or the one it opened). Failures are the forwards' business: only logged."""
+        self.refreshes += 1
+        request = httpx.Request("HEAD", f"{self.base_url}/health")
+        with trio.move_on_after(_SPARE_REFRESH_S):
+            try:
+                response = await self.transport.handle_async_request(request)
+                await response.aread()  # to its (empty) end, or the connection is closed
+                await response.aclose()
+            except Exception as exc:
+                logger.debug("keeping a connection to %s: %s", self.base_url, exc)
+
+
+def _daemon(base_url: str) -> _Daemon:
+    """The daemon at ``base_url`` (see :class:`_Daemon`), made on first use."""
     try:
-        pools = _pools.get()
+        daemons = _daemons.get()
     except LookupError:
-        pools = {}
-        _pools.set(pools)
-        trio.lowlevel.spawn_system_task(_close_pools, pools, name="forward pools closer")
-    pool = pools.get(base_url)
-    if pool is None:
-        pool = coalescing_transport(verify=default_ssl_context(), limits=_POOL_LIMITS)
-        pools[base_url] = pool
-    return pool
+        daemons = {}
+        _daemons.set(daemons)
+    daemon = daemons.get(base_url)
+    if daemon is None:
+        daemon = daemons[base_url] = _Daemon(base_url)
+        trio.lowlevel.spawn_system_task(daemon.keep, daemons, name=f"forward pool {base_url}")
+    return daemon
 
 
 class _ActivityTransport(httpx.AsyncBaseTransport):
-    """The daemon's shared pool, noting when bytes last came in (keep-alive comments
-    included). Closing it leaves the pool open for the next forward."""
+    """One forward's use of the daemon's shared pool, noting when bytes last came in
+    (keep-alive comments included). Closing it leaves the pool open for the next
+    forward."""
 
-    def __init__(self, base_url: str) -> None:
-        self._inner = _pool(base_url)
+    def __init__(self, daemon: _Daemon) -> None:
+        self._daemon: _Daemon | None = daemon
+        self._inner = daemon.transport
         self.last_activity = trio.current_time()
+        daemon.enter()
 
     def touch(self) -> None:
         self.last_activity = trio.current_time()
@@ -119,6 +205,9 @@ class _ActivityTransport(httpx.AsyncBaseTransport):
         return response
 
     async def aclose(self) -> None:
+        daemon, self._daemon = self._daemon, None
+        if daemon is not None:
+            daemon.leave()
         await trio.lowlevel.checkpoint()
 
 
@@ -180,8 +269,9 @@ async def forward_job(
     seconds, the job fails with ``lost <what> at <url>: <reason>`` (``lost_contact``).
 
     Cancellation: when the current job is cancelled (or times out) before the remote job
-    ended, a ``DELETE`` of the remote job is sent in a shielded cleanup bounded by
-    ``cancel_timeout_s``, then ``Cancelled`` propagates. A daemon found lost by ``watch``
+    ended, a ``DELETE`` of the remote job is sent as soon as the cancel reaches the relay
+    (on the pool's spare connection, before the stream's teardown) in a shielded cleanup
+    bounded by ``cancel_timeout_s``, then ``Cancelled`` propagates. A daemon found lost by ``watch``
     gets no ``DELETE`` (it would not answer); the dropped stream cancels its job
     (``on_disconnect``) if it ever wakes up.
     """
@@ -194,7 +284,8 @@ async def forward_job(
         if remaining <= 0:
             await trio.lowlevel.checkpoint()
         options["timeout_s"] = max(round(remaining, 3), 0.001)
-    transport = _ActivityTransport(base_url)
+    daemon = _daemon(base_url)
+    transport = _ActivityTransport(daemon)
     lost: str | None = None
     presumed_dead = False  # found lost by ``watch``: no DELETE, it would not answer
     failure: ForwardFailed | None = None
@@ -228,16 +319,24 @@ async def forward_job(
                     async with client.submit_stream(body, **options) as events:
                         remote_id = events.job_id
                         assert remote_id is not None
-                        narrate(
-                            "forward",
-                            f"Forwarded {body.get('operation')} to {what} as {remote_id}",
-                            target=base_url,
-                            remote_job_id=remote_id,
-                        )
-                        if silence_s is not None:
-                            silent = partial(_silence, transport, silence_s)
-                            watchers.start_soon(until_lost, silent, False)
-                        terminal = await _relay(events, what)
+                        daemon.stream_opened()
+                        try:
+                            narrate(
+                                "forward",
+                                f"Forwarded {body.get('operation')} to {what} as {remote_id}",
+                                target=base_url,
+                                remote_job_id=remote_id,
+                            )
+                            if silence_s is not None:
+                                silent = partial(_silence, transport, silence_s)
+                                watchers.start_soon(until_lost, silent, False)
+                            terminal = await _relay(events, what)
+                        finally:
+                            daemon.stream_closed()
+                            if terminal is None and not presumed_dead:
+                                # Before the stream's teardown (on the spare
+                                # connection): the remote job stops that much sooner.
+                                await _cancel_remote(client, remote_id, what, cancel_timeout_s)
                     if terminal is None:
                         raise StreamEndedWithoutSignal("the stream ended without a signal")
                 except HTTPStatusError as exc:
@@ -263,14 +362,10 @@ async def forward_job(
                         )
             watchers.cancel_scope.cancel()
 
-        try:
-            async with trio.open_nursery() as watchers:
-                if watch is not None:
-                    watchers.start_soon(until_lost, watch, True)
-                watchers.start_soon(work, watchers)
-        finally:
-            if terminal is None and remote_id is not None and not presumed_dead:
-                await _cancel_remote(client, remote_id, what, cancel_timeout_s)
+        async with trio.open_nursery() as watchers:
+            if watch is not None:
+                watchers.start_soon(until_lost, watch, True)
+            watchers.start_soon(work, watchers)
         if lost is not None and terminal is None:
             logger.warning("lost %s at %s: %s", what, base_url, lost)
             raise ForwardFailed(

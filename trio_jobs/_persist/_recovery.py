@@ -77,10 +77,10 @@ async def recover(
 async def load_finished(registry: JobRegistry, store: JobStore, job_id: str) -> Job | None:
     """Restore a finished job from the store for a whole new retention; None when the
     store has no such finished job."""
-    stored = await store.load_job(job_id)
-    if stored is None or not stored.record.state.is_terminal:
+    found = await store.load_job_and_events(job_id, limit=registry.event_log_size)
+    if found is None or not found[0].record.state.is_terminal:
         return registry.job(job_id)
-    events = await store.load_events(job_id, limit=registry.event_log_size)
+    stored, events = found
     job = registry.job(job_id)
     if job is not None:  # loaded meanwhile
         return job

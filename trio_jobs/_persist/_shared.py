@@ -233,11 +233,13 @@ class SharedRunner:
         if job_id in registry:
             await trio.lowlevel.checkpoint()
             return True
-        store = self.persister.store
-        stored = await store.load_job(job_id)
-        if stored is None:
+        # One database call: a DELETE through this node waits for it to send the cancel.
+        found = await self.persister.store.load_job_and_events(
+            job_id, limit=registry.event_log_size
+        )
+        if found is None:
             return False
-        events = await store.load_events(job_id, limit=registry.event_log_size)
+        stored, events = found
         if job_id in registry:  # loaded meanwhile
             return True
         job = registry.restore(stored, events, taken=False)

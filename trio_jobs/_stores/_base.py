@@ -188,6 +188,17 @@ class JobStore(abc.ABC):
         """Stored events of a job with id > ``after``, oldest first; with ``limit``,
         the newest ``limit`` of them."""
 
+    async def load_job_and_events(
+        self, job_id: str, *, limit: int | None = None
+    ) -> tuple[StoredJob, list[NarrationEvent]] | None:
+        """One job with its stored events (the newest ``limit`` of them), or None without
+        the job: what a node needs to make a job known. This default reads them in two
+        calls; the SQL stores read them in one."""
+        stored = await self.load_job(job_id)
+        if stored is None:
+            return None
+        return stored, await self.load_events(job_id, limit=limit)
+
     @abc.abstractmethod
     async def schema_version(self) -> int:
         """The highest schema migration applied (0 for a store without a schema)."""

@@ -180,34 +180,46 @@ class ThreadedSQLStore(JobStore, Generic[ConnT]):
         return await self._run(load)
 
     async def load_job(self, job_id: str) -> StoredJob | None:
-        cols, p = self.job_columns, self.param
-
-        def load(conn: ConnT) -> StoredJob | None:
-            row = conn.execute(f"SELECT {cols} FROM jobs WHERE id = {p}", (job_id,)).fetchone()
-            return None if row is None else self._stored(row)
-
-        return await self._run(load)
+        return await self._run(lambda conn: self._job(conn, job_id))
 
     async def load_events(
         self, job_id: str, *, after: int = 0, limit: int | None = None
     ) -> list[NarrationEvent]:
-        p = self.param
+        return await self._run(lambda conn: self._events(conn, job_id, after, limit))
 
-        def load(conn: ConnT) -> list[NarrationEvent]:
-            lower = after
-            if limit is not None:
-                top = conn.execute(
-                    f"SELECT COALESCE(MAX(last_id), 0) FROM events WHERE job_id = {p}",
-                    (job_id,),
-                ).fetchone()
-                lower = max(after, (top[0] if top else 0) - limit)
-            rows = conn.execute(
-                f"SELECT events FROM events WHERE job_id = {p} AND last_id > {p} ORDER BY first_id",
-                (job_id, lower),
-            ).fetchall()
-            return events_from_chunks(job_id, [r[0] for r in rows], after, limit)
+    async def load_job_and_events(
+        self, job_id: str, *, limit: int | None = None
+    ) -> tuple[StoredJob, list[NarrationEvent]] | None:
+        """Both reads in one database call (one trip to the worker thread)."""
+
+        def load(conn: ConnT) -> tuple[StoredJob, list[NarrationEvent]] | None:
+            stored = self._job(conn, job_id)
+            return None if stored is None else (stored, self._events(conn, job_id, 0, limit))
 
         return await self._run(load)
+
+    def _job(self, conn: ConnT, job_id: str) -> StoredJob | None:
+        row = conn.execute(
+            f"SELECT {self.job_columns} FROM jobs WHERE id = {self.param}", (job_id,)
+        ).fetchone()
+        return None if row is None else self._stored(row)
+
+    def _events(
+        self, conn: ConnT, job_id: str, after: int, limit: int | None
+    ) -> list[NarrationEvent]:
+        p = self.param
+        if limit is None:
+            query = f"SELECT events FROM events WHERE job_id = {p} AND last_id > {p}"
+            params: tuple[Any, ...] = (job_id, after)
+        else:  # the chunks holding the newest ``limit`` events, in one statement
+            query = (
+                f"SELECT events FROM events WHERE job_id = {p} AND last_id > {p} AND "
+                f"last_id > (SELECT COALESCE(MAX(last_id), 0) FROM events WHERE job_id = {p})"
+                f" - {p}"
+            )
+            params = (job_id, after, job_id, limit)
+        rows = conn.execute(query + " ORDER BY first_id", params).fetchall()
+        return events_from_chunks(job_id, [r[0] for r in rows], after, limit)
 
     # ---- listing -------------------------------------------------------------------------
 
