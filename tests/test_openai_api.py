@@ -926,7 +926,8 @@ def test_frame_template_writes_the_same_bytes_as_sse_frame(token: str) -> None:
 
 async def test_the_openai_routes_leave_the_cancel_fast_path_on() -> None:
     """The OpenAI API and the dashboard add no Quart hook or error handler: the job API's
-    ASGI fast path still answers every job route on a queen that serves them."""
+    ASGI fast path still answers every job route on a queen that serves them, and the
+    OpenAI ``POST`` routes too."""
     from servers.queen._config import QueenConfig
     from servers.queen._openai import add_openai_routes
     from servers.queen._server import Queen, add_ui_routes, parse_queen_payload
@@ -947,5 +948,8 @@ async def test_the_openai_routes_leave_the_cancel_fast_path_on() -> None:
                 break
             layer = getattr(layer, "inner", None) or getattr(layer, "app", None)
         assert layer is not None, "no fast path in the queen's middleware chain"
-        assert layer.routes() == {"submit", "stream", "record", "cancel"}
+        assert layer.routes() == {
+            *("submit", "stream", "record", "cancel"),
+            *("POST /v1/chat/completions", "POST /v1/completions", "POST /v1/responses"),
+        }
         nursery.cancel_scope.cancel()
