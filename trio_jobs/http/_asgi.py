@@ -33,6 +33,7 @@ a streamed answer's head goes out with its first chunk, in one write.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -568,9 +569,13 @@ class JobRoutes:
                 if answer is not None:
                     body = answer.body
                     if isinstance(body, bytes):
-                        unread = unread and not chunks.done
-                        unread = unread and all(
-                            k.lower() != "connection" for k, _ in answer.headers
+                        if unread and not chunks.done:  # a body that came with the request
+                            with contextlib.suppress(_ClientGone):
+                                chunks.take_ready(service.max_body_bytes)
+                        unread = (
+                            unread
+                            and not chunks.done
+                            and all(key.lower() != "connection" for key, _ in answer.headers)
                         )
                         await _send_whole(send, answer.status, answer.headers, body, unread)
                     else:
