@@ -264,6 +264,31 @@ def test_chat_stream_wire_ends_with_done_and_stop_strings_end_with_stop(env: Env
     assert chunks[-1]["choices"][0]["finish_reason"] == "stop"
 
 
+@pytest.mark.parametrize("path", ["chat/completions", "completions"])
+def test_a_stream_head_comes_with_its_first_chunk_in_one_write(env: Env, path: str) -> None:
+    """The queen's fast path writes a stream's head with its first chunk (the role chunk
+    and the first tokens): the first read of the socket has both."""
+    import socket
+
+    body: dict[str, Any] = {"model": "tiny", "max_tokens": 4, "stream": True}
+    if path == "completions":
+        body["prompt"] = "one"
+    else:
+        body["messages"] = [{"role": "user", "content": "one"}]
+    data = json.dumps(body).encode()
+    host, port = env.queen.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=10) as sock:
+        head = (
+            f"POST /v1/{path} HTTP/1.1\r\nHost: {host}\r\nAuthorization: Bearer {TOKEN}\r\n"
+            f"Content-Type: application/json\r\nContent-Length: {len(data)}\r\n\r\n"
+        )
+        sock.sendall(head.encode() + data)
+        first = sock.recv(65536)
+    assert first.startswith(b"HTTP/1.1 200 ")
+    assert b"\r\n\r\n" in first
+    assert b"data: {" in first.split(b"\r\n\r\n", 1)[1]
+
+
 def test_completions_streamed_and_not_with_length_finish(env: Env) -> None:
     with env.client() as client:
         answer = client.completions.create(model="tiny", prompt="once upon", max_tokens=5)
@@ -926,7 +951,8 @@ def test_frame_template_writes_the_same_bytes_as_sse_frame(token: str) -> None:
 
 async def test_the_openai_routes_leave_the_cancel_fast_path_on() -> None:
     """The OpenAI API and the dashboard add no Quart hook or error handler: the job API's
-    ASGI fast path still answers every job route on a queen that serves them."""
+    ASGI fast path still answers every job route on a queen that serves them, and the
+    OpenAI ``POST`` routes too."""
     from servers.queen._config import QueenConfig
     from servers.queen._openai import add_openai_routes
     from servers.queen._server import Queen, add_ui_routes, parse_queen_payload
@@ -947,5 +973,8 @@ async def test_the_openai_routes_leave_the_cancel_fast_path_on() -> None:
                 break
             layer = getattr(layer, "inner", None) or getattr(layer, "app", None)
         assert layer is not None, "no fast path in the queen's middleware chain"
-        assert layer.routes() == {"submit", "stream", "record", "cancel"}
+        assert layer.routes() == {
+            *("submit", "stream", "record", "cancel"),
+            *("POST /v1/chat/completions", "POST /v1/completions", "POST /v1/responses"),
+        }
         nursery.cancel_scope.cancel()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import logging
 import math
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -65,6 +66,24 @@ _POOL_LIMITS = httpx.Limits(
 """Kept-alive connections to one daemon. Idle ones are dropped after 2 s, before the
 daemon's own keep-alive timeout (hypercorn: 5 s) could close one as a request goes out."""
 
+
+class _Activity:
+    """When bytes of one forward's requests last came in (keep-alive comments included)."""
+
+    __slots__ = ("last",)
+
+    def __init__(self) -> None:
+        self.last = trio.current_time()
+
+    def touch(self) -> None:
+        self.last = trio.current_time()
+
+
+_activity: contextvars.ContextVar[_Activity | None] = contextvars.ContextVar(
+    "forward_activity", default=None
+)
+"""The activity of the forward whose task (or a task it started) makes a request."""
+
 _SPARE_REFRESH_S = 1.0
 """How often the spare connection to a daemon streaming to us is used (well within the
 pool's keep-alive expiry)."""
@@ -92,7 +111,10 @@ class _Daemon:
     cancel on a loaded machine. So while streams are open a spare connection is kept:
     a ``HEAD /health`` through the pool leaves one idle, sent shortly after a stream opens
     (it may have taken the spare) and every ``_SPARE_REFRESH_S``. A daemon that no forward used
-    for ``_DROP_AFTER_S`` (gone, or just idle) is dropped with its pool.
+    for ``_DROP_AFTER_S`` (gone, or just idle) is dropped with its pool and clients.
+
+    Its :class:`JobClient` (one per token and reconnect policy) is kept too: building one
+    per forward cost ~0.2 ms of every job's first token.
     """
 
     def __init__(self, base_url: str) -> None:
@@ -104,6 +126,7 @@ class _Daemon:
         """Their open streams (each holding a connection)."""
         self.refreshes = 0
         """Requests sent to keep the spare connection."""
+        self.clients: dict[tuple[str | None, int], JobClient] = {}
         self._idle_since = trio.current_time()
         self._next_use = 0.0
         self._kick = trio.Event()
@@ -124,6 +147,24 @@ class _Daemon:
 
     def stream_closed(self) -> None:
         self.streams -= 1
+
+    async def client(self, token: str | None, max_reconnects: int) -> JobClient:
+        """The client of this daemon for ``token`` and ``max_reconnects`` (made and
+        entered on first use)."""
+        key = (token, max_reconnects)
+        client = self.clients.get(key)
+        if client is None:
+            client = JobClient(
+                self.base_url,
+                token=token,
+                timeout=5.0,
+                max_reconnects=max_reconnects,
+                backoff_s=0.1,
+                transport=_ActivityTransport(self.transport),
+            )
+            self.clients[key] = client
+            await client.__aenter__()
+        return client
 
     async def keep(self, daemons: dict[str, _Daemon]) -> None:
         """A system task: keeps the spare connection while streams are open, and drops
@@ -148,12 +189,12 @@ class _Daemon:
         finally:
             if daemons.get(self.base_url) is self:
                 del daemons[self.base_url]
-            with (
-                trio.CancelScope(shield=True),
-                trio.move_on_after(1.0),
-                contextlib.suppress(Exception),
-            ):
-                await self.transport.aclose()
+            with trio.CancelScope(shield=True), trio.move_on_after(1.0):
+                for client in self.clients.values():
+                    with contextlib.suppress(Exception):
+                        await client.aclose()
+                with contextlib.suppress(Exception):
+                    await self.transport.aclose()
 
     async def _use_spare(self) -> None:
         """One ``HEAD /health``: an idle connection is there afterwards (the one it found
@@ -184,37 +225,29 @@ def _daemon(base_url: str) -> _Daemon:
 
 
 class _ActivityTransport(httpx.AsyncBaseTransport):
-    """One forward's use of the daemon's shared pool, noting when bytes last came in
-    (keep-alive comments included). Closing it leaves the pool open for the next
-    forward."""
+    """A daemon's shared pool, telling the activity of the forward making a request about
+    every chunk that comes in. Closing it leaves the pool open."""
 
-    def __init__(self, daemon: _Daemon) -> None:
-        self._daemon: _Daemon | None = daemon
-        self._inner = daemon.transport
-        self.last_activity = trio.current_time()
-        daemon.enter()
-
-    def touch(self) -> None:
-        self.last_activity = trio.current_time()
+    def __init__(self, pool: httpx.AsyncBaseTransport) -> None:
+        self._inner = pool
 
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
         response = await self._inner.handle_async_request(request)
-        self.touch()
-        assert isinstance(response.stream, httpx.AsyncByteStream)
-        response.stream = _TouchingStream(response.stream, self)
+        activity = _activity.get()
+        if activity is not None:
+            activity.touch()
+            assert isinstance(response.stream, httpx.AsyncByteStream)
+            response.stream = _TouchingStream(response.stream, activity)
         return response
 
     async def aclose(self) -> None:
-        daemon, self._daemon = self._daemon, None
-        if daemon is not None:
-            daemon.leave()
         await trio.lowlevel.checkpoint()
 
 
 class _TouchingStream(httpx.AsyncByteStream):
-    """A response body that tells its transport about every chunk it yields."""
+    """A response body that tells an activity about every chunk it yields."""
 
-    def __init__(self, inner: httpx.AsyncByteStream, owner: _ActivityTransport) -> None:
+    def __init__(self, inner: httpx.AsyncByteStream, owner: _Activity) -> None:
         self._inner = inner
         self._owner = owner
         self._chunks: AsyncIterator[bytes] | None = None
@@ -233,11 +266,11 @@ class _TouchingStream(httpx.AsyncByteStream):
         await self._inner.aclose()
 
 
-async def _silence(transport: _ActivityTransport, silence_s: float) -> str:
+async def _silence(activity: _Activity, silence_s: float) -> str:
     """Return once nothing (no event, no keep-alive) came in for ``silence_s`` seconds."""
-    transport.touch()
+    activity.touch()
     while True:
-        left = transport.last_activity + silence_s - trio.current_time()
+        left = activity.last + silence_s - trio.current_time()
         if left <= 0:
             return f"no event or keep-alive for {silence_s:g}s"
         await trio.sleep(left)
@@ -284,8 +317,7 @@ async def forward_job(
         if remaining <= 0:
             await trio.lowlevel.checkpoint()
         options["timeout_s"] = max(round(remaining, 3), 0.001)
-    daemon = _daemon(base_url)
-    transport = _ActivityTransport(daemon)
+    activity = _Activity()
     lost: str | None = None
     presumed_dead = False  # found lost by ``watch``: no DELETE, it would not answer
     failure: ForwardFailed | None = None
@@ -300,14 +332,12 @@ async def forward_job(
             lost, presumed_dead = reason, dead
         contact.cancel()
 
-    async with JobClient(
-        base_url,
-        token=token,
-        timeout=5.0,
-        max_reconnects=max_reconnects,
-        backoff_s=0.1,
-        transport=transport,
-    ) as client:
+    daemon = _daemon(base_url)
+    daemon.enter()
+    # The forward's requests (made by this task and those it starts) tell ``activity``.
+    reset = _activity.set(activity)
+    try:
+        client = await daemon.client(token, max_reconnects)
 
         async def work(watchers: trio.Nursery) -> None:
             nonlocal remote_id, terminal, failure
@@ -328,7 +358,7 @@ async def forward_job(
                                 remote_job_id=remote_id,
                             )
                             if silence_s is not None:
-                                silent = partial(_silence, transport, silence_s)
+                                silent = partial(_silence, activity, silence_s)
                                 watchers.start_soon(until_lost, silent, False)
                             terminal = await _relay(events, what)
                         finally:
@@ -394,6 +424,9 @@ async def forward_job(
                 await trio.sleep_forever()
             raise ForwardFailed(f"{what} cancelled job {remote_id}") from None
         return remote_id
+    finally:
+        _activity.reset(reset)
+        daemon.leave()
 
 
 async def _relay(events: JobEventStream, what: str) -> TerminalSignal | None:

@@ -36,9 +36,9 @@ import contextlib
 import functools
 import json
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Literal, TypeVar
+from typing import TYPE_CHECKING, Any, Literal
 
 import trio
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
@@ -56,8 +56,11 @@ from trio_jobs import (
 )
 from trio_jobs.http import (
     SSE_HEADERS,
+    Answer,
     ApiError,
     JobService,
+    add_fast_route,
+    answer_response,
     job_service,
     on_request_end,
     read_body,
@@ -125,13 +128,9 @@ class OpenAIError(Exception):
     def body(self) -> dict[str, Any]:
         return error_object(self.message, self.error_type, param=self.param, code=self.code)
 
-    def response(self) -> Response:
-        response = Response(
-            json.dumps(self.body()), status=self.status, content_type="application/json"
-        )
-        for key, value in self.headers.items():
-            response.headers[key] = value
-        return response
+    def answer(self) -> Answer:
+        headers = [("Content-Type", "application/json"), *self.headers.items()]
+        return Answer(self.status, headers, json.dumps(self.body()).encode())
 
 
 def _error_type(status: int) -> str:
@@ -595,20 +594,19 @@ def _parse_json(body: bytes) -> Any:
         raise OpenAIError(400, f"the body is not valid JSON: {str(exc)[:300]}") from None
 
 
-def _sse_response(body: AsyncIterator[bytes], job_id: str) -> Response:
-    response = Response(body, status=200)
-    for key, value in SSE_HEADERS.items():
-        response.headers[key] = value
-    response.headers["X-Job-Id"] = job_id
-    response.timeout = None  # Quart's RESPONSE_TIMEOUT would cut the stream
-    return response
+_SSE_HEADERS = list(SSE_HEADERS.items())
 
 
-def _json_response(data: Any, job_id: str | None = None) -> Response:
-    response = Response(json.dumps(data), status=200, content_type="application/json")
+def _sse_response(body: AsyncIterator[bytes], job_id: str) -> Answer:
+    """A stream answer; its first chunk must come at once (it carries the head)."""
+    return Answer(200, [*_SSE_HEADERS, ("X-Job-Id", job_id)], body)
+
+
+def _json_response(data: Any, job_id: str | None = None) -> Answer:
+    headers = [("Content-Type", "application/json")]
     if job_id is not None:
-        response.headers["X-Job-Id"] = job_id
-    return response
+        headers.append(("X-Job-Id", job_id))
+    return Answer(200, headers, json.dumps(data).encode())
 
 
 @dataclass
@@ -632,11 +630,11 @@ class OpenAIApi:
 
     # ---- helpers ------------------------------------------------------------------------
 
-    async def _read_body(self) -> bytes:
+    async def _read_body(self, chunks: AsyncIterable[bytes], declared: int | None) -> bytes:
         """The POST body, read by the job API's own reader (its ``max_body_bytes``, 1 MiB;
         the drain of an oversized body; the 60 s bound), its 413/408 as OpenAI errors."""
         try:
-            return await read_body(self.service, request.body, request.content_length)
+            return await read_body(self.service, chunks, declared)
         except ApiError as exc:
             too_big = exc.status == 413
             raise OpenAIError(
@@ -646,8 +644,8 @@ class OpenAIApi:
                 headers=exc.headers,
             ) from None
 
-    async def _body(self) -> dict[str, Any]:
-        data = _parse_json(await self._read_body())
+    async def _body(self, chunks: AsyncIterable[bytes], declared: int | None) -> dict[str, Any]:
+        data = _parse_json(await self._read_body(chunks, declared))
         if not isinstance(data, dict):
             raise OpenAIError(400, "the body must be a JSON object")
         return data
@@ -690,8 +688,8 @@ class OpenAIApi:
                 503, f"the job store is unavailable: {exc}", headers={"Retry-After": "1"}
             ) from None
 
-    def _watch(self, job_id: str, *, cancel_on_disconnect: bool) -> _Watch:
-        """Follow ``job_id`` for this request; with ``cancel_on_disconnect`` the job is
+    def _watch(self, job_id: str, scope: Any, *, cancel_on_disconnect: bool) -> _Watch:
+        """Follow ``job_id`` for the request of ``scope``; with ``cancel_on_disconnect`` the job is
         cancelled when the request ends (however) before the job's signal was read."""
         watch = _Watch(job_id, self.registry.open_stream(job_id))
         service = self.service
@@ -703,7 +701,7 @@ class OpenAIApi:
             watch.stream.close()
             service.stream_closed(job_id, abandoned=not watch.finished)
 
-        on_request_end(request.scope, close)
+        on_request_end(scope, close)
         return watch
 
     async def _read(self, watch: _Watch, progress: Progress) -> list[str]:
@@ -747,17 +745,19 @@ class OpenAIApi:
     def _model(self, name: str) -> dict[str, Any]:
         return {"id": name, "object": "model", "created": self.started, "owned_by": "trio-jobs"}
 
-    async def list_models(self) -> Response:
+    async def list_models(self) -> Answer:
         return _json_response({"object": "list", "data": [self._model(m) for m in self._models()]})
 
-    async def get_model(self, model: str) -> Response:
+    async def get_model(self, model: str) -> Answer:
         await self._check_model(model)
         return _json_response(self._model(model))
 
     # ---- chat and completions ---------------------------------------------------------------
 
-    async def chat_completions(self) -> Response:
-        body = await self._body()
+    async def chat_completions(
+        self, scope: Any, chunks: AsyncIterable[bytes], declared: int | None
+    ) -> Answer:
+        body = await self._body(chunks, declared)
         try:
             req = ChatRequest.model_validate(body)
         except ValidationError as exc:
@@ -769,16 +769,18 @@ class OpenAIApi:
         messages = [dict(m) for m in raw] if isinstance(raw, list) else []
         max_tokens = req.max_completion_tokens or req.max_tokens or CHAT_DEFAULT_MAX_TOKENS
         infer = self._infer(req, render_messages(messages), max_tokens, messages=messages)
-        return await self._generate(req, infer, "chat")
+        return await self._generate(req, infer, "chat", scope)
 
-    async def completions(self) -> Response:
+    async def completions(
+        self, scope: Any, chunks: AsyncIterable[bytes], declared: int | None
+    ) -> Answer:
         try:
-            req = CompletionRequest.model_validate(await self._body())
+            req = CompletionRequest.model_validate(await self._body(chunks, declared))
         except ValidationError as exc:
             raise _invalid(exc) from None
         prompt = req.prompt if isinstance(req.prompt, str) else req.prompt[0]
         infer = self._infer(req, prompt, req.max_tokens or COMPLETION_DEFAULT_MAX_TOKENS)
-        return await self._generate(req, infer, "completion")
+        return await self._generate(req, infer, "completion", scope)
 
     def _infer(
         self,
@@ -806,10 +808,10 @@ class OpenAIApi:
         except ValidationError as exc:
             raise _invalid(exc) from None
 
-    async def _generate(self, req: _Generate, infer: Infer, kind: str) -> Response:
+    async def _generate(self, req: _Generate, infer: Infer, kind: str, scope: Any) -> Answer:
         chat = kind == "chat"
         job_id = await self._submit(infer, kind, {"model": req.model, "user": req.user})
-        watch = self._watch(job_id, cancel_on_disconnect=True)
+        watch = self._watch(job_id, scope, cancel_on_disconnect=True)
         created = int(time.time())
         response_id = ("chatcmpl-" if chat else "cmpl-") + job_id
         progress = Progress(prompt=infer.prompt)
@@ -951,8 +953,10 @@ class OpenAIApi:
             view.progress.signal = TerminalSignal(_SIGNAL_OF_STATE[record.state], record.error)
         return view
 
-    async def create_response(self) -> Response:
-        body = await self._body()
+    async def create_response(
+        self, scope: Any, chunks: AsyncIterable[bytes], declared: int | None
+    ) -> Answer:
+        body = await self._body(chunks, declared)
         try:
             req = ResponsesRequest.model_validate(body)
         except ValidationError as exc:
@@ -987,7 +991,7 @@ class OpenAIApi:
         view = ResponseView(response_id, meta, created_at, Progress(prompt=infer.prompt))
         if req.background and not req.stream:
             return _json_response(view.obj("queued"), job_id)
-        watch = self._watch(job_id, cancel_on_disconnect=not req.background)
+        watch = self._watch(job_id, scope, cancel_on_disconnect=not req.background)
         if not req.stream:
             await self._until_done(watch, view.progress)
             assert view.progress.signal is not None
@@ -1064,7 +1068,7 @@ class OpenAIApi:
                     return
                 yield b": keep-alive\n"
 
-    async def get_response(self, response_id: str) -> Response:
+    async def get_response(self, response_id: str) -> Answer:
         stream_arg = request.args.get("stream", "false").lower()
         if stream_arg not in ("true", "false", "1", "0"):
             raise OpenAIError(400, "stream must be true or false", param="stream")
@@ -1084,12 +1088,12 @@ class OpenAIApi:
             response_id, view.meta, view.created_at, Progress(prompt=view.progress.prompt)
         )
         try:
-            watch = self._watch(job_id, cancel_on_disconnect=False)
+            watch = self._watch(job_id, request.scope, cancel_on_disconnect=False)
         except JobNotFound:
             raise OpenAIError(404, f"No response found with id {response_id!r}") from None
         return _sse_response(self._typed_events(watch, fresh, after), job_id)
 
-    async def cancel_response(self, response_id: str) -> Response:
+    async def cancel_response(self, response_id: str) -> Answer:
         job_id = self._job_of(response_id)
         view = await self._view(response_id)
         if not view.meta.get("background"):
@@ -1173,21 +1177,39 @@ class _OpenAIErrorShape:
         await self.inner(scope, receive, shaping_send)
 
 
-RouteT = TypeVar("RouteT", bound=Callable[..., Awaitable[Response]])
-
-
-def _answering(route: RouteT) -> RouteT:
+def _answered(route: Callable[..., Awaitable[Answer]]) -> Callable[..., Awaitable[Answer]]:
     """``route`` answering its :class:`OpenAIError` itself (no app-wide error handler,
     which would turn off the job API's fast path)."""
 
     @functools.wraps(route)
-    async def answered(*args: Any, **kwargs: Any) -> Response:
+    async def answered(*args: Any, **kwargs: Any) -> Answer:
         try:
             return await route(*args, **kwargs)
         except OpenAIError as error:
-            return error.response()
+            return error.answer()
 
-    return answered  # type: ignore[return-value]
+    return answered
+
+
+def _quart_view(route: Callable[..., Awaitable[Answer]]) -> Callable[..., Awaitable[Response]]:
+    """The Quart view of ``route`` (an already :func:`_answered` one)."""
+
+    async def view(*args: Any, **kwargs: Any) -> Response:
+        return answer_response(await route(*args, **kwargs))
+
+    return view
+
+
+def _quart_post_view(
+    route: Callable[[Any, AsyncIterable[bytes], int | None], Awaitable[Answer]],
+) -> Callable[[], Awaitable[Response]]:
+    """The Quart view of a ``POST`` route that the fast path also answers (the same
+    ``route``, given what Quart read of the request)."""
+
+    async def view() -> Response:
+        return answer_response(await route(request.scope, request.body, request.content_length))
+
+    return view
 
 
 def add_openai_routes(app: Any, queen: Queen) -> OpenAIApi:
@@ -1195,17 +1217,15 @@ def add_openai_routes(app: Any, queen: Queen) -> OpenAIApi:
     blueprint: its auth, cross-site rules and body limit apply to these routes too).
 
     Adds no Quart hook or error handler (see :class:`_OpenAIErrorShape`), so the job
-    API's fast paths stay on."""
+    API's fast paths stay on; the ``POST`` routes are answered on that fast path too
+    (``add_fast_route``), by the same functions, whenever Quart would run nothing else."""
     service = job_service(app)
     if service is None:
         raise RuntimeError("the OpenAI API needs the job blueprint mounted on the app")
     api = OpenAIApi(queen, service)
-    routes: list[tuple[str, str, Callable[..., Awaitable[Response]], str]] = [
+    routes: list[tuple[str, str, Callable[..., Awaitable[Answer]], str]] = [
         ("/v1/models", "openai_models", api.list_models, "GET"),
         ("/v1/models/<path:model>", "openai_model", api.get_model, "GET"),
-        ("/v1/chat/completions", "openai_chat", api.chat_completions, "POST"),
-        ("/v1/completions", "openai_completions", api.completions, "POST"),
-        ("/v1/responses", "openai_responses", api.create_response, "POST"),
         ("/v1/responses/<response_id>", "openai_response", api.get_response, "GET"),
         (
             "/v1/responses/<response_id>/cancel",
@@ -1214,7 +1234,16 @@ def add_openai_routes(app: Any, queen: Queen) -> OpenAIApi:
             "POST",
         ),
     ]
-    for rule, endpoint, view, method in routes:
-        app.add_url_rule(rule, endpoint, _answering(view), methods=[method])
+    for rule, endpoint, route, method in routes:
+        app.add_url_rule(rule, endpoint, _quart_view(_answered(route)), methods=[method])
+    posts = [
+        ("/v1/chat/completions", "openai_chat", api.chat_completions),
+        ("/v1/completions", "openai_completions", api.completions),
+        ("/v1/responses", "openai_responses", api.create_response),
+    ]
+    for rule, endpoint, route in posts:
+        answered = _answered(route)
+        app.add_url_rule(rule, endpoint, _quart_post_view(answered), methods=["POST"])
+        add_fast_route(app, "POST", rule, endpoint, answered)
     app.asgi_app = _OpenAIErrorShape(app.asgi_app)
     return api

@@ -13,14 +13,18 @@ import typing as _typing
 
 if _typing.TYPE_CHECKING:
     from ._app import JobsBlueprint as JobsBlueprint
+    from ._app import answer_response as answer_response
     from ._app import create_app as create_app
     from ._app import job_service as job_service
     from ._app import jobs_blueprint as jobs_blueprint
+    from ._asgi import FastHandler as FastHandler
+    from ._asgi import add_fast_route as add_fast_route
     from ._cross_site import SitePolicy as SitePolicy
     from ._errors import ApiError as ApiError
     from ._errors import error_response as error_response
     from ._errors import validation_detail as validation_detail
     from ._guard import on_request_end as on_request_end
+    from ._handlers import Answer as Answer
     from ._handlers import read_body as read_body
     from ._openapi import openapi_document as openapi_document
     from ._options import ErrorBody as ErrorBody
@@ -34,6 +38,10 @@ if _typing.TYPE_CHECKING:
 
 _LAZY: dict[str, str] = {
     "JobsBlueprint": "_app",
+    "answer_response": "_app",
+    "FastHandler": "_asgi",
+    "add_fast_route": "_asgi",
+    "Answer": "_handlers",
     "create_app": "_app",
     "job_service": "_app",
     "jobs_blueprint": "_app",
@@ -70,8 +78,10 @@ def __dir__() -> list[str]:
 
 
 __all__ = [
+    "Answer",
     "ApiError",
     "ErrorBody",
+    "FastHandler",
     "JobOptions",
     "JobService",
     "JobsBlueprint",
@@ -80,6 +90,8 @@ __all__ = [
     "SSE_HEADERS",
     "SitePolicy",
     "WireEncoder",
+    "add_fast_route",
+    "answer_response",
     "create_app",
     "error_response",
     "job_service",

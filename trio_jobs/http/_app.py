@@ -33,7 +33,7 @@ from ._openapi import openapi_document
 from ._service import JobService, PayloadParser, not_found
 from ._sse import SseBody, ws_follow
 
-__all__ = ["JobsBlueprint", "create_app", "jobs_blueprint", "job_service"]
+__all__ = ["JobsBlueprint", "answer_response", "create_app", "jobs_blueprint", "job_service"]
 
 EXTENSION_KEY = "trio_jobs"
 
@@ -57,13 +57,14 @@ def _json(data: Any, status: int = 200, headers: Mapping[str, str] | None = None
     return response
 
 
-def _response(answer: Answer) -> Response:
-    """A job route's answer as a Quart response. An SSE body counts as open from here on,
+def answer_response(answer: Answer) -> Response:
+    """A route's answer as a Quart response. An SSE body counts as open from here on,
     and as abandoned if the request ends before its signal was written, however early."""
     body = answer.body
     response = Response(body, status=answer.status)
     if isinstance(body, SseBody):
         on_request_end(request.scope, body.close)
+    if not isinstance(body, bytes):
         # Quart's RESPONSE_TIMEOUT (60 s by default) would silently cut the stream.
         response.timeout = None
     for key, value in answer.headers:
@@ -212,7 +213,7 @@ def jobs_blueprint(
     async def submit_job() -> Response:
         body = await handlers.read_body(service, request.body, request.content_length)
         event_stream = handlers.wants_event_stream(request.headers.get("Accept"))
-        return _response(await handlers.submit(service, body, event_stream=event_stream))
+        return answer_response(await handlers.submit(service, body, event_stream=event_stream))
 
     @bp.get("/v1/jobs/<job_id>/stream")
     async def stream_job(job_id: str) -> Response:
@@ -220,7 +221,7 @@ def jobs_blueprint(
             request.headers.get("Last-Event-ID"), request.args.get("last_event_id")
         )
         head = request.method == "HEAD"
-        return _response(await handlers.stream(service, job_id, after, head=head))
+        return answer_response(await handlers.stream(service, job_id, after, head=head))
 
     @bp.websocket("/v1/jobs/<job_id>/ws")
     async def stream_job_ws(job_id: str) -> Response | None:
@@ -249,11 +250,11 @@ def jobs_blueprint(
     # These four routes are normally answered by JobRoutes (_asgi), with the same handlers.
     @bp.get("/v1/jobs/<job_id>")
     async def get_job(job_id: str) -> Response:
-        return _response(await handlers.record(service, job_id))
+        return answer_response(await handlers.record(service, job_id))
 
     @bp.delete("/v1/jobs/<job_id>")
     async def cancel_job(job_id: str) -> Response:
-        return _response(await handlers.cancel(service, job_id))
+        return answer_response(await handlers.cancel(service, job_id))
 
     @bp.get("/v1/jobs/<job_id>/history")
     async def job_history(job_id: str) -> Response:

@@ -23,11 +23,19 @@ string and no ``root_path``, and (but for ``POST``) no body. The app-wide part i
 out once, at the first request, and again after any Quart setup method (a hook, a route,
 an error handler added later); signals are checked on every request. Anything else, and
 ``HEAD``, goes to Quart.
+
+An app adds routes of its own to the fast path with :func:`add_fast_route` (the queen's
+OpenAI ``POST`` routes): the same rules apply (the path must route to that endpoint, whose
+view is still the one registered), and the route's handler is the one its Quart view
+calls. Such a handler waits watched for the client leaving (once the body is read), and
+a streamed answer's head goes out with its first chunk, in one write.
 """
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable, Iterable, Mapping
+import contextlib
+from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, Iterable, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import quart
@@ -38,15 +46,20 @@ from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 from . import _handlers as handlers
 from ._connection import Inbox
 from ._errors import ApiError, logger
-from ._guard import has_body
+from ._guard import has_body, with_request_end
 from ._handlers import Answer
 from ._http11 import HOLD_HEAD, Exchange
 from ._service import JobService
 from ._sse import SseBody
 
-__all__ = ["JobRoutes", "wraps_quart_directly"]
+__all__ = ["FastHandler", "JobRoutes", "add_fast_route", "wraps_quart_directly"]
 
 ASGIApp = Callable[[Scope, ASGIReceiveCallable, ASGISendCallable], Awaitable[None]]
+FastHandler = Callable[[Any, AsyncIterable[bytes], "int | None"], Awaitable[Answer]]
+"""A route's work below Quart: ``(scope, body chunks, Content-Length) -> Answer``. The
+chunks raise ``RequestEntityTooLarge`` past the app's ``MAX_CONTENT_LENGTH`` (as Quart's
+``request.body``); ``on_request_end(scope, ...)`` works on the scope. The Quart view of
+the same route calls it with ``request.scope, request.body, request.content_length``."""
 
 _SIGNALS = (
     quart.appcontext_popped,
@@ -78,6 +91,30 @@ def _handlers_of(spec: Any) -> Iterable[Any]:
             yield from by_class.values()
 
 
+@dataclass(frozen=True, slots=True)
+class _Extra:
+    """A route added with :func:`add_fast_route`."""
+
+    endpoint: str
+    view: Any
+    handler: FastHandler
+
+
+def add_fast_route(app: Any, method: str, path: str, endpoint: str, handler: FastHandler) -> bool:
+    """Answer ``method path`` (exact, no prefix) with ``handler`` below Quart whenever
+    Quart would run nothing else than the view of ``endpoint`` (as registered now, which
+    must call ``handler``). False when the app has no fast path (middleware was installed
+    before the job blueprint): Quart answers, which is the same."""
+    routes = getattr(app, "extensions", {}).get(FAST_ROUTES_KEY)
+    if not isinstance(routes, JobRoutes):
+        return False
+    routes.add_route(method, path, endpoint, app.view_functions[endpoint], handler)
+    return True
+
+
+FAST_ROUTES_KEY = "trio_jobs.fast_routes"
+
+
 class _ClientGone(Exception):
     """The client disconnected before the answer: there is no one to answer."""
 
@@ -91,7 +128,7 @@ class _RequestChunks:
     (hypercorn's own): a small body usually arrives with its request, and then reading
     it needs no waiting."""
 
-    __slots__ = ("_done", "_limit", "_nowait", "_ready", "_receive", "_size")
+    __slots__ = ("_done", "_limit", "_nowait", "_ready", "_receive", "_size", "read")
 
     def __init__(self, receive: ASGIReceiveCallable, declared: int | None, limit: Any) -> None:
         self._receive = receive
@@ -105,6 +142,8 @@ class _RequestChunks:
         self._limit: int | None = limit if isinstance(limit, int) else None
         self._size = 0
         self._done = False
+        self.read: trio.Event | None = None
+        """Set once the whole body was received, when not None."""
         if self._limit is not None and declared is not None and declared > self._limit:
             self._size = declared  # too large before any byte arrives
 
@@ -140,6 +179,8 @@ class _RequestChunks:
             raise _ClientGone
         if message["type"] == "http.request":
             self._done = not message.get("more_body", False)
+            if self._done and self.read is not None:
+                self.read.set()
             chunk = message.get("body", b"")
             self._size += len(chunk)
             if chunk:
@@ -159,8 +200,13 @@ class _RequestChunks:
             self._take(await self._receive())
 
 
-async def _watch(receive: ASGIReceiveCallable, scope: trio.CancelScope) -> None:
-    """Cancel ``scope`` when the client disconnects."""
+async def _watch(
+    receive: ASGIReceiveCallable, scope: trio.CancelScope, after: trio.Event | None = None
+) -> None:
+    """Cancel ``scope`` when the client disconnects (listening once ``after`` is set: the
+    request body is someone else's to read until then)."""
+    if after is not None:
+        await after.wait()
     while (await receive())["type"] != "http.disconnect":
         pass
     scope.cancel()
@@ -178,6 +224,49 @@ def _content_length(value: bytes | None, chunked: bool) -> int | None:
         return max(0, int(value))
     except ValueError:
         return None
+
+
+async def _send_whole(
+    send: ASGISendCallable,
+    status: int,
+    headers: Iterable[tuple[str, str]],
+    body: bytes,
+    unread: bool,
+) -> None:
+    """A whole answer, head and body in one write (``unread``: the request body was not
+    read, so the connection cannot be reused)."""
+    out = _encode(headers)
+    out.append((b"content-length", str(len(body)).encode()))
+    if unread:
+        out.append((b"connection", b"close"))
+    await send({"type": "http.response.start", "status": status, "headers": out})
+    await send({"type": "http.response.body", "body": body, "more_body": False})
+
+
+async def _send_chunks(send: ASGISendCallable, answer: Answer, body: AsyncIterator[bytes]) -> None:
+    """A streamed answer: its head with the first chunk (one write), then each chunk as
+    the body yields it, then its end."""
+    try:
+        first = await body.__anext__()
+    except StopAsyncIteration:
+        first = None
+    try:
+        start: Any = {
+            "type": "http.response.start",
+            "status": answer.status,
+            "headers": _encode(answer.headers),
+            HOLD_HEAD: first is not None,
+        }
+        await send(start)
+        if first is not None:
+            await send({"type": "http.response.body", "body": first, "more_body": True})
+            async for chunk in body:
+                await send({"type": "http.response.body", "body": chunk, "more_body": True})
+        await send({"type": "http.response.body", "body": b"", "more_body": False})
+    finally:
+        aclose = getattr(body, "aclose", None)
+        if aclose is not None:
+            await aclose()
 
 
 class JobRoutes:
@@ -212,6 +301,8 @@ class JobRoutes:
         self._endpoints = dict(endpoints)
         self._own = own
         self._routes: frozenset[str] | None = None
+        self._extra: dict[tuple[str, str], _Extra] = {}
+        app.extensions[FAST_ROUTES_KEY] = self
         # Quart calls ``_check_setup_finished`` from every setup method (a hook, a route,
         # an error handler): the routes the fast path may answer are worked out again.
         setup_check = app._check_setup_finished
@@ -221,6 +312,13 @@ class JobRoutes:
             setup_check(name)
 
         app._check_setup_finished = check_setup
+
+    def add_route(
+        self, method: str, path: str, endpoint: str, view: Any, handler: FastHandler
+    ) -> None:
+        """See :func:`add_fast_route`."""
+        self._extra[(method, path)] = _Extra(endpoint, view, handler)
+        self._routes = None
 
     def invalidate(self) -> None:
         """Work out again which routes the fast path may answer (at the next request)."""
@@ -277,9 +375,18 @@ class JobRoutes:
             ):
                 continue
             routes.add(kind)
+        for (method, path), extra in self._extra.items():
+            try:
+                matched, _ = adapter.match(path, method=method)
+            except HTTPException:
+                continue
+            if matched == extra.endpoint and app.view_functions.get(matched) is extra.view:
+                routes.add(f"{method} {path}")
         return frozenset(routes)
 
     def _route(self, method: str, path: str) -> tuple[str, str] | None:
+        if self._extra and (method, path) in self._extra:
+            return f"{method} {path}", ""
         if method == "POST":
             return ("submit", "") if path == self.jobs_path else None
         if not path.startswith(self.job_path):
@@ -316,7 +423,11 @@ class JobRoutes:
                 and (method == "POST" or not has_body(scope["headers"]))
                 and not any(signal.receivers for signal in _SIGNALS)
             ):
-                await self._answer(route[0], route[1], scope, receive, send)
+                if route[0] in _ROUTES:
+                    await self._answer(route[0], route[1], scope, receive, send)
+                else:
+                    extra = self._extra[(method, scope["path"])]
+                    await self._answer_extra(extra.handler, scope, receive, send)
                 return
         await self.inner(scope, receive, send)
 
@@ -397,12 +508,83 @@ class JobRoutes:
             return
         if chunks is not None and chunks.done:  # read (or drained) to its end
             unread = False
-        out = _encode(answer.headers)
-        out.append((b"content-length", str(len(answer.body)).encode()))
-        if unread:  # the body was not read: the connection cannot be reused
-            out.append((b"connection", b"close"))
-        await send({"type": "http.response.start", "status": answer.status, "headers": out})
-        await send({"type": "http.response.body", "body": answer.body, "more_body": False})
+        assert isinstance(answer.body, bytes)
+        await _send_whole(send, answer.status, answer.headers, answer.body, unread)
+
+    async def _answer_extra(
+        self,
+        handler: FastHandler,
+        scope: HTTPScope,
+        receive: ASGIReceiveCallable,
+        send: ASGISendCallable,
+    ) -> None:
+        """Answer a route of :func:`add_fast_route`: the request checks of the job
+        routes, then ``handler``, watched for the client leaving once the body is read;
+        the request's end callbacks run however it ends."""
+        service = self.service
+        headers = scope["headers"]
+        authorization: str | None = None
+        length: bytes | None = None
+        chunked = False
+        for name, value in headers:
+            if name == b"authorization":
+                if authorization is None:
+                    authorization = value.decode("latin-1")
+            elif name == b"content-length":
+                length = value
+            elif name == b"transfer-encoding":
+                chunked = True
+        unread = chunked or (length is not None and length.strip() != b"0")
+        server = scope.get("server")
+        declared = _content_length(length, chunked)
+        chunks = _RequestChunks(receive, declared, self.app.config.get("MAX_CONTENT_LENGTH"))
+        chunks.read = read = trio.Event()
+        if not unread:
+            read.set()
+        scope, ended = with_request_end(scope)
+        answer: Answer | None = None
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(_watch, receive, nursery.cancel_scope, read)
+                try:
+                    handlers.check_request(
+                        service,
+                        scope["method"],
+                        scope["path"],
+                        headers,
+                        authorization,
+                        str(server[0]) if server else None,
+                        routed=True,
+                    )
+                    answer = await handler(scope, chunks, declared)
+                except ApiError as exc:
+                    answer = handlers.error_answer(exc)
+                except _ClientGone:
+                    pass
+                except Exception as exc:
+                    logger.exception("unhandled error in a trio-jobs route", exc_info=exc)
+                    answer = handlers.error_answer(
+                        ApiError(500, "internal server error", type(exc).__name__)
+                    )
+                if answer is not None:
+                    body = answer.body
+                    if isinstance(body, bytes):
+                        if unread and not chunks.done:  # a body that came with the request
+                            with contextlib.suppress(_ClientGone):
+                                chunks.take_ready(service.max_body_bytes)
+                        unread = (
+                            unread
+                            and not chunks.done
+                            and all(key.lower() != "connection" for key, _ in answer.headers)
+                        )
+                        await _send_whole(send, answer.status, answer.headers, body, unread)
+                    else:
+                        assert not isinstance(body, SseBody)
+                        await _send_chunks(send, answer, body)
+                nursery.cancel_scope.cancel()
+        finally:
+            for callback in ended:
+                callback()
 
     async def _while_connected(
         self, receive: ASGIReceiveCallable, work: Awaitable[Answer]

@@ -32,7 +32,7 @@ from hypercorn.typing import (
     Scope,
 )
 
-__all__ = ["ConnectionGuard", "has_body", "on_request_end"]
+__all__ = ["ConnectionGuard", "has_body", "on_request_end", "with_request_end"]
 
 ASGIApp = Callable[[Scope, ASGIReceiveCallable, ASGISendCallable], Awaitable[None]]
 
@@ -47,6 +47,13 @@ def on_request_end(scope: Any, callback: Callable[[], None]) -> bool:
         return False
     callbacks.append(callback)
     return True
+
+
+def with_request_end(scope: Any) -> tuple[Any, list[Callable[[], None]]]:
+    """A copy of ``scope`` that :func:`on_request_end` adds callbacks to, and that list:
+    the caller runs them once the request is over."""
+    callbacks: list[Callable[[], None]] = []
+    return {**scope, _ON_END: callbacks}, callbacks
 
 
 def has_body(headers: Iterable[tuple[bytes, bytes]]) -> bool:
@@ -88,11 +95,9 @@ class ConnectionGuard:
                 return
             await send(message)
 
-        callbacks: list[Callable[[], None]] = []
+        ended, callbacks = with_request_end(scope)
         try:
-            await self.app(
-                cast(Scope, {**scope, _ON_END: callbacks}), receive_and_note, guarded_send
-            )
+            await self.app(cast(Scope, ended), receive_and_note, guarded_send)
         finally:
             for callback in callbacks:
                 callback()

@@ -11,7 +11,7 @@ rule, body limits, validation, the job's creation, error bodies and metrics exis
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterable, Iterable
+from collections.abc import AsyncIterable, AsyncIterator, Iterable
 from dataclasses import dataclass, field
 from functools import lru_cache
 from typing import Any
@@ -50,12 +50,13 @@ _JSON_TYPE = ("Content-Type", "application/json")
 
 @dataclass(slots=True)
 class Answer:
-    """What a job route answers: status, headers and a body (bytes, or the SSE body of a
-    job's stream, which the caller must close once the request is over)."""
+    """What a route answers: status, headers and a body (bytes, or the SSE body of a
+    job's stream, which the caller must close once the request is over, or chunks of a
+    stream whose first one comes at once)."""
 
     status: int
     headers: list[tuple[str, str]] = field(default_factory=list)
-    body: bytes | SseBody = b""
+    body: bytes | SseBody | AsyncIterator[bytes] = b""
 
 
 def json_answer(data: Any, status: int = 200, headers: Iterable[tuple[str, str]] = ()) -> Answer:
