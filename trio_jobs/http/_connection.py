@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import errno
 import logging
-import math
 import os
 from collections import deque
 from collections.abc import Awaitable, Callable
@@ -41,7 +40,7 @@ from hypercorn.trio.worker_context import WorkerContext
 from hypercorn.typing import AppWrapper, ConnectionState, LifespanState
 from hypercorn.utils import ShutdownError, parse_socket_addr, raise_shutdown, repr_socket_addr
 
-from ._http11 import Http11Connection
+from ._http11 import Http11Connection, IdleDeadline
 
 __all__ = ["Connection", "worker_serve"]
 
@@ -108,7 +107,7 @@ class _Requests(TaskGroup):
         return inbox.put
 
 
-class Connection(TCPServer):
+class Connection(IdleDeadline, TCPServer):
     """One HTTP connection (plain TCP): hypercorn's ``TCPServer``, leaner (module doc).
 
     ``idle``: the server's set of idle connections, closed at once when it stops."""
@@ -159,24 +158,6 @@ class Connection(TCPServer):
         finally:
             self._idle.discard(self)
             await self._close()
-
-    def _set_idle(self, idle: bool) -> None:
-        """Between requests the reads have a deadline: the keep-alive timeout (or now,
-        once the server stops)."""
-        if idle:
-            self._idle.add(self)
-            if self.context.terminated.is_set():
-                self._reads.deadline = -math.inf
-            else:
-                self._reads.deadline = trio.current_time() + self.config.keep_alive_timeout
-        else:
-            self._idle.discard(self)
-            self._reads.deadline = math.inf
-
-    def close_idle(self) -> None:
-        """The server stops: close this connection now if it is idle."""
-        if self in self._idle:
-            self._reads.deadline = -math.inf
 
     async def _close(self) -> None:
         # hypercorn closes a connection the client closed first twice (on its Closed

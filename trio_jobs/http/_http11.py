@@ -37,7 +37,7 @@ from hypercorn.trio.worker_context import WorkerContext
 from hypercorn.typing import AppWrapper
 from hypercorn.utils import parse_socket_addr
 
-__all__ = ["HOLD_HEAD", "Exchange", "Http11Connection"]
+__all__ = ["HOLD_HEAD", "Exchange", "Http11Connection", "IdleDeadline"]
 
 HOLD_HEAD = "trio_jobs.hold_head"
 """A key of an ``http.response.start`` message: true when the app sends a body message
@@ -239,7 +239,34 @@ class Exchange:
             self._response_done.set()
 
 
-class Http11Connection:
+class IdleDeadline:
+    """A connection whose reads run under one cancel scope (``_reads``): between requests
+    its deadline is the keep-alive timeout, or now once the server stops; it is in the
+    server's set of idle connections (``_idle``) meanwhile."""
+
+    _idle: set[Any]
+    _reads: trio.CancelScope
+    config: Config
+    context: WorkerContext
+
+    def _set_idle(self, idle: bool) -> None:
+        if idle:
+            self._idle.add(self)
+            if self.context.terminated.is_set():
+                self._reads.deadline = -math.inf
+            else:
+                self._reads.deadline = trio.current_time() + self.config.keep_alive_timeout
+        else:
+            self._idle.discard(self)
+            self._reads.deadline = math.inf
+
+    def close_idle(self) -> None:
+        """The server stops: close this connection now if it is idle."""
+        if self in self._idle:
+            self._reads.deadline = -math.inf
+
+
+class Http11Connection(IdleDeadline):
     """One plain-TCP HTTP/1.1 connection (module doc).
 
     ``idle``: the server's set of idle connections, closed at once when it stops;
@@ -269,7 +296,7 @@ class Http11Connection:
         self._read_done = trio.lowlevel.ParkingLot()
         self._idle = idle
         self._fallback = fallback
-        self._scope = trio.CancelScope()
+        self._reads = trio.CancelScope()
         self._send_lock = trio.Lock()
         self._server_header = (
             [(b"server", b"hypercorn-h11")] if config.include_server_header else []
@@ -283,22 +310,6 @@ class Http11Connection:
         headers = [(b"date", _date.value())] if self.config.include_date_header else []
         headers.extend(self._server_header)
         return headers
-
-    def close_idle(self) -> None:
-        """The server stops: close this connection now if it is idle."""
-        if self in self._idle:
-            self._scope.deadline = -math.inf
-
-    def _set_idle(self, idle: bool) -> None:
-        if idle:
-            self._idle.add(self)
-            if self.context.terminated.is_set():
-                self._scope.deadline = -math.inf
-            else:
-                self._scope.deadline = trio.current_time() + self.config.keep_alive_timeout
-        else:
-            self._idle.discard(self)
-            self._scope.deadline = math.inf
 
     async def read(self) -> None:
         """Read more from the socket into h11 (an end of file included; a broken
@@ -382,7 +393,7 @@ class Http11Connection:
         """Serve requests until the connection closes; True if it was handed over."""
         conn = self.h11
         requests = 0
-        with self._scope:
+        with self._reads:
             self._set_idle(True)
             while True:
                 try:
@@ -399,7 +410,7 @@ class Http11Connection:
                     self._set_idle(False)
                     await self._hand_over(event)
                     return True
-                if self._scope.cancel_called:  # timed out as the request came
+                if self._reads.cancel_called:  # timed out as the request came
                     return False
                 self._set_idle(False)
                 requests += 1
