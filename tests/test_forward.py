@@ -148,3 +148,31 @@ async def test_a_daemon_unused_for_a_while_is_dropped_with_its_pool(
             assert len(recorder.ports("POST")) == 2
             assert len(set(recorder.ports("POST"))) == 2  # the first pool's was closed
             nursery.cancel_scope.cancel()
+
+
+async def test_jobs_forwarded_one_after_another_send_no_spare_requests(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Short jobs give their connection back before the look after their stream opened:
+    an idle connection is there, so no ``HEAD`` is sent on the next job's path (only the
+    first stream's, and the periodic refresh, which this test pushes out of the way)."""
+    monkeypatch.setattr(_forward, "_SPARE_AFTER_OPEN_S", 0.005)
+    monkeypatch.setattr(_forward, "_SPARE_REFRESH_S", 60.0)
+    _, app, recorder = _daemon_app()
+    queen = JobRegistry()
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            url = await nursery.start(serve, app)
+
+            async def forward(job_id: str, payload: Any) -> None:
+                await forward_job(queen, url, {}, what="daemon")
+
+            async with open_job_runner(queen, forward):
+                for _ in range(20):
+                    job_id = queen.create_job({})
+                    assert (await queen.wait(job_id)).state is JobState.COMPLETED
+                    await trio.sleep(0.01)  # past the look after this stream opened
+            assert len(recorder.ports("POST")) == 20
+            assert len(recorder.ports("HEAD")) <= 1
+            assert len(set(recorder.ports("POST"))) <= 2  # the pool's kept connections
+            nursery.cancel_scope.cancel()

@@ -89,9 +89,9 @@ _SPARE_REFRESH_S = 1.0
 pool's keep-alive expiry)."""
 
 _SPARE_AFTER_OPEN_S = 0.02
-"""How long after a stream opens the spare is checked (it may have taken it): a short job
-is over by then and gives its connection back, so jobs started at a high rate cost at
-most one extra request per this interval."""
+"""How long after a stream opens the pool is looked at (the stream may have taken the
+spare): a short job is over by then and gave its connection back. Only when no connection
+is idle then is one made ready (a request), so jobs run one after another cost none."""
 
 _DROP_AFTER_S = 2.0
 """A daemon no forward used for this long is forgotten with its pool (whose connections
@@ -110,7 +110,8 @@ class _Daemon:
     of a cancel) would find none idle and connect first: milliseconds on the path of a
     cancel on a loaded machine. So while streams are open a spare connection is kept:
     a ``HEAD /health`` through the pool leaves one idle, sent shortly after a stream opens
-    (it may have taken the spare) and every ``_SPARE_REFRESH_S``. A daemon that no forward used
+    (it may have taken the spare) if none is idle then, and every ``_SPARE_REFRESH_S``
+    (which keeps the idle one from expiring). A daemon that no forward used
     for ``_DROP_AFTER_S`` (gone, or just idle) is dropped with its pool and clients.
 
     Its :class:`JobClient` (one per token and reconnect policy) is kept too: building one
@@ -128,7 +129,8 @@ class _Daemon:
         """Requests sent to keep the spare connection."""
         self.clients: dict[tuple[str | None, int], JobClient] = {}
         self._idle_since = trio.current_time()
-        self._next_use = 0.0
+        self._refresh_at = 0.0
+        self._look_at = math.inf
         self._kick = trio.Event()
 
     def enter(self) -> None:
@@ -142,7 +144,7 @@ class _Daemon:
 
     def stream_opened(self) -> None:
         self.streams += 1
-        self._next_use = min(self._next_use, trio.current_time() + _SPARE_AFTER_OPEN_S)
+        self._look_at = min(self._look_at, trio.current_time() + _SPARE_AFTER_OPEN_S)
         self._kick.set()
 
     def stream_closed(self) -> None:
@@ -172,11 +174,19 @@ class _Daemon:
         or when the run ends (system tasks are cancelled then)."""
         try:
             while True:
-                if self.streams and trio.current_time() >= self._next_use:
+                now = trio.current_time()
+                if not self.streams:
+                    self._look_at = math.inf
+                elif now >= self._refresh_at or (
+                    now >= self._look_at and not _has_idle(self.transport)
+                ):
                     await self._use_spare()
-                    self._next_use = trio.current_time() + _SPARE_REFRESH_S
+                    self._refresh_at = trio.current_time() + _SPARE_REFRESH_S
+                    self._look_at = math.inf
+                elif now >= self._look_at:
+                    self._look_at = math.inf
                 if self.streams:
-                    until = self._next_use
+                    until = min(self._refresh_at, self._look_at)
                 elif self.users:
                     until = math.inf
                 else:
@@ -208,6 +218,16 @@ class _Daemon:
                 await response.aclose()
             except Exception as exc:
                 logger.debug("keeping a connection to %s: %s", self.base_url, exc)
+
+
+def _has_idle(transport: httpx.AsyncHTTPTransport) -> bool:
+    """Whether the pool holds a connection ready for a request (httpcore's connection API,
+    behind httpx's private ``_pool``); False when that cannot be told."""
+    pool = getattr(transport, "_pool", None)
+    for connection in getattr(pool, "connections", ()):
+        if connection.is_idle() and not connection.has_expired():
+            return True
+    return False
 
 
 def _daemon(base_url: str) -> _Daemon:
