@@ -153,10 +153,12 @@ class OpenAIBackend:
         """``GET /v1/models`` on the upstream: any answer below 500 means it is up."""
         url = f"{self.api_url}/models"
         try:
-            async with httpx.AsyncClient(
-                timeout=self.check_timeout_s, verify=default_ssl_context()
-            ) as client:
-                response = await client.get(url, headers=self._headers())
+            # On the kept client when there is one: a check every heartbeat no longer
+            # connects (and builds a client) each time, beside the requests it serves.
+            async with self._session() as client:
+                response = await client.get(
+                    url, headers=self._headers(), timeout=self.check_timeout_s
+                )
         except (httpx.HTTPError, httpx.InvalidURL) as exc:
             return f"upstream {self.base_url} is unreachable: {_describe(exc)}"
         if response.status_code >= 500:
