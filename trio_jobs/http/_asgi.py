@@ -242,6 +242,20 @@ def _scan(
     return authorization, accept, last_event_id, length, chunked
 
 
+def _check(service: JobService, scope: HTTPScope, authorization: str | None) -> None:
+    """The request checks every route shares (auth, the content-type rule, the host)."""
+    server = scope.get("server")
+    handlers.check_request(
+        service,
+        scope["method"],
+        scope["path"],
+        scope["headers"],
+        authorization,
+        str(server[0]) if server else None,
+        routed=True,
+    )
+
+
 def _content_length(value: bytes | None, chunked: bool) -> int | None:
     """``Content-Length`` as werkzeug (and so Quart) reads it."""
     if value is None or chunked:
@@ -469,18 +483,9 @@ class JobRoutes:
         headers = scope["headers"]
         authorization, accept, last_event_id, length, chunked = _scan(headers)
         unread = kind == "submit" and (chunked or (length is not None and length.strip() != b"0"))
-        server = scope.get("server")
         chunks: _RequestChunks | None = None
         try:
-            handlers.check_request(
-                service,
-                scope["method"],
-                scope["path"],
-                headers,
-                authorization,
-                str(server[0]) if server else None,
-                routed=True,
-            )
+            _check(service, scope, authorization)
             if kind == "submit":
                 declared = _content_length(length, chunked)
                 chunks = _RequestChunks(
@@ -535,7 +540,6 @@ class JobRoutes:
         headers = scope["headers"]
         authorization, _, _, length, chunked = _scan(headers)
         unread = chunked or (length is not None and length.strip() != b"0")
-        server = scope.get("server")
         declared = _content_length(length, chunked)
         chunks = _RequestChunks(receive, declared, self.app.config.get("MAX_CONTENT_LENGTH"))
         chunks.read = read = trio.Event()
@@ -547,15 +551,7 @@ class JobRoutes:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(_watch, receive, nursery.cancel_scope, read)
                 try:
-                    handlers.check_request(
-                        service,
-                        scope["method"],
-                        scope["path"],
-                        headers,
-                        authorization,
-                        str(server[0]) if server else None,
-                        routed=True,
-                    )
+                    _check(service, scope, authorization)
                     answer = await handler(scope, chunks, declared)
                 except ApiError as exc:
                     answer = handlers.error_answer(exc)

@@ -40,7 +40,7 @@ from hypercorn.trio.worker_context import WorkerContext
 from hypercorn.typing import AppWrapper, ConnectionState, LifespanState
 from hypercorn.utils import ShutdownError, parse_socket_addr, raise_shutdown, repr_socket_addr
 
-from ._http11 import Http11Connection, IdleDeadline
+from ._http11 import Http11Connection, IdleDeadline, send_whole
 
 __all__ = ["Connection", "worker_serve"]
 
@@ -172,20 +172,8 @@ class Connection(IdleDeadline, TCPServer):
 
     async def protocol_send(self, event: Event) -> None:
         if isinstance(event, RawData):
-            if not event.data:
-                return
-            lock = self.send_lock
-            if lock.locked():
-                await lock.acquire()
-            else:
-                lock.acquire_nowait()
-            try:
-                with trio.CancelScope(shield=True):
-                    await self.stream.send_all(event.data)
-            except (trio.BrokenResourceError, trio.ClosedResourceError):
+            if event.data and not await send_whole(self.send_lock, self.stream, event.data):
                 await self.protocol.handle(Closed())
-            finally:
-                lock.release()
         elif isinstance(event, Closed):
             await self._close()
             await self.protocol.handle(Closed())

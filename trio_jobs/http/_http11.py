@@ -37,7 +37,7 @@ from hypercorn.trio.worker_context import WorkerContext
 from hypercorn.typing import AppWrapper
 from hypercorn.utils import parse_socket_addr
 
-__all__ = ["HOLD_HEAD", "Exchange", "Http11Connection", "IdleDeadline"]
+__all__ = ["HOLD_HEAD", "Exchange", "Http11Connection", "IdleDeadline", "send_whole"]
 
 HOLD_HEAD = "trio_jobs.hold_head"
 """A key of an ``http.response.start`` message: true when the app sends a body message
@@ -239,6 +239,24 @@ class Exchange:
             self._response_done.set()
 
 
+async def send_whole(lock: trio.Lock, stream: trio.abc.SendStream, data: bytes) -> bool:
+    """Write ``data`` whole under ``lock`` (taken without a scheduler trip when free),
+    shielded: a half-written response would break the connection. False when the
+    connection is broken or closed."""
+    if lock.locked():
+        await lock.acquire()
+    else:
+        lock.acquire_nowait()
+    try:
+        with trio.CancelScope(shield=True):
+            await stream.send_all(data)
+    except _STATE_ERRORS:
+        return False
+    finally:
+        lock.release()
+    return True
+
+
 class IdleDeadline:
     """A connection whose reads run under one cancel scope (``_reads``): between requests
     its deadline is the keep-alive timeout, or now once the server stops; it is in the
@@ -330,20 +348,9 @@ class Http11Connection(IdleDeadline):
         self.h11.receive_data(data)
 
     async def write(self, data: bytes) -> None:
-        """Write ``data`` whole (shielded: a half-written response would break the
-        connection); a broken connection is noted, not raised."""
-        lock = self._send_lock
-        if lock.locked():
-            await lock.acquire()
-        else:
-            lock.acquire_nowait()
-        try:
-            with trio.CancelScope(shield=True):
-                await self.stream.send_all(data)
-        except _STATE_ERRORS:
+        """Write ``data`` whole; a broken connection is noted, not raised."""
+        if not await send_whole(self._send_lock, self.stream, data):
             self.broken = True
-        finally:
-            lock.release()
 
     async def run(self) -> None:
         stream = self.stream
