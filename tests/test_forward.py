@@ -7,6 +7,8 @@ connection). The queen side is a plain registry whose jobs forward to it.
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
 from typing import Any
 
 import pytest
@@ -61,33 +63,46 @@ def _pools() -> dict[str, Any]:
         return {}
 
 
+@asynccontextmanager
+async def _forwarding(
+    app: Any, body: dict[str, Any], then: Callable[[str], None] | None = None
+) -> AsyncIterator[tuple[str, JobRegistry]]:
+    """The daemon ``app`` on a real socket, and a queen registry whose jobs forward
+    ``body`` to it (``then(url)`` runs after each forward)."""
+    queen = JobRegistry()
+    async with trio.open_nursery() as nursery:
+        url = await nursery.start(serve, app)
+
+        async def forward(job_id: str, payload: Any) -> None:
+            await forward_job(queen, url, body, what="daemon")
+            if then is not None:
+                then(url)
+
+        async with open_job_runner(queen, forward):
+            yield url, queen
+        nursery.cancel_scope.cancel()
+
+
 async def test_a_cancel_goes_out_at_once_on_a_kept_connection() -> None:
     """While the job's stream holds its connection, a spare one is kept open: the DELETE
     that cancels the remote job is sent on it (no connect on a cancel's path) and the
     remote job ends CANCELLED by it. (Another client follows the remote job, so the
     queen's stream closing is not its last one leaving, which cancels it too.)"""
     remote, app, recorder = _daemon_app()
-    queen = JobRegistry()
     with trio.fail_after(10):
-        async with trio.open_nursery() as nursery:
-            url = await nursery.start(serve, app)
-
-            async def forward(job_id: str, payload: Any) -> None:
-                await forward_job(queen, url, {"hold": True}, what="daemon")
-
-            async with open_job_runner(queen, forward):
-                job_id = queen.create_job({})
-                while not (remote.running and recorder.ports("HEAD")):
-                    await trio.sleep(0.005)
-                [remote_id] = [r.id for r in remote.list_jobs()]
-                watched = trio.Event()
-                nursery.start_soon(_follow, url, remote_id, watched)
-                await watched.wait()
-                [stream_port] = recorder.ports("POST")
-                spare = recorder.ports("HEAD")
-                assert stream_port not in spare
-                assert queen.cancel_job(job_id)
-                assert (await queen.wait(job_id)).state is JobState.CANCELLED
+        async with _forwarding(app, {"hold": True}) as (url, queen), trio.open_nursery() as nursery:
+            job_id = queen.create_job({})
+            while not (remote.running and recorder.ports("HEAD")):
+                await trio.sleep(0.005)
+            [remote_id] = [r.id for r in remote.list_jobs()]
+            watched = trio.Event()
+            nursery.start_soon(_follow, url, remote_id, watched)
+            await watched.wait()
+            [stream_port] = recorder.ports("POST")
+            spare = recorder.ports("HEAD")
+            assert stream_port not in spare
+            assert queen.cancel_job(job_id)
+            assert (await queen.wait(job_id)).state is JobState.CANCELLED
             [delete] = [r for r in recorder.requests if r[0] == "DELETE"]
             assert delete[1].endswith(remote_id)
             assert delete[2] in spare
@@ -104,21 +119,13 @@ async def test_the_spare_connection_is_reused_while_streams_stay_open(
     one), not a connection per refresh."""
     monkeypatch.setattr(_forward, "_SPARE_REFRESH_S", 0.02)
     _, app, recorder = _daemon_app()
-    queen = JobRegistry()
     with trio.fail_after(10):
-        async with trio.open_nursery() as nursery:
-            url = await nursery.start(serve, app)
-
-            async def forward(job_id: str, payload: Any) -> None:
-                await forward_job(queen, url, {"hold": True}, what="daemon")
-
-            async with open_job_runner(queen, forward):
-                job_id = queen.create_job({})
-                while len(recorder.ports("HEAD")) < 10:
-                    await trio.sleep(0.005)
-                queen.cancel_job(job_id)
-            assert len(set(recorder.ports("HEAD"))) == 1
-            nursery.cancel_scope.cancel()
+        async with _forwarding(app, {"hold": True}) as (_, queen):
+            job_id = queen.create_job({})
+            while len(recorder.ports("HEAD")) < 10:
+                await trio.sleep(0.005)
+            queen.cancel_job(job_id)
+    assert len(set(recorder.ports("HEAD"))) == 1
 
 
 async def test_a_daemon_unused_for_a_while_is_dropped_with_its_pool(
@@ -128,26 +135,20 @@ async def test_a_daemon_unused_for_a_while_is_dropped_with_its_pool(
     closed) once none has for ``_DROP_AFTER_S``; the next forward makes a new one."""
     monkeypatch.setattr(_forward, "_DROP_AFTER_S", 0.05)
     _, app, recorder = _daemon_app()
-    queen = JobRegistry()
+    seen: list[bool] = []
     with trio.fail_after(10):
-        async with trio.open_nursery() as nursery:
-            url = await nursery.start(serve, app)
-            seen: list[bool] = []
-
-            async def forward(job_id: str, payload: Any) -> None:
-                await forward_job(queen, url, {}, what="daemon")
-                seen.append(url in _pools())
-
-            async with open_job_runner(queen, forward):
-                for _ in range(2):
-                    job_id = queen.create_job({})
-                    assert (await queen.wait(job_id)).state is JobState.COMPLETED
-                    assert seen.pop() is True
-                    while url in _pools():
-                        await trio.sleep(0.01)
-            assert len(recorder.ports("POST")) == 2
-            assert len(set(recorder.ports("POST"))) == 2  # the first pool's was closed
-            nursery.cancel_scope.cancel()
+        async with _forwarding(app, {}, lambda url: seen.append(url in _pools())) as (
+            url,
+            queen,
+        ):
+            for _ in range(2):
+                job_id = queen.create_job({})
+                assert (await queen.wait(job_id)).state is JobState.COMPLETED
+                assert seen.pop() is True
+                while url in _pools():
+                    await trio.sleep(0.01)
+    assert len(recorder.ports("POST")) == 2
+    assert len(set(recorder.ports("POST"))) == 2  # the first pool's was closed
 
 
 async def test_jobs_forwarded_one_after_another_send_no_spare_requests(
@@ -159,20 +160,12 @@ async def test_jobs_forwarded_one_after_another_send_no_spare_requests(
     monkeypatch.setattr(_forward, "_SPARE_AFTER_OPEN_S", 0.005)
     monkeypatch.setattr(_forward, "_SPARE_REFRESH_S", 60.0)
     _, app, recorder = _daemon_app()
-    queen = JobRegistry()
     with trio.fail_after(10):
-        async with trio.open_nursery() as nursery:
-            url = await nursery.start(serve, app)
-
-            async def forward(job_id: str, payload: Any) -> None:
-                await forward_job(queen, url, {}, what="daemon")
-
-            async with open_job_runner(queen, forward):
-                for _ in range(20):
-                    job_id = queen.create_job({})
-                    assert (await queen.wait(job_id)).state is JobState.COMPLETED
-                    await trio.sleep(0.01)  # past the look after this stream opened
-            assert len(recorder.ports("POST")) == 20
-            assert len(recorder.ports("HEAD")) <= 1
-            assert len(set(recorder.ports("POST"))) <= 2  # the pool's kept connections
-            nursery.cancel_scope.cancel()
+        async with _forwarding(app, {}) as (_, queen):
+            for _ in range(20):
+                job_id = queen.create_job({})
+                assert (await queen.wait(job_id)).state is JobState.COMPLETED
+                await trio.sleep(0.01)  # past the look after this stream opened
+    assert len(recorder.ports("POST")) == 20
+    assert len(recorder.ports("HEAD")) <= 1
+    assert len(set(recorder.ports("POST"))) <= 2  # the pool's kept connections
