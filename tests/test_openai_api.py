@@ -131,16 +131,21 @@ def _events(url: str, job_id: str) -> list[dict[str, Any]]:
     return [json.loads(line) for line in lines if line.startswith("{")]
 
 
-def _remote_job(env: Env, job_id: str) -> tuple[str, str]:
-    """(worker URL, worker job id) of the queen job ``job_id`` (running or not)."""
-    url = f"{env.queen}/v1/jobs/{job_id}/stream"
-    with httpx.stream("GET", url, headers=_headers(), timeout=10) as r:
+def _first_event(url: str, job_id: str, action: str) -> dict[str, Any]:
+    """The job's first event with ``action``, read from its stream as it comes."""
+    with httpx.stream("GET", f"{url}/v1/jobs/{job_id}/stream", headers=_headers(), timeout=10) as r:
         for line in r.iter_lines():
             if line.startswith("data: {"):
-                event = json.loads(line[6:])
-                if event["action"] == "forward":
-                    return event["target"], event["remote_job_id"]
-    raise AssertionError(f"{job_id} was not forwarded to a worker")
+                event: dict[str, Any] = json.loads(line[6:])
+                if event["action"] == action:
+                    return event
+    raise AssertionError(f"{job_id} ended without a {action!r} event")
+
+
+def _remote_job(env: Env, job_id: str) -> tuple[str, str]:
+    """(worker URL, worker job id) of the queen job ``job_id`` (running or not)."""
+    event = _first_event(env.queen, job_id, "forward")
+    return event["target"], event["remote_job_id"]
 
 
 def _wait_state(url: str, job_id: str, states: set[str], within_s: float = 10.0) -> dict[str, Any]:
@@ -738,8 +743,7 @@ def test_background_response_cancel_is_idempotent_and_stops_the_worker(env: Env)
         assert response.status in ("queued", "in_progress")
         assert response.background is True
         job_id = response.id.removeprefix("resp_")
-        _wait_state(env.queen, job_id, {"running"})
-        time.sleep(0.3)
+        _first_event(env.queen, job_id, "token")  # generating on the worker
         cancelled = client.responses.cancel(response.id)
         assert cancelled.status == "cancelled"
         assert client.responses.cancel(response.id).status == "cancelled"
