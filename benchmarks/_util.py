@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import os
 import statistics
+import subprocess
 import time
 from collections.abc import Sequence
+from typing import Any
 
 now = time.perf_counter
 
@@ -33,3 +35,13 @@ def report(name: str, figure: str, ratio: float | None = None, target: str = "")
     if target:
         parts.append(f"(target {target})")
     print("  ".join(parts), flush=True)
+
+
+def stop(proc: subprocess.Popen[Any]) -> None:
+    """End a server process: SIGTERM, then SIGKILL if it has not exited within 10 s."""
+    proc.terminate()
+    try:
+        proc.wait(10)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()

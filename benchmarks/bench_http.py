@@ -35,7 +35,7 @@ from typing import Any
 import httpx
 import trio
 
-from ._util import now, report
+from ._util import now, report, stop
 
 REPO = Path(__file__).resolve().parent.parent
 STREAM_EVENTS = 200_000
@@ -153,12 +153,7 @@ def _server(argv: list[str], name: str, cwd: Path = REPO) -> Iterator[tuple[str,
             raise RuntimeError(f"{name} did not start: {line!r}")
         yield line.split()[-1].strip(), proc.pid
     finally:
-        proc.terminate()
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop(proc)
 
 
 def _peer_path() -> Path:

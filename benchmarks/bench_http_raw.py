@@ -51,7 +51,7 @@ from pathlib import Path
 from typing import Any
 
 from ._rawclient import READ, connect, request, response
-from .bench_http import REPO, _peer_path, _server
+from .bench_http import REPO, _peer_path, _rss_kb, _server
 
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 
@@ -87,14 +87,6 @@ def _cpu_s(pid: int) -> float:
     with open(f"/proc/{pid}/stat") as f:
         fields = f.read().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / CLK_TCK
-
-
-def _rss_kb(pid: int) -> int:
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1])
-    raise RuntimeError("no VmRSS")
 
 
 def load(server: Server, spec: dict[str, Any], procs: int = 1) -> Run:

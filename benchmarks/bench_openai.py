@@ -36,7 +36,7 @@ from pathlib import Path
 import httpx
 import trio
 
-from ._util import now, report
+from ._util import now, report, stop
 
 REPO = Path(__file__).resolve().parent.parent
 MODEL = "bench"
@@ -64,12 +64,7 @@ def _daemon(argv: list[str], name: str, env: dict[str, str] | None = None) -> It
             raise RuntimeError(f"{name} did not start: {line!r}")
         yield line.split()[-1].strip()
     finally:
-        proc.terminate()
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop(proc)
 
 
 @contextmanager
@@ -107,12 +102,7 @@ def _litellm(upstream: str, state: Path) -> Iterator[str | None]:
             return
         yield url
     finally:
-        proc.terminate()
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop(proc)
 
 
 def _free_port() -> int:
