@@ -130,12 +130,22 @@ async def test_queens_on_one_postgres_share_workers_and_hives(tmp_path: Path) ->
 
             # A dies: its worker turns to B, which keeps scheduling on it
             assert cluster.kill("a") == -9
-            await trio.sleep(2.5)  # past the TTL of A's last record of the worker
+            # the worker's next beats (every 1 s) fail on A and go to B; A's last record
+            # of it ages out of the TTL (2 s)
+            try:
+                workers = await _until(
+                    b,
+                    "/v1/workers",
+                    lambda d: [w["via"] for w in d["workers"]] == [None],
+                    within_s=10.0,
+                )
+            except trio.TooSlowError:
+                raise AssertionError(
+                    f"B never heard the worker itself\n{cluster.log('hive')}\n{cluster.log('b')}"
+                ) from None
             async with JobClient(b) as cb:
                 signal, ran = await _infer(cb)
-                assert (signal, ran) == ("[DONE]", "started on b")
-                workers = (await _get(b, "/v1/workers"))["workers"]
-                assert [w["via"] for w in workers] == [None]  # heard by B itself now
+                assert (signal, ran) == ("[DONE]", "started on b"), cluster.log("b")
 
             # a queen started afresh on the schema knows every hive at once
             store = ["--store", f"postgres:{dsn}", "--pg-schema", schema]
