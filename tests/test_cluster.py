@@ -133,7 +133,7 @@ async def test_queens_on_one_postgres_share_workers_and_hives(tmp_path: Path) ->
             # the worker's next beats (every 1 s) fail on A and go to B; A's last record
             # of it ages out of the TTL (2 s)
             try:
-                workers = await _until(
+                await _until(
                     b,
                     "/v1/workers",
                     lambda d: [w["via"] for w in d["workers"]] == [None],

@@ -32,7 +32,7 @@ from trio_jobs import (
     raise_for_signal,
 )
 from trio_jobs._client._client import default_ssl_context
-from trio_jobs._client._transport import coalescing_transport
+from trio_jobs._client._transport import Http11Transport
 
 __all__ = ["ForwardFailed", "forward_job"]
 
@@ -120,7 +120,7 @@ class _Daemon:
 
     def __init__(self, base_url: str) -> None:
         self.base_url = base_url
-        self.transport = coalescing_transport(verify=default_ssl_context(), limits=_POOL_LIMITS)
+        self.transport = Http11Transport(verify=default_ssl_context(), limits=_POOL_LIMITS)
         self.users = 0
         """Forwards to this daemon under way."""
         self.streams = 0
@@ -178,7 +178,7 @@ class _Daemon:
                 if not self.streams:
                     self._look_at = math.inf
                 elif now >= self._refresh_at or (
-                    now >= self._look_at and not _has_idle(self.transport)
+                    now >= self._look_at and not self.transport.has_idle(self.base_url)
                 ):
                     await self._use_spare()
                     self._refresh_at = trio.current_time() + _SPARE_REFRESH_S
@@ -218,16 +218,6 @@ class _Daemon:
                 await response.aclose()
             except Exception as exc:
                 logger.debug("keeping a connection to %s: %s", self.base_url, exc)
-
-
-def _has_idle(transport: httpx.AsyncHTTPTransport) -> bool:
-    """Whether the pool holds a connection ready for a request (httpcore's connection API,
-    behind httpx's private ``_pool``); False when that cannot be told."""
-    pool = getattr(transport, "_pool", None)
-    for connection in getattr(pool, "connections", ()):
-        if connection.is_idle() and not connection.has_expired():
-            return True
-    return False
 
 
 def _daemon(base_url: str) -> _Daemon:

@@ -3,16 +3,17 @@
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncGenerator, AsyncIterator, Callable
-from contextlib import aclosing, asynccontextmanager, suppress
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
-from typing import Any, Protocol, cast
+from typing import Any, Protocol
 
 import httpx
 import trio
 
 from trio_jobs._client._client import default_ssl_context
-from trio_jobs._client._transport import coalescing_transport
+from trio_jobs._client._sse_decoder import SSEDecoder
+from trio_jobs._client._transport import Http11Transport, Reply
 
 from ..operations import Infer
 from ._tiny import tiny_tokens
@@ -91,6 +92,10 @@ class OpenAIBackend:
     name sent upstream (default: the requested model). ``max_tokens`` is sent upstream and
     also enforced here: generation stops after that many content chunks (one token each
     on those servers) even if the upstream ignores it. Errors name the upstream URL.
+
+    Requests go straight to an :class:`Http11Transport` (HTTP/1.1, kept-alive), below
+    httpx's client: on a job's path to its first token, that client's layers cost more
+    than the request itself. Proxies are not used.
     """
 
     base_url: str
@@ -99,25 +104,26 @@ class OpenAIBackend:
     connect_timeout_s: float = 10.0
     check_timeout_s: float = 2.0
     name: str = "openai"
-    client: httpx.AsyncClient | None = field(default=None, repr=False, compare=False)
-    """A client kept open by whoever runs the backend (kept-alive connections to the
-    upstream, see :meth:`open_client`); None: a client per request."""
+    transport: Http11Transport | None = field(default=None, repr=False, compare=False)
+    """Connections kept open by whoever runs the backend (see :meth:`open_transport`);
+    None: a transport per request."""
 
-    def open_client(self) -> httpx.AsyncClient:
-        """A new client for the upstream (the caller enters and closes it)."""
-        return httpx.AsyncClient(
-            timeout=httpx.Timeout(self.connect_timeout_s, read=None),
-            transport=coalescing_transport(verify=default_ssl_context()),
-        )
+    def open_transport(self) -> Http11Transport:
+        """A new transport for the upstream (the caller closes it)."""
+        return Http11Transport(verify=default_ssl_context())
 
     @asynccontextmanager
-    async def _session(self) -> AsyncIterator[httpx.AsyncClient]:
-        if self.client is not None:
+    async def _session(self) -> AsyncIterator[Http11Transport]:
+        if self.transport is not None:
             await trio.lowlevel.checkpoint()
-            yield self.client
+            yield self.transport
             return
-        async with self.open_client() as client:
-            yield client
+        transport = self.open_transport()
+        try:
+            yield transport
+        finally:
+            with trio.CancelScope(shield=True):
+                await transport.aclose()
 
     @property
     def api_url(self) -> str:
@@ -125,10 +131,16 @@ class OpenAIBackend:
         url = self.base_url.rstrip("/")
         return url if url.endswith("/v1") else url + "/v1"
 
-    def _headers(self) -> dict[str, str]:
-        headers = {"Accept": "text/event-stream"}
+    def _headers(self, url: httpx.URL, body: bytes | None) -> list[tuple[bytes, bytes]]:
+        headers = [(b"host", url.netloc), (b"user-agent", b"trio-jobs")]
+        if body is not None:
+            headers += [
+                (b"accept", b"text/event-stream"),
+                (b"content-type", b"application/json"),
+                (b"content-length", b"%d" % len(body)),
+            ]
         if self.api_key:
-            headers["Authorization"] = f"Bearer {self.api_key}"
+            headers.append((b"authorization", f"Bearer {self.api_key}".encode()))
         return headers
 
     def _body(self, request: Infer) -> dict[str, Any]:
@@ -151,101 +163,105 @@ class OpenAIBackend:
 
     async def check(self) -> str | None:
         """``GET /v1/models`` on the upstream: any answer below 500 means it is up."""
-        url = f"{self.api_url}/models"
+        url = httpx.URL(f"{self.api_url}/models")
+        limit = self.check_timeout_s
         try:
-            # On the kept client when there is one: a check every heartbeat no longer
-            # connects (and builds a client) each time, beside the requests it serves.
-            async with self._session() as client:
-                response = await client.get(
-                    url, headers=self._headers(), timeout=self.check_timeout_s
-                )
+            # On the kept transport when there is one: a check every heartbeat does not
+            # connect each time, beside the requests it serves.
+            with trio.fail_after(limit):
+                async with self._session() as transport:
+                    timeouts = dict.fromkeys(("connect", "read", "write"), limit)
+                    reply = await transport.open(
+                        "GET", url, self._headers(url, None), b"", timeouts
+                    )
+                    await _drain(reply, 1 << 20)
+        except trio.TooSlowError:
+            return f"upstream {self.base_url} is unreachable: no answer within {limit:g}s"
         except (httpx.HTTPError, httpx.InvalidURL) as exc:
             return f"upstream {self.base_url} is unreachable: {_describe(exc)}"
-        if response.status_code >= 500:
-            return f"upstream {self.base_url} answered {response.status_code} to GET {url}"
+        if reply.status >= 500:
+            return f"upstream {self.base_url} answered {reply.status} to GET {url}"
         return None
 
     async def generate(self, request: Infer, emit: TokenSink) -> str:
-        url = f"{self.api_url}/chat/completions"
-        timeout = httpx.Timeout(self.connect_timeout_s, read=None)
+        url = httpx.URL(f"{self.api_url}/chat/completions")
+        body = json.dumps(self._body(request), separators=(",", ":")).encode()
+        timeouts = {"connect": self.connect_timeout_s, "write": self.connect_timeout_s}
         finish = "stop"
         done = False
         count = 0
         try:
-            async with (
-                self._session() as client,
-                client.stream(
-                    "POST",
-                    url,
-                    json=self._body(request),
-                    headers=self._headers(),
-                    timeout=timeout,
-                ) as response,
-            ):
-                if response.status_code >= 400:
-                    detail = (await response.aread()).decode(errors="replace")[:300]
-                    raise UpstreamError(
-                        f"upstream {self.base_url} answered {response.status_code}: {detail}",
-                        unreachable=response.status_code >= 500,
-                    )
-                # Read the body to its end (it ends right after [DONE]), which keeps the
-                # connection for the next request, unless the upstream goes on past
-                # max_tokens (another token, or no end within TAIL_S): then the
-                # response is closed. aclosing() closes httpx's nested iterators either way.
-                lines = cast(AsyncGenerator[str, None], response.aiter_lines())
-                async with aclosing(lines):
+            async with self._session() as transport:
+                reply = await transport.open("POST", url, self._headers(url, body), body, timeouts)
+                try:
+                    if reply.status >= 400:
+                        detail = (await _drain(reply, 300)).decode(errors="replace")
+                        raise UpstreamError(
+                            f"upstream {self.base_url} answered {reply.status}: {detail}",
+                            unreachable=reply.status >= 500,
+                        )
+                    # Read the body to its end (it ends right after [DONE]), which keeps
+                    # the connection for the next request, unless the upstream goes on
+                    # past max_tokens (another token, or no end within TAIL_S): then the
+                    # connection is closed (in ``finally``).
+                    decoder = SSEDecoder()
                     with trio.CancelScope() as tail:
-                        async for line in lines:
-                            if done or not line.startswith("data:"):
-                                continue
-                            data = line[5:].strip()
-                            if data == "[DONE]":
-                                done = True
-                                continue
-                            try:
-                                chunk = json.loads(data)
-                                choice = chunk["choices"][0]
-                            except (ValueError, KeyError, IndexError, TypeError):
-                                raise UpstreamError(
-                                    f"unreadable chunk from upstream {self.base_url}: {data[:200]}"
-                                ) from None
-                            content = (choice.get("delta") or {}).get("content")
-                            if content:
-                                if count >= request.max_tokens:  # it ignores max_tokens
-                                    break
-                                emit(content)
-                                count += 1
-                                if count >= request.max_tokens:
-                                    tail.deadline = trio.current_time() + TAIL_S
-                            if choice.get("finish_reason"):
-                                finish = str(choice["finish_reason"])
-                    if not done and count >= request.max_tokens:
-                        await _close_early(response, lines)
-                        return "length"
+                        async for chunk in reply.body:
+                            for message in decoder.feed(chunk):
+                                data = message.data.strip()
+                                if done:
+                                    continue
+                                if data == "[DONE]":
+                                    done = True
+                                    continue
+                                content, reason = _delta(data, self.base_url)
+                                if content:
+                                    if count >= request.max_tokens:  # it ignores max_tokens
+                                        tail.cancel()
+                                        break
+                                    emit(content)
+                                    count += 1
+                                    if count >= request.max_tokens:
+                                        tail.deadline = trio.current_time() + TAIL_S
+                                if reason:
+                                    finish = reason
+                finally:
+                    await reply.body.aclose()
         except (httpx.HTTPError, httpx.InvalidURL) as exc:
             raise UpstreamError(
                 f"upstream {self.base_url} is unreachable: {_describe(exc)}",
                 unreachable=count == 0,
             ) from None
+        if not done and count >= request.max_tokens:
+            return "length"
         if not done:
             raise UpstreamError(f"upstream {self.base_url} ended its stream without [DONE]")
         return finish
 
 
-async def _close_early(response: httpx.Response, lines: AsyncGenerator[str, None]) -> None:
-    """Stop reading a body before its end: close the response, then drive the reader until
-    the closed connection ends it, which finishes httpx's nested generators (left to the
-    garbage collector, they are reported as a ResourceWarning). Bounded: 1 s."""
-    with trio.move_on_after(1.0):
-        with suppress(httpx.HTTPError):
-            await response.aclose()
-        for _ in range(10_000):
-            try:
-                await lines.__anext__()
-            except StopAsyncIteration:
-                break
-            except Exception:  # whatever a closed transport raises: the reader is done
-                break
+def _delta(data: str, upstream: str) -> tuple[str | None, str | None]:
+    """The content and finish reason of one streamed chunk."""
+    try:
+        choice = json.loads(data)["choices"][0]
+        content = (choice.get("delta") or {}).get("content")
+        reason = choice.get("finish_reason")
+    except (ValueError, KeyError, IndexError, TypeError, AttributeError):
+        raise UpstreamError(f"unreadable chunk from upstream {upstream}: {data[:200]}") from None
+    return (str(content) if content else None), (str(reason) if reason else None)
+
+
+async def _drain(reply: Reply, limit: int) -> bytes:
+    """The first ``limit`` bytes of a body, read to its end (which keeps the connection)
+    or closed beyond a megabyte."""
+    kept = b""
+    seen = 0
+    async for chunk in reply.body:
+        kept += chunk[: max(0, limit - len(kept))]
+        seen += len(chunk)
+        if seen > 1 << 20:
+            break
+    await reply.body.aclose()
+    return kept
 
 
 def _describe(exc: Exception) -> str:

@@ -534,7 +534,8 @@ async def serve_worker(
     backend = worker.backend
     async with contextlib.AsyncExitStack() as stack:
         if isinstance(backend, OpenAIBackend):  # kept-alive connections to the upstream
-            backend.client = await stack.enter_async_context(backend.open_client())
+            backend.transport = backend.open_transport()
+            stack.push_async_callback(backend.transport.aclose)
         await run_daemon(
             app,
             host=host,
