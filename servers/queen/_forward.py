@@ -405,7 +405,9 @@ async def forward_job(
         async with trio.open_nursery() as watchers:
             if watch is not None:
                 watchers.start_soon(until_lost, watch, True)
-            watchers.start_soon(work, watchers)
+            # In this task, not a child: the request goes out without waiting for the
+            # scheduler to start one (on every forwarded job's path to its first token).
+            await work(watchers)
         if lost is not None and terminal is None:
             logger.warning("lost %s at %s: %s", what, base_url, lost)
             raise ForwardFailed(

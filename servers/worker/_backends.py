@@ -115,7 +115,8 @@ class OpenAIBackend:
     @asynccontextmanager
     async def _session(self) -> AsyncIterator[Http11Transport]:
         if self.transport is not None:
-            await trio.lowlevel.checkpoint()
+            # No checkpoint here: the request goes out before anything else runs (the
+            # job's first events are written meanwhile, while the upstream works).
             yield self.transport
             return
         transport = self.open_transport()

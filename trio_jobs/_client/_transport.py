@@ -339,8 +339,11 @@ async def _next_event(conn: _Connection, read_s: float | None) -> Any:
         if event is not h11.NEED_DATA:
             return event
         try:
-            with trio.fail_after(_seconds(read_s)):
+            if read_s is None:  # a stream's usual case: no cancel scope per read
                 data = await conn.stream.receive_some(_READ_SIZE)
+            else:
+                with trio.fail_after(read_s):
+                    data = await conn.stream.receive_some(_READ_SIZE)
         except trio.TooSlowError:
             raise httpx.ReadTimeout("no answer within the read timeout") from None
         except (OSError, trio.BrokenResourceError, trio.ClosedResourceError) as exc:
@@ -352,8 +355,11 @@ async def _next_event(conn: _Connection, read_s: float | None) -> Any:
 
 async def _write(conn: _Connection, data: bytes, timeout: float | None) -> None:
     try:
-        with trio.fail_after(_seconds(timeout)):
+        if timeout is None:
             await conn.stream.send_all(data)
+        else:
+            with trio.fail_after(timeout):
+                await conn.stream.send_all(data)
     except trio.TooSlowError:
         raise httpx.WriteTimeout("the request could not be sent within the timeout") from None
     except (OSError, trio.BrokenResourceError, trio.ClosedResourceError) as exc:
