@@ -469,10 +469,11 @@ def test_a_foreground_streamed_response_that_cannot_start_is_an_error_status(env
 def test_a_model_whose_workers_are_all_at_capacity_is_429_with_retry_after(env: Env) -> None:
     """A worker spawned with ``max_concurrent`` 1 advertises that capacity: while one
     stream holds its slot, requests for its model wait the queen's ``schedule_wait`` (1 s)
-    and then get 429 (``RateLimitError``, ``Retry-After``, the job named), a background
-    response ends ``failed`` with ``rate_limit_exceeded`` and a plain job fails with the
-    same clear error; a model whose only worker is live but not ready stays 503. Once the
-    stream is closed, the slot serves the next request."""
+    and then get 429 (``RateLimitError``, ``Retry-After``, the job named) and a plain job
+    fails with the same clear error, while a background response stays ``queued``; a
+    model whose only worker is live but not ready stays 503. Once the stream is closed,
+    the slot serves the background response (it waited longest), then the next
+    request."""
 
     async def spawn() -> dict[str, Any]:
         async with JobClient(env.queen, token=TOKEN) as jobs:
@@ -507,8 +508,9 @@ def test_a_model_whose_workers_are_all_at_capacity_is_429_with_retry_after(env: 
             return info.value
 
         def background() -> Any:
-            response = client.responses.create(model="capped", input="x", background=True)
-            return _wait_state(env.queen, response.id.removeprefix("resp_"), {"failed"})
+            return client.responses.create(
+                model="capped", input="x", background=True, max_output_tokens=2
+            )
 
         def plain_job() -> Any:
             body = {"operation": "infer", "model": "capped", "prompt": "x"}
@@ -518,7 +520,7 @@ def test_a_model_whose_workers_are_all_at_capacity_is_429_with_retry_after(env: 
         with concurrent.futures.ThreadPoolExecutor(5) as pool:
             calls = [chat, streamed_response, not_ready, background, plain_job]
             started = time.monotonic()
-            busy_chat, busy_response, unready, bg_record, job = (
+            busy_chat, busy_response, unready, queued, job = (
                 f.result() for f in [pool.submit(call) for call in calls]
             )
             assert time.monotonic() - started >= 1.0  # each waited the schedule_wait
@@ -532,9 +534,7 @@ def test_a_model_whose_workers_are_all_at_capacity_is_429_with_retry_after(env: 
             assert _job(env, job_id)["state"] == "failed"
         assert unready.status_code == 503
         assert _error(unready)["code"] == "no_worker_available"
-        stored = client.responses.retrieve("resp_" + bg_record["job_id"])
-        assert stored.status == "failed" and stored.error is not None
-        assert stored.error.code == "rate_limit_exceeded"
+        assert client.responses.retrieve(queued.id).status == "queued"
         assert job["error"] == (
             f"all 1 live worker(s) serving model 'capped' stayed at capacity for 1s "
             f"({worker['id']} 1/1 jobs)"
@@ -542,6 +542,12 @@ def test_a_model_whose_workers_are_all_at_capacity_is_429_with_retry_after(env: 
         holder.close()
         done = client.chat.completions.create(model="capped", messages=hello, max_tokens=2)
         assert done.choices[0].finish_reason == "length"
+        scheduled = [
+            _epoch(_first_event(env.queen, job_id, "infer_worker")["ts"])
+            for job_id in (queued.id.removeprefix("resp_"), done.id.removeprefix("chatcmpl-"))
+        ]
+        assert scheduled == sorted(scheduled)
+        assert client.responses.retrieve(queued.id).status == "incomplete"
 
 
 def test_tools_are_refused_by_name_on_chat_and_responses(env: Env) -> None:
