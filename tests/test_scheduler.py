@@ -1,4 +1,5 @@
-"""The queen's worker table: heartbeats, liveness by TTL, picking a worker (virtual time)."""
+"""The queen's worker table: heartbeats, liveness by TTL, picking a worker, waiting for a
+slot in turn; and the queen's ``infer`` waiting for one (virtual time)."""
 
 from __future__ import annotations
 
@@ -8,7 +9,10 @@ import pytest
 import trio
 import trio.testing
 
-from servers.queen import NoWorker, WorkersBusy, WorkerTable
+from servers.operations import Infer
+from servers.queen import NoWorker, Queen, QueenConfig, WorkersBusy, WorkerTable
+from servers.queen._openai import Progress, ResponseView
+from trio_jobs import JobRegistry, open_job_runner
 
 
 def beat(table: WorkerTable, worker_id: str, model: str = "tiny", **extra: Any) -> None:
@@ -326,3 +330,48 @@ async def test_waiters_that_give_up_leave_the_queue_and_lose_no_slot(
         await trio.testing.wait_all_tasks_blocked()
     assert served[3:] == ["asking cancelled", "last"]
     assert table.assigned == {"w1": 1} and table.waiting == 0
+
+
+async def test_a_background_infer_waits_for_a_slot_until_its_bound(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    """While its model's only worker is full, a plain ``infer`` fails after the queen's
+    ``schedule_wait_s``; a background one waits until its job's timeout, then fails
+    ``Job timed out`` having said why it never started (and its response says so, as a
+    rate limit); a queued one that is cancelled leaves the queue with no slot."""
+    registry = JobRegistry(actor="queen")
+    async with trio.open_nursery() as nursery:
+        queen = Queen(QueenConfig(heartbeat_ttl_s=1000, schedule_wait_s=1), registry, nursery)
+        beat(queen.workers, "w1", capacity=1, running=1)  # full with another queen's job
+        background = Infer(model="tiny", prompt="x", background=True).to_body()
+        async with open_job_runner(registry, queen.execute):
+            start = trio.current_time()
+            bg = await registry.submit(background, timeout=30)
+            plain = await registry.submit(Infer(model="tiny", prompt="x").to_body())
+            cancelled = await registry.submit(background, timeout=30)
+            assert (await registry.wait(plain)).error == (
+                "all 1 live worker(s) serving model 'tiny' stayed at capacity for 1s (w1 1/1 jobs)"
+            )
+            assert trio.current_time() - start == pytest.approx(1)
+            assert queen.workers.waiting == 2
+            assert registry.cancel_job(cancelled)
+            assert (await registry.wait(cancelled)).state.value == "cancelled"
+            record = await registry.wait(bg)
+            assert trio.current_time() - start == pytest.approx(30, abs=0.1)
+        nursery.cancel_scope.cancel()
+    assert record.error == "Job timed out after 30s"
+    assert queen.workers.waiting == 0 and queen.workers.assigned == {}
+    events = registry.events(bg)
+    [why] = [e for e in events if e.action == "infer_unscheduled"]
+    assert why.fields["busy"] is True
+    assert why.human.startswith("all 1 live worker(s) serving model 'tiny' stayed at capacity")
+    view = ResponseView(
+        "resp_" + bg, {"background": True, "timeout_s": 30}, 0, Progress(), error=record.error
+    )
+    for event in events:
+        view.progress.feed(event)
+    assert view.failure_detail() == {
+        "code": "rate_limit_exceeded",
+        "message": "The response was not started within 30s, this server's limit for "
+        f"background responses (background_timeout_s): {why.human}",
+    }
