@@ -380,6 +380,19 @@ class Infer(OperationBase):
     tiny generator reads ``prompt``, which the queen renders from it."""
     stop: list[Annotated[str, Field(min_length=1)]] | None = Field(default=None, max_length=4)
     """Generation ends (finish reason ``stop``) before the first of these strings."""
+    background: bool = False
+    """Nobody waits on the job (an OpenAI background response): instead of failing after
+    the queen's ``schedule_wait_s``, it waits for a worker slot as long as its job's
+    timeout allows, and that timeout counts from the job's creation, not from each
+    attempt (a job resumed after a queen restart keeps its end). The queen keeps it to
+    itself: the worker's job does not carry it."""
+
+    def to_body(self) -> dict[str, Any]:
+        """As :meth:`OperationBase.to_body`; ``background`` only when true."""
+        body = super().to_body()
+        if not self.background:
+            del body["background"]
+        return body
 
 
 Operation = Annotated[

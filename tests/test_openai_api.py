@@ -118,7 +118,11 @@ def _expected(model: str, prompt: str, n: int, **sampling: Any) -> str:
 
 
 def _job(env: Env, job_id: str) -> dict[str, Any]:
-    response = httpx.get(f"{env.queen}/v1/jobs/{job_id}", headers=_headers())
+    return _job_at(env.queen, job_id)
+
+
+def _job_at(url: str, job_id: str) -> dict[str, Any]:
+    response = httpx.get(f"{url}/v1/jobs/{job_id}", headers=_headers())
     response.raise_for_status()
     data: dict[str, Any] = response.json()
     return data
@@ -469,10 +473,11 @@ def test_a_foreground_streamed_response_that_cannot_start_is_an_error_status(env
 def test_a_model_whose_workers_are_all_at_capacity_is_429_with_retry_after(env: Env) -> None:
     """A worker spawned with ``max_concurrent`` 1 advertises that capacity: while one
     stream holds its slot, requests for its model wait the queen's ``schedule_wait`` (1 s)
-    and then get 429 (``RateLimitError``, ``Retry-After``, the job named), a background
-    response ends ``failed`` with ``rate_limit_exceeded`` and a plain job fails with the
-    same clear error; a model whose only worker is live but not ready stays 503. Once the
-    stream is closed, the slot serves the next request."""
+    and then get 429 (``RateLimitError``, ``Retry-After``, the job named) and a plain job
+    fails with the same clear error, while a background response stays ``queued``; a
+    model whose only worker is live but not ready stays 503. Once the stream is closed,
+    the slot serves the background response (it waited longest), then the next
+    request."""
 
     async def spawn() -> dict[str, Any]:
         async with JobClient(env.queen, token=TOKEN) as jobs:
@@ -507,8 +512,9 @@ def test_a_model_whose_workers_are_all_at_capacity_is_429_with_retry_after(env: 
             return info.value
 
         def background() -> Any:
-            response = client.responses.create(model="capped", input="x", background=True)
-            return _wait_state(env.queen, response.id.removeprefix("resp_"), {"failed"})
+            return client.responses.create(
+                model="capped", input="x", background=True, max_output_tokens=2
+            )
 
         def plain_job() -> Any:
             body = {"operation": "infer", "model": "capped", "prompt": "x"}
@@ -518,7 +524,7 @@ def test_a_model_whose_workers_are_all_at_capacity_is_429_with_retry_after(env: 
         with concurrent.futures.ThreadPoolExecutor(5) as pool:
             calls = [chat, streamed_response, not_ready, background, plain_job]
             started = time.monotonic()
-            busy_chat, busy_response, unready, bg_record, job = (
+            busy_chat, busy_response, unready, queued, job = (
                 f.result() for f in [pool.submit(call) for call in calls]
             )
             assert time.monotonic() - started >= 1.0  # each waited the schedule_wait
@@ -532,9 +538,7 @@ def test_a_model_whose_workers_are_all_at_capacity_is_429_with_retry_after(env: 
             assert _job(env, job_id)["state"] == "failed"
         assert unready.status_code == 503
         assert _error(unready)["code"] == "no_worker_available"
-        stored = client.responses.retrieve("resp_" + bg_record["job_id"])
-        assert stored.status == "failed" and stored.error is not None
-        assert stored.error.code == "rate_limit_exceeded"
+        assert client.responses.retrieve(queued.id).status == "queued"
         assert job["error"] == (
             f"all 1 live worker(s) serving model 'capped' stayed at capacity for 1s "
             f"({worker['id']} 1/1 jobs)"
@@ -542,6 +546,73 @@ def test_a_model_whose_workers_are_all_at_capacity_is_429_with_retry_after(env: 
         holder.close()
         done = client.chat.completions.create(model="capped", messages=hello, max_tokens=2)
         assert done.choices[0].finish_reason == "length"
+        scheduled = [
+            _epoch(_first_event(env.queen, job_id, "infer_worker")["ts"])
+            for job_id in (queued.id.removeprefix("resp_"), done.id.removeprefix("chatcmpl-"))
+        ]
+        assert scheduled == sorted(scheduled)
+        assert client.responses.retrieve(queued.id).status == "incomplete"
+
+
+def test_background_responses_wait_for_a_slot_in_turn_and_cancel_while_queued(
+    env: Env,
+) -> None:
+    """Behind a stream that holds a worker's only slot, background responses stay
+    ``queued`` past the queen's ``schedule_wait`` (where a chat gets 429); one cancelled
+    while queued ends ``cancelled`` (again on a second cancel) without reaching the
+    worker; the others get the slot one after another in the order they came, and their
+    streams say ``response.in_progress`` only then."""
+
+    async def spawn() -> None:
+        async with JobClient(env.queen, token=TOKEN) as jobs:
+            await spawn_worker(jobs, "one-slot", token_delay_s=0.02, max_concurrent=1)
+
+    trio.run(spawn)
+    hello = [{"role": "user", "content": "x"}]
+
+    def job_of(response: Any) -> str:
+        return str(response.id).removeprefix("resp_")
+
+    with env.client() as client:
+        holder = client.chat.completions.create(
+            model="one-slot", messages=hello, max_tokens=1000, stream=True
+        )
+        next(iter(holder))
+        queued = []
+        for name in "abcd":
+            response = client.responses.create(
+                model="one-slot", input=name, background=True, max_output_tokens=3
+            )
+            assert response.status == "queued"
+            _first_event(env.queen, job_of(response), "infer_schedule")  # in the queue
+            queued.append(response)
+        with pytest.raises(openai.RateLimitError):  # waits 1 s, behind them
+            client.chat.completions.create(model="one-slot", messages=hello)
+        assert [client.responses.retrieve(r.id).status for r in queued] == ["queued"] * 4
+        dropped = queued.pop(2)
+        assert client.responses.cancel(dropped.id).status == "cancelled"
+        assert client.responses.cancel(dropped.id).status == "cancelled"
+        holder.close()
+        for response in queued:
+            _wait_state(env.queen, job_of(response), {"completed"})
+        scheduled = [
+            _epoch(_first_event(env.queen, job_of(r), "infer_worker")["ts"]) for r in queued
+        ]
+        assert scheduled == sorted(scheduled)
+        assert [client.responses.retrieve(r.id).status for r in queued] == ["incomplete"] * 3
+        events = list(client.responses.retrieve(queued[0].id, stream=True))
+    assert [e.type for e in events[:4]] == [
+        "response.created",
+        "response.in_progress",
+        "response.output_item.added",
+        "response.content_part.added",
+    ]
+    assert events[0].response.status == "queued"  # type: ignore[union-attr]
+    numbers = [e.sequence_number for e in events]
+    assert numbers == sorted(set(numbers)) and numbers[1] > 3  # after the job's forward
+    actions = {e["action"] for e in _events(env.queen, job_of(dropped))}
+    assert "infer_schedule" in actions and "infer_worker" not in actions
+    assert _job(env, job_of(dropped))["state"] == "cancelled"
 
 
 def test_tools_are_refused_by_name_on_chat_and_responses(env: Env) -> None:
@@ -874,6 +945,72 @@ def test_a_background_response_ends_failed_at_the_servers_time_limit(tmp_path: P
             trio.run(partial(wait_idle, worker, within_s=5))
             foreground = client.responses.create(model="bounded", input="x", max_output_tokens=20)
             assert foreground.status == "incomplete"  # 1 s of tokens, past the bound
+    finally:
+        cluster.close()
+
+
+def test_a_background_responses_bound_counts_from_its_creation_across_a_restart(
+    tmp_path: Path,
+) -> None:
+    """The bound of a background response ends at its creation plus
+    ``--background-timeout`` (4 s), not that long after the attempt that runs it: one
+    still queued (the queen runs one job at once) when the queen restarts starts on the
+    restarted queen about 3 s after its creation and fails 1 s later, not 4 s later.
+    Its own small cluster: a queen (SQLite store, a fixed port) and a standalone worker
+    that heartbeats to it."""
+    cluster = Cluster(tmp_path)
+    port = closed_port()
+    argv = [
+        *("queen", "--port", str(port), "--store", f"sqlite:{tmp_path / 'queen.db'}"),
+        *("--max-concurrent", "1", "--background-timeout", "4", "--heartbeat-ttl", "2"),
+        *("--hive", f"localhost=http://127.0.0.1:{closed_port()}"),
+    ]
+    try:
+        queen = cluster.start("queen", argv)
+        worker = cluster.start(
+            "worker",
+            [
+                *("worker", "--port", "0", "--model", "bounded", "--queen", queen),
+                *("--token-delay", "0.05", "--heartbeat-s", "0.2", "--max-concurrent", "1"),
+            ],
+        )
+
+        def wait_for_the_worker(client: openai.OpenAI) -> None:
+            deadline = time.monotonic() + 10
+            while "bounded" not in {m.id for m in client.models.list()}:
+                assert time.monotonic() < deadline, "the worker did not report"
+                time.sleep(0.05)
+
+        with openai.OpenAI(base_url=queen + "/v1", api_key="unused", max_retries=0) as client:
+            wait_for_the_worker(client)
+            first = client.responses.create(
+                model="bounded", input="first", max_output_tokens=2000, background=True
+            )
+            _first_event(queen, first.id.removeprefix("resp_"), "token")
+            second = client.responses.create(
+                model="bounded", input="second", max_output_tokens=2000, background=True
+            )
+            job_id = second.id.removeprefix("resp_")
+            time.sleep(1.5)
+            assert _job_at(queen, job_id)["state"] == "queued"
+            proc = cluster.proc("queen")
+            proc.terminate()
+            assert proc.wait(15) == 0
+            trio.run(partial(wait_idle, worker, within_s=5))  # the first one's job ended
+            queen = cluster.start("queen-again", argv)
+            wait_for_the_worker(client)
+            record = _wait_state(queen, job_id, {"failed"})
+            final = client.responses.retrieve(second.id)
+        created, started, finished = (
+            _epoch(record[k]) for k in ("created_at", "started_at", "finished_at")
+        )
+        assert started - created > 1.5  # waited for the queen's restart
+        # The bound from its creation; from its start it would end 4 s after ``started``.
+        assert 4 <= finished - created < started - created + 3.5
+        assert record["error"] == "Job timed out after 4s"
+        assert final.status == "failed" and final.error is not None
+        assert final.error.message.startswith("The response did not finish within 4s")
+        assert final.usage is not None and 0 < final.usage.output_tokens < 40
     finally:
         cluster.close()
 

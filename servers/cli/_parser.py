@@ -291,8 +291,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--background-timeout",
         type=float,
         default=None,
-        help="seconds a background response (OpenAI Responses API) may run before it "
-        "ends failed (default 3600)",
+        help="seconds after its creation a background response (OpenAI Responses API) "
+        "may be queued and run before it ends failed (default 3600)",
     )
     _store_options(queen, "trio_jobs")
     queen.add_argument(

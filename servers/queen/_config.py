@@ -216,7 +216,8 @@ class QueenConfig:
 
     ``heartbeat_ttl_s``: a worker whose last heartbeat is older is not scheduled.
     ``schedule_wait_s``: how long an ``infer`` waits for a live worker of its model with
-    room for it (below the capacity it advertises); then the job fails.
+    room for it (below the capacity it advertises), in turn with the others waiting;
+    then the job fails (a background one waits until its bound instead).
     ``cancel_timeout_s``: bound on the DELETE sent to a hive or worker when a forwarded
     job is cancelled or times out.
     ``stream_silence_s``: a forwarded job whose daemon sends nothing at all (no event, no
@@ -225,8 +226,9 @@ class QueenConfig:
     ``lost_worker_grace_s``: after a worker's heartbeat is older than ``heartbeat_ttl_s``,
     its in-flight ``infer`` jobs fail ``lost worker ...`` within this many seconds (or are
     retried on another worker when their retry policy allows).
-    ``background_timeout_s``: how long a background response (OpenAI Responses API) may
-    run; then it ends ``failed`` (its job: ``Job timed out after <N>s``).
+    ``background_timeout_s``: how long after its creation a background response (OpenAI
+    Responses API) may be queued and run, across restarts; then it ends ``failed`` (its
+    job: ``Job timed out after <N>s``).
     ``store``: where jobs are kept (memory here; the CLI defaults to a SQLite file); with
     PostgreSQL the queen shares the ``pg_schema`` tables with other queens as ``node``
     (default ``<hostname>-<pid>``), and takes over the jobs of a queen that renewed no

@@ -26,8 +26,11 @@ cancelled elsewhere, 413/415 as the job API, 429 (``Retry-After``) every worker 
 model stayed at its capacity for the queen's ``schedule_wait_s``, 502 the worker failed
 before answering, 503 (``Retry-After``) no worker or store could take the request.
 
-A background response runs at most the queen's ``background_timeout_s`` (its job's
-timeout), then ends ``failed``.
+A background response (an ``infer`` job with ``background`` set) is ``queued`` until a
+worker takes it: it waits for a slot (in turn) instead of failing after
+``schedule_wait_s``, and its stream says ``response.in_progress`` when a worker took it.
+It ends ``failed`` at the queen's ``background_timeout_s`` (its job's timeout) after its
+creation, whether it was running or still queued, across queen restarts.
 """
 
 from __future__ import annotations
@@ -291,8 +294,11 @@ class Progress:
     finish: str | None = None
     prompt_tokens: int | None = None
     scheduled: bool = False
+    """A worker accepted the job (its ``forward`` event)."""
     busy: bool = False
     """Not scheduled because every worker of the model stayed at its capacity."""
+    unscheduled: str | None = None
+    """Why no worker took the job, as its ``infer_unscheduled`` event said."""
     signal: TerminalSignal | None = None
     last_id: int = 0
 
@@ -303,6 +309,11 @@ class Progress:
     @property
     def done(self) -> bool:
         return self.signal is not None
+
+    @property
+    def started(self) -> bool:
+        """A worker took the job (or tokens came, should that event be lost)."""
+        return self.scheduled or bool(self.parts)
 
     def feed(self, item: StreamItem) -> str | None:
         """Take one stream item; returns the token text it carries, if any."""
@@ -320,6 +331,7 @@ class Progress:
             self.scheduled = True
         elif action == "infer_unscheduled":
             self.busy = bool(item.fields.get("busy"))
+            self.unscheduled = item.human
         elif action == "infer_complete":
             self.finish = str(item.fields.get("finish_reason") or "stop")
             prompt_tokens = item.fields.get("prompt_tokens")
@@ -397,7 +409,6 @@ class ResponseView:
     meta: Mapping[str, Any]
     created_at: float
     progress: Progress
-    state: JobState = JobState.QUEUED
     error: str | None = None
     finished_at: float | None = None
 
@@ -411,18 +422,22 @@ class ResponseView:
             if signal.signal is Signal.DONE:
                 return "incomplete" if self.progress.finish == "length" else "completed"
             return "cancelled" if signal.signal is Signal.CANCELLED else "failed"
-        return "queued" if self.state is JobState.QUEUED else "in_progress"
+        return "in_progress" if self.progress.started else "queued"
 
     def failure_detail(self) -> dict[str, str]:
         """The ``error`` of a failed response, with a code from OpenAI's reference."""
         message = self.error or "the job failed"
+        progress = self.progress
+        busy = progress.busy and not progress.scheduled
         bound = self.meta.get("timeout_s")
         if isinstance(bound, int | float) and message == timeout_message(bound):
-            message = (
-                f"The response did not finish within {bound:g}s, this server's limit for "
-                "background responses (background_timeout_s)"
-            )
-        elif self.progress.busy and not self.progress.scheduled:
+            limit = f"within {bound:g}s, this server's limit for background responses"
+            if progress.started:
+                message = f"The response did not finish {limit} (background_timeout_s)"
+            else:
+                why = f": {progress.unscheduled}" if progress.unscheduled else ""
+                message = f"The response was not started {limit} (background_timeout_s){why}"
+        if busy:
             return {"code": "rate_limit_exceeded", "message": message}
         return {"code": "server_error", "message": message}
 
@@ -489,36 +504,53 @@ class ResponseView:
         }
 
 
+def _start_events(view: ResponseView, event_id: int) -> list[dict[str, Any]]:
+    """``response.in_progress`` and the empty output item and part, numbered after the
+    job event ``event_id`` that started the response."""
+    return [
+        {
+            "type": "response.in_progress",
+            "sequence_number": _seq(event_id, 1),
+            "response": view.obj("in_progress"),
+        },
+        {
+            "type": "response.output_item.added",
+            "sequence_number": _seq(event_id, 2),
+            "output_index": 0,
+            "item": view.item("in_progress"),
+        },
+        {
+            "type": "response.content_part.added",
+            "sequence_number": _seq(event_id, 3),
+            "item_id": view.item_id,
+            "output_index": 0,
+            "content_index": 0,
+            "part": view.content_part(""),
+        },
+    ]
+
+
 def response_events(view: ResponseView, item: StreamItem | None) -> list[dict[str, Any]]:
     """The typed events one stream item of the response's job stands for, each with its
     ``sequence_number``: ``None`` gives the opening events. ``view.progress`` is fed
-    the item first (so the events see what it added)."""
+    the item first (so the events see what it added).
+
+    A foreground response opens ``in_progress`` (``response.created`` to
+    ``response.content_part.added``); a background one opens ``queued``
+    (``response.created`` alone) and the rest follows when a worker accepts its job (the
+    job's ``forward`` event), so a stream says ``response.in_progress`` when it is.
+    """
+    background = bool(view.meta.get("background"))
     if item is None:
-        opening = view.obj("queued" if view.meta.get("background") else "in_progress")
-        base = {"output_index": 0, "item_id": view.item_id}
-        return [
-            {"type": "response.created", "sequence_number": 0, "response": opening},
-            {
-                "type": "response.in_progress",
-                "sequence_number": 1,
-                "response": {**opening, "status": "in_progress"},
-            },
-            {
-                "type": "response.output_item.added",
-                "sequence_number": 2,
-                "output_index": 0,
-                "item": view.item("in_progress"),
-            },
-            {
-                "type": "response.content_part.added",
-                "sequence_number": 3,
-                **base,
-                "content_index": 0,
-                "part": view.content_part(""),
-            },
-        ]
+        opening = view.obj("queued" if background else "in_progress")
+        created = {"type": "response.created", "sequence_number": 0, "response": opening}
+        return [created] if background else [created, *_start_events(view, 0)]
     progress = view.progress
+    was_scheduled = progress.scheduled
     token = progress.feed(item)
+    if background and progress.scheduled and not was_scheduled:
+        assert isinstance(item, NarrationEvent)
+        return _start_events(view, item.id)
     if token is not None:
         assert isinstance(item, NarrationEvent)
         return [
@@ -790,8 +822,10 @@ class OpenAIApi:
         *,
         messages: list[dict[str, Any]] | None = None,
         stop: list[str] | None = None,
+        background: bool = False,
     ) -> Infer:
         fields: dict[str, Any] = {
+            "background": background,
             "model": req.model,
             "prompt": prompt,
             "max_tokens": max_tokens,
@@ -943,7 +977,6 @@ class OpenAIApi:
             meta,
             record.created_at,
             Progress(prompt=str(payload.get("prompt", ""))),
-            state=record.state,
             error=record.error,
             finished_at=record.finished_at,
         )
@@ -970,7 +1003,13 @@ class OpenAIApi:
         else:
             messages += [{"role": m.role, "content": message_text(m.content)} for m in req.input]
         max_tokens = req.max_output_tokens or CHAT_DEFAULT_MAX_TOKENS
-        infer = self._infer(req, render_messages(messages), max_tokens, messages=messages)
+        infer = self._infer(
+            req,
+            render_messages(messages),
+            max_tokens,
+            messages=messages,
+            background=bool(req.background),
+        )
         meta = {
             "model": req.model,
             "instructions": req.instructions,
@@ -982,7 +1021,7 @@ class OpenAIApi:
             "user_metadata": req.metadata,
         }
         timeout = None
-        if req.background:  # nobody waits on it: bounded here, never runs forever
+        if req.background:  # nobody waits on it: bounded here (from its creation)
             timeout = meta["timeout_s"] = self.queen.config.background_timeout_s
         job_id = await self._submit(infer, "response", meta, timeout)
         response_id = "resp_" + job_id
@@ -998,7 +1037,6 @@ class OpenAIApi:
             if view.progress.signal.signal is not Signal.DONE:
                 raise view.progress.failure(job_id)
             view.finished_at = time.time()
-            view.state = JobState.COMPLETED
             return _json_response(view.obj(), job_id)
         early: list[StreamItem] = []
         if not req.background:

@@ -10,13 +10,20 @@ flight on it (:attr:`WorkerTable.assigned`, exact and current) plus the jobs it 
 anyone else (other queens, direct clients) as of its last heartbeat: its reported
 ``running`` less what this queen had assigned to it then. :meth:`WorkerTable.take` waits
 for a worker with room and reserves the slot in the same step.
+
+Fairness: jobs waiting for a slot queue in arrival order. Whenever room may have appeared
+(a heartbeat, a released slot, a newcomer) the free slots are handed out there and then,
+oldest waiter first, each to the waiter's least busy worker with room: a freed slot goes
+to the oldest waiter that can use it (same model, and hive when it names one), and a
+newcomer never takes a slot an older waiter could take. A waiter that is cancelled or
+gives up leaves the queue; one cancelled just after it was handed a slot gives it back.
 """
 
 from __future__ import annotations
 
 import time
 from collections.abc import Awaitable, Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import partial
 from typing import Any
 
@@ -31,6 +38,16 @@ class NoWorker(LookupError):
 
 class WorkersBusy(NoWorker):
     """Live workers serve the model, but every one of them stayed at its capacity."""
+
+
+@dataclass(eq=False)
+class _Waiter:
+    """One :meth:`WorkerTable.take` in the queue; ``entry`` is set when it is served."""
+
+    model: str
+    hive_id: str | None
+    served: trio.Event = field(default_factory=trio.Event)
+    entry: WorkerEntry | None = None
 
 
 @dataclass
@@ -114,10 +131,45 @@ class WorkerTable:
         newer than that (heard here or by another queen)."""
         self.assigned: dict[str, int] = {}
         """Worker id -> jobs this queen has in flight there (:meth:`take`, :meth:`release`)."""
+        self._waiters: dict[_Waiter, None] = {}
+        """The takes waiting for a slot, oldest first (a dict: ordered, O(1) removal)."""
+
+    @property
+    def waiting(self) -> int:
+        """Jobs waiting for a slot (:meth:`take`)."""
+        return len(self._waiters)
 
     def _wake(self) -> None:
+        """Room may have appeared: serve the queue, then wake :meth:`pick`."""
+        self._serve()
         self._changed.set()
         self._changed = trio.Event()
+
+    def _serve(self) -> None:
+        """Hand free slots to the waiters, oldest first (see the module docstring)."""
+        if not self._waiters:
+            return
+        room = [e for e in self.live() if e.state in self.SCHEDULABLE and self.has_room(e)]
+        stuck: set[tuple[str, str | None]] = set()
+        for waiter in list(self._waiters):
+            if not room:
+                return
+            key = (waiter.model, waiter.hive_id)
+            if key in stuck:
+                continue
+            fits = [
+                e for e in room if e.model == waiter.model and waiter.hive_id in (None, e.hive_id)
+            ]
+            if not fits:
+                stuck.add(key)  # nor for anyone after it with the same wish
+                continue
+            entry = min(fits, key=self._load)
+            self.assigned[entry.worker_id] = self.assigned.get(entry.worker_id, 0) + 1
+            if not self.has_room(entry):
+                room.remove(entry)
+            del self._waiters[waiter]
+            waiter.entry = entry
+            waiter.served.set()
 
     def beat(self, data: dict[str, Any]) -> WorkerEntry | None:
         """Record a heartbeat (validated by the caller); ``stopping`` ends scheduling on it."""
@@ -192,9 +244,6 @@ class WorkerTable:
     def _load(self, entry: WorkerEntry) -> tuple[int, str]:
         return (self.load(entry), entry.worker_id)
 
-    def _with_room(self, model: str, hive_id: str | None) -> list[WorkerEntry]:
-        return [e for e in self._schedulable(model, hive_id) if self.has_room(e)]
-
     def live(self, model: str | None = None, hive_id: str | None = None) -> list[WorkerEntry]:
         """Live workers, optionally only those serving ``model`` on hive ``hive_id``."""
         cutoff = trio.current_time() - self.ttl_s
@@ -243,29 +292,51 @@ class WorkerTable:
 
     async def take(self, model: str, hive_id: str | None, wait_s: float) -> WorkerEntry:
         """The least busy live worker for ``model`` with room for one more job, waiting up
-        to ``wait_s`` for one; the job is counted in :attr:`assigned` at once (so nobody
+        to ``wait_s`` (may be ``math.inf``) for one, in turn with the other waiters (see
+        the module docstring); the job is counted in :attr:`assigned` at once (so nobody
         else takes the same slot): hand it back with :meth:`release`. Cancelled while
-        waiting, it reserves nothing.
+        waiting, it leaves the queue and reserves nothing.
 
         Raises:
             WorkersBusy: workers serve ``model`` but every one stayed at its capacity.
             NoWorker: no live worker serves ``model``.
         """
         await trio.lowlevel.checkpoint()
-        candidates = await self._wait_for(partial(self._with_room, model, hive_id), wait_s)
-        if candidates:
-            entry = min(candidates, key=self._load)
-            self.assigned[entry.worker_id] = self.assigned.get(entry.worker_id, 0) + 1
-            return entry
+        waiter = _Waiter(model, hive_id)
+        self._waiters[waiter] = None
+        self._serve()
+        try:
+            with trio.move_on_after(wait_s):
+                if waiter.entry is None and self.refresh is not None:
+                    await self.refresh()  # beats another queen heard: served by merge
+                await waiter.served.wait()
+        except BaseException:
+            self._leave(waiter)
+            raise
+        if waiter.entry is not None:
+            return waiter.entry
+        del self._waiters[waiter]
+        raise self.unavailable(model, hive_id, wait_s)
+
+    def _leave(self, waiter: _Waiter) -> None:
+        """``waiter`` gives up: out of the queue, or its slot back if it was served."""
+        if waiter.entry is not None:
+            self.release(waiter.entry.worker_id)
+        else:
+            self._waiters.pop(waiter, None)
+
+    def unavailable(self, model: str, hive_id: str | None, waited_s: float) -> NoWorker:
+        """Why ``model`` gets no slot now, after a wait of ``waited_s``: a
+        :class:`WorkersBusy` naming the workers' loads, or a :class:`NoWorker`."""
         full = self._schedulable(model, hive_id)
         if not full:
-            raise self._no_worker(model, hive_id)
+            return self._no_worker(model, hive_id)
         loads = ", ".join(
             f"{e.worker_id} {self.load(e)}/{e.capacity}" for e in sorted(full, key=self._load)
         )
-        raise WorkersBusy(
+        return WorkersBusy(
             f"all {len(full)} live worker(s) serving model {model!r} stayed at capacity "
-            f"for {wait_s:g}s ({loads} jobs)"
+            f"for {waited_s:g}s ({loads} jobs)"
         )
 
     def release(self, worker_id: str) -> None:

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import os
 import shlex
 import socket
 import subprocess
 import sys
+import time
 from functools import partial
 from pathlib import Path
 from typing import Any, TypeVar
@@ -18,7 +20,15 @@ import httpx
 import trio
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from trio_jobs import JobRegistry, JobStore, narrate, run_persistence, run_shared_jobs
+from trio_jobs import (
+    JobRegistry,
+    JobStore,
+    JobTimeout,
+    narrate,
+    run_persistence,
+    run_shared_jobs,
+    timeout_message,
+)
 from trio_jobs.http import ApiError, create_app, validation_detail
 
 from .._daemon import is_loopback, run_daemon
@@ -213,7 +223,7 @@ class Queen:
         op = parse_operation(payload)
         narrate("route_job", f"Executing operation: {op.operation}", operation=op.operation)
         if isinstance(op, Infer):
-            await self.infer(op)
+            await self.infer(op, job_id)
         elif isinstance(op, Status):
             await self.status()
         elif op.should_forward_to_hive():
@@ -276,13 +286,21 @@ class Queen:
             silence_s=self.config.stream_silence_s,
         )
 
-    async def infer(self, op: Infer) -> None:
-        """Run ``op`` on the least busy live worker of its model that has room for it.
+    async def infer(self, op: Infer, job_id: str | None = None) -> None:
+        """Run ``op`` (of job ``job_id``) on the least busy live worker of its model that
+        has room for it.
 
         Scheduling waits up to ``schedule_wait_s`` for a live worker of the model below
         its advertised capacity (jobs this queen has in flight there plus what it ran for
-        others at its last heartbeat); then the job fails, narrating
-        ``infer_unscheduled`` (``busy``: workers serve the model, all at capacity).
+        others at its last heartbeat), in turn with the other jobs waiting for one; then
+        the job fails, narrating ``infer_unscheduled`` (``busy``: workers serve the
+        model, all at capacity). A background infer (``op.background``: an OpenAI
+        background response) waits instead as long as its job's bound allows: its
+        timeout counted from the job's creation, so the bound ends at the same time
+        whatever attempt runs (after a queen restart too); at the bound the job fails
+        ``Job timed out after <N>s`` (narrating ``infer_unscheduled`` first if no worker
+        took it), and without a timeout it waits until it is cancelled.
+
         A request that reached no worker (connection refused or reset, a 5xx refusal:
         no job id came back) is tried on the next live worker before the job fails; the
         worker that failed is not picked again until it heartbeats. A request that did
@@ -296,7 +314,29 @@ class Queen:
             model=op.model,
             max_tokens=op.max_tokens,
         )
-        wait_s = self.config.schedule_wait_s
+        record = self.registry.get(job_id) if op.background and job_id is not None else None
+        if record is None or record.timeout is None:
+            await self._schedule(op, math.inf if op.background else self.config.schedule_wait_s)
+            return
+        timeout = record.timeout
+        taken: list[WorkerEntry] = []
+        start = trio.current_time()
+        with trio.move_on_after(max(0.0, record.created_at + timeout - time.time())) as bound:
+            await self._schedule(op, math.inf, taken)
+        if bound.cancelled_caught:
+            if not taken:
+                waited = round(trio.current_time() - start, 1)
+                why = self.workers.unavailable(op.model, op.hive_id, waited)
+                busy = isinstance(why, WorkersBusy)
+                narrate("infer_unscheduled", str(why), model=op.model, busy=busy)
+            raise JobTimeout(timeout_message(timeout), job_id=job_id)
+
+    async def _schedule(
+        self, op: Infer, wait_s: float, taken: list[WorkerEntry] | None = None
+    ) -> None:
+        """Take a slot for ``op`` (waiting up to ``wait_s``) and run it there, failing over
+        to another worker when the request reached none (see :meth:`infer`); each worker
+        taken is appended to ``taken``."""
         failed = ""
         for _ in range(_MAX_FAILOVERS):
             try:
@@ -311,6 +351,8 @@ class Queen:
                     )
                     raise
                 raise ForwardFailed(f"{failed} (and {exc})") from None
+            if taken is not None:
+                taken.append(worker)
             try:
                 narrate(
                     "infer_worker",
@@ -330,7 +372,8 @@ class Queen:
                 self.workers.release(worker.worker_id)
             logger.warning("infer: %s; trying another worker", failed)
             narrate("infer_failover", f"{failed}; trying another worker", error=failed)
-            wait_s = 0.0
+            if not op.background:  # a background one waits its turn again
+                wait_s = 0.0
         raise ForwardFailed(f"{failed} (gave up after {_MAX_FAILOVERS} workers)")
 
     async def _infer_on(self, worker: WorkerEntry, op: Infer) -> None:
@@ -338,7 +381,7 @@ class Queen:
         await forward_job(
             self.registry,
             worker.url,
-            op.to_body(),
+            op.model_copy(update={"background": False}).to_body(),  # the queen's own
             what=f"worker {worker.worker_id}",
             token=self.config.token,
             cancel_timeout_s=self.config.cancel_timeout_s,
