@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import ssl
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
@@ -280,3 +281,23 @@ async def test_idle_connections_expire_and_are_capped(nursery: trio.Nursery) -> 
         assert not transport.has_idle(server.url)
         await client.get(f"{server.url}/after")
     assert server.connections == 5
+
+
+async def test_a_kept_connection_on_a_high_descriptor_is_reused(nursery: trio.Nursery) -> None:
+    """A busy daemon's sockets have descriptors above 1023, where ``select()`` fails:
+    the stale check must still tell a live connection from a closed one."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < 2100:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (min(hard, 4096), hard))
+    server = await start(nursery, echo)
+    filler = [os.open(os.devnull, os.O_RDONLY) for _ in range(1100)]
+    try:
+        async with httpx.AsyncClient(transport=Http11Transport()) as client:
+            for _ in range(3):
+                assert (await client.get(f"{server.url}/x")).status_code == 200
+    finally:
+        for fd in filler:
+            os.close(fd)
+    assert server.connections == 1

@@ -49,10 +49,11 @@ class _Connection:
         if now - self.idle_since >= expiry:
             return False
         try:
-            readable, _, _ = select.select([self.socket.fileno()], [], [], 0)
+            poller = select.poll()  # not select(): it fails on descriptors above 1023
+            poller.register(self.socket.fileno(), select.POLLIN)
+            return not poller.poll(0)
         except (OSError, ValueError):
             return False
-        return not readable
 
     async def aclose(self) -> None:
         await trio.aclose_forcefully(self.stream)
