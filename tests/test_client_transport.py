@@ -17,6 +17,7 @@ from typing import Any
 import httpx
 import pytest
 import trio
+import trio.testing
 import trustme
 
 from trio_jobs._client._transport import Http11Transport
@@ -171,18 +172,20 @@ async def test_an_unfinished_answer_closes_its_connection(nursery: trio.Nursery)
 async def test_a_stale_connection_is_not_reused(nursery: trio.Nursery) -> None:
     """A server that closes a connection after each answer (without saying so): the
     closed connection is noticed before the next request goes out on it."""
+    closes = trio.Semaphore(0, max_value=10)
 
     async def one_shot(stream: trio.abc.Stream, server: Server) -> None:
         await server.read_request(stream, b"")
         await stream.send_all(answer(b"{}"))
-        await stream.aclose()
+        await stream.aclose()  # on loopback our side is readable (EOF) once this returns
+        closes.release()
 
     server = await start(nursery, one_shot)
     transport = Http11Transport()
     async with httpx.AsyncClient(transport=transport) as client:
         for _ in range(3):
             assert (await client.post(f"{server.url}/x", json={})).status_code == 200
-            await trio.sleep(0.01)  # the server's close arrives
+            await closes.acquire()
             assert not transport.has_idle(server.url)
     assert server.connections == 3
 
@@ -267,7 +270,9 @@ async def test_https_with_verification(nursery: trio.Nursery) -> None:
             await client.get(url)
 
 
-async def test_idle_connections_expire_and_are_capped(nursery: trio.Nursery) -> None:
+async def test_idle_connections_expire_and_are_capped(
+    nursery: trio.Nursery, autojump_clock: trio.testing.MockClock
+) -> None:
     server = await start(nursery, echo)
     limits = httpx.Limits(max_keepalive_connections=2, keepalive_expiry=0.05)
     transport = Http11Transport(limits=limits)
@@ -301,3 +306,25 @@ async def test_a_kept_connection_on_a_high_descriptor_is_reused(nursery: trio.Nu
         for fd in filler:
             os.close(fd)
     assert server.connections == 1
+
+
+async def test_expired_connections_of_every_origin_are_closed(
+    nursery: trio.Nursery, autojump_clock: trio.testing.MockClock
+) -> None:
+    """A connection left idle to a server no longer asked is closed once expired, at a
+    later request to another (it does not linger half-closed until the pool closes)."""
+    closed = trio.Event()
+
+    async def noting_close(stream: trio.abc.Stream, server: Server) -> None:
+        await echo(stream, server)
+        closed.set()
+
+    first, second = await start(nursery, noting_close), await start(nursery, echo)
+    transport = Http11Transport(limits=httpx.Limits(keepalive_expiry=5.0))
+    async with httpx.AsyncClient(transport=transport) as client:
+        await client.get(f"{first.url}/once")
+        await trio.sleep(6.0)
+        assert not closed.is_set()
+        await client.get(f"{second.url}/other")
+        with trio.fail_after(1):
+            await closed.wait()

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import select
 import ssl
-import time
 from collections.abc import AsyncIterator, Mapping
 from typing import Any, NamedTuple
 
@@ -72,10 +71,8 @@ class Http11Transport(httpx.AsyncBaseTransport):
     def __init__(
         self, *, verify: ssl.SSLContext | bool = True, limits: httpx.Limits | None = None
     ) -> None:
-        if isinstance(verify, ssl.SSLContext):
-            self._ssl: ssl.SSLContext | bool = verify
-        else:
-            self._ssl = verify
+        self._verify = verify
+        self._ssl: ssl.SSLContext | None = verify if isinstance(verify, ssl.SSLContext) else None
         limits = limits or httpx.Limits()
         self._max_idle = (
             limits.max_keepalive_connections
@@ -85,18 +82,21 @@ class Http11Transport(httpx.AsyncBaseTransport):
         self._expiry = limits.keepalive_expiry if limits.keepalive_expiry is not None else 5.0
         self._idle: dict[Origin, list[_Connection]] = {}
         self._closed = False
+        self._pruned = 0.0
 
     # ---- the pool ------------------------------------------------------------------------
 
     def has_idle(self, url: str | httpx.URL) -> bool:
         """Whether a request to ``url``'s origin would find a connection ready."""
         origin = _origin(httpx.URL(url))
-        now = time.monotonic()
+        now = trio.current_time()
         return any(c.usable(now, self._expiry) for c in self._idle.get(origin, ()))
 
     def _take(self, origin: Origin) -> _Connection | None:
+        now = trio.current_time()
+        if now - self._pruned > 1.0:
+            self._prune(now)
         idle = self._idle.get(origin)
-        now = time.monotonic()
         while idle:
             conn = idle.pop()
             if conn.usable(now, self._expiry):
@@ -104,12 +104,26 @@ class Http11Transport(httpx.AsyncBaseTransport):
             _close_now(conn)
         return None
 
+    def _prune(self, now: float) -> None:
+        """Close the idle connections past their expiry, of every origin (a server closes
+        its side after its own keep-alive timeout; ours would linger half-closed)."""
+        self._pruned = now
+        for origin, conns in list(self._idle.items()):
+            live = [c for c in conns if now - c.idle_since < self._expiry]
+            for conn in conns:
+                if now - conn.idle_since >= self._expiry:
+                    _close_now(conn)
+            if live:
+                self._idle[origin] = live
+            else:
+                del self._idle[origin]
+
     def _give_back(self, origin: Origin, conn: _Connection) -> None:
         idle = self._idle.setdefault(origin, [])
         if self._closed or len(idle) >= self._max_idle:
             _close_now(conn)
             return
-        conn.idle_since = time.monotonic()
+        conn.idle_since = trio.current_time()
         idle.append(conn)
 
     async def aclose(self) -> None:
@@ -126,10 +140,11 @@ class Http11Transport(httpx.AsyncBaseTransport):
                 tcp = await trio.open_tcp_stream(host, port)
                 stream: trio.abc.Stream = tcp
                 if scheme == "https":
-                    context = self._ssl if isinstance(self._ssl, ssl.SSLContext) else None
-                    if context is None:
-                        context = httpx.create_ssl_context(verify=self._ssl)
-                    tls = trio.SSLStream(tcp, context, server_hostname=host, https_compatible=True)
+                    if self._ssl is None:  # built once: loading the CA bundle takes long
+                        self._ssl = httpx.create_ssl_context(verify=self._verify)
+                    tls = trio.SSLStream(
+                        tcp, self._ssl, server_hostname=host, https_compatible=True
+                    )
                     try:
                         await tls.do_handshake()
                     except BaseException:
