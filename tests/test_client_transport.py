@@ -115,15 +115,17 @@ async def test_a_request_goes_out_in_one_write_on_one_kept_connection(
 
 
 async def test_a_streamed_body_and_a_chunked_answer(nursery: trio.Nursery) -> None:
+    first_read = trio.Event()
+
     async def chunked(stream: trio.abc.Stream, server: Server) -> None:
         data = b""
         while b"0\r\n\r\n" not in data:
             data += await stream.receive_some(65536)
         await stream.send_all(
-            b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n5\r\nhello\r\n"
+            b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n5\r\nhello\r\n1\r\n \r\n"
         )
-        await trio.sleep(0.01)
-        await stream.send_all(b"6\r\n world\r\n0\r\n\r\n")
+        await first_read.wait()
+        await stream.send_all(b"5\r\nworld\r\n0\r\n\r\n")
         server.first_reads.append(data)
         await echo(stream, server)
 
@@ -137,8 +139,11 @@ async def test_a_streamed_body_and_a_chunked_answer(nursery: trio.Nursery) -> No
     transport = Http11Transport()
     async with httpx.AsyncClient(transport=transport) as client:
         async with client.stream("PUT", f"{server.url}/up", content=parts()) as response:
-            pieces = [piece async for piece in response.aiter_bytes()]
-        assert b"".join(pieces) == b"hello world"
+            pieces = []
+            async for piece in response.aiter_bytes():
+                pieces.append(piece)
+                first_read.set()
+        assert pieces == [b"hello ", b"world"]  # the chunks that came in one read, joined
         assert transport.has_idle(server.url)  # read to its end: kept
         assert (await client.get(f"{server.url}/again")).json()["path"] == "/again"
     sent = server.first_reads[0]

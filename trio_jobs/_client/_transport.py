@@ -301,9 +301,12 @@ class _Stale(Exception):
 
 
 class _Body(httpx.AsyncByteStream):
-    """A response's body; at its end the connection goes back to the pool."""
+    """A response's body; at its end the connection goes back to the pool.
 
-    __slots__ = ("_conn", "_origin", "_pool", "_read_s")
+    Each step hands out everything that arrived (the chunks of a chunked body that came
+    in one read are joined), so a stream of small events costs one step per read."""
+
+    __slots__ = ("_conn", "_next", "_origin", "_pool", "_read_s")
 
     def __init__(
         self, pool: Http11Transport, origin: Origin, conn: _Connection, read_s: float | None
@@ -312,6 +315,8 @@ class _Body(httpx.AsyncByteStream):
         self._origin = origin
         self._conn: _Connection | None = conn
         self._read_s = read_s
+        self._next: Any = None
+        """An event read past the data handed out (the body's end), for the next step."""
 
     def __aiter__(self) -> AsyncIterator[bytes]:
         return self
@@ -320,18 +325,27 @@ class _Body(httpx.AsyncByteStream):
         conn = self._conn
         if conn is None:
             raise StopAsyncIteration
+        h = conn.h11
         try:
-            event = await _next_event(conn, self._read_s)
+            event, self._next = self._next, None
+            if event is None:
+                event = await _next_event(conn, self._read_s)
+            if type(event) is h11.Data:
+                data = bytes(event.data)
+                while True:  # what else is already in the buffer, without waiting
+                    more = h.next_event()
+                    if type(more) is not h11.Data:
+                        if more is not h11.NEED_DATA:
+                            self._next = more
+                        return data
+                    data += more.data
         except h11.RemoteProtocolError as exc:
             await self.aclose()
             raise httpx.RemoteProtocolError(str(exc)) from exc
         except BaseException:
             await self.aclose()
             raise
-        if type(event) is h11.Data:
-            return bytes(event.data)
         self._conn = None
-        h = conn.h11
         if type(event) is h11.EndOfMessage:
             if h.our_state is h11.DONE and h.their_state is h11.DONE:
                 h.start_next_cycle()
