@@ -57,7 +57,7 @@ class Server:
             if not data:
                 return b"", b""
             if first:
-                self.first_reads.append(data)
+                self.first_reads.append(bytes(data))
                 first = False
             buffer += data
 
