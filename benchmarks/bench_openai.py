@@ -11,6 +11,8 @@ the same client code (httpx over trio, one kept-alive connection, the raw SSE wi
   queen keeps its jobs in memory;
 - **trio-jobs sqlite**: the same with a queen whose jobs are durable in SQLite (the
   default of a real queen: every job and event is stored, the job starts once committed);
+- **floor: two bare relays**: two processes that only pass the bytes on (trio and h11,
+  :mod:`benchmarks._relay`): what two hops cost on this machine before any work of ours;
 - **litellm proxy** (when ``litellm[proxy]`` is installed): ``litellm --model openai/...
   --api_base <upstream>`` in front of the same upstream.
 
@@ -47,10 +49,12 @@ REPEATS = 3
 
 
 @contextmanager
-def _daemon(argv: list[str], name: str, env: dict[str, str] | None = None) -> Iterator[str]:
+def _daemon(
+    argv: list[str], name: str, env: dict[str, str] | None = None, module: str = "servers"
+) -> Iterator[str]:
     """A ``python -m servers ...`` process; yields its URL (from ``listening on``)."""
     proc = subprocess.Popen(
-        [sys.executable, "-m", "servers", *argv],
+        [sys.executable, "-m", module, *argv],
         stdout=subprocess.PIPE,
         stderr=subprocess.DEVNULL,
         text=True,
@@ -222,6 +226,12 @@ def main() -> None:
             )
             _wait_model(queen)
             targets[name] = (queen, MODEL)
+        # The floor: two relays that do nothing but pass bytes (benchmarks/_relay.py).
+        host, port = upstream.removeprefix("http://").rsplit(":", 1)
+        inner = stack.enter_context(_daemon([host, port], "relay", module="benchmarks._relay"))
+        host, port = inner.removeprefix("http://").rsplit(":", 1)
+        outer = stack.enter_context(_daemon([host, port], "relay", module="benchmarks._relay"))
+        targets["floor: two bare relays"] = (outer, MODEL)
         litellm = stack.enter_context(_litellm(upstream, tmp))
         if litellm is not None:
             targets["litellm proxy"] = (litellm, f"openai/{MODEL}")
