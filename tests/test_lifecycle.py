@@ -417,6 +417,66 @@ async def test_concurrency_limit_is_respected(autojump_clock: MockClock) -> None
     assert peak == 3
 
 
+async def test_a_job_queued_while_a_runner_waits_starts_a_trip_later(
+    autojump_clock: MockClock,
+) -> None:
+    # The waiting runner is handed the job as it is queued: the job's task runs its
+    # first step in the very next scheduler batch (not after the runner woke up first).
+    started: list[str] = []
+
+    async def executor(job_id: str, payload: Any) -> None:
+        started.append(job_id)
+        await trio.sleep(1)
+
+    reg = JobRegistry()
+    async with open_job_runner(reg, executor, max_concurrent=2):
+        await trio.testing.wait_all_tasks_blocked()
+        job_id = reg.create_job()
+        assert reg.get(job_id).state is JobState.QUEUED  # until its task runs
+        await trio.lowlevel.checkpoint()
+        await trio.lowlevel.checkpoint()
+        assert started == [job_id]
+        assert reg.get(job_id).state is JobState.RUNNING
+        # The runner waits again with its second slot; the third job waits for a slot.
+        second, third = reg.create_job(), reg.create_job()
+        await trio.testing.wait_all_tasks_blocked()
+        assert started == [job_id, second]
+        assert reg.get(third).state is JobState.QUEUED
+        assert (await reg.wait(third)).state is JobState.COMPLETED
+        assert trio.current_time() == pytest.approx(2)
+
+
+async def test_a_handed_job_cancelled_before_it_starts_never_runs(
+    autojump_clock: MockClock,
+) -> None:
+    ran: list[Any] = []
+
+    async def executor(job_id: str, payload: Any) -> None:
+        ran.append(payload)
+        await trio.sleep(1)
+
+    reg = JobRegistry()
+    async with open_job_runner(reg, executor, max_concurrent=1):
+        await trio.testing.wait_all_tasks_blocked()
+        cancelled = reg.create_job("cancelled")
+        assert reg.cancel_job(cancelled)
+        after = reg.create_job("after")  # the slot came back: it runs
+        assert (await reg.wait(after)).state is JobState.COMPLETED
+    assert reg.get(cancelled).state is JobState.CANCELLED
+    assert ran == ["after"]
+
+
+async def test_a_job_handed_as_the_runner_stops_stays_queued(autojump_clock: MockClock) -> None:
+    reg = JobRegistry()
+    async with open_job_runner(reg, ticking):
+        await trio.testing.wait_all_tasks_blocked()
+        job_id = reg.create_job({"n": 1})
+    assert reg.get(job_id).state is JobState.QUEUED
+    assert len(reg.history(job_id)) == 1
+    async with open_job_runner(reg, ticking):
+        assert (await reg.wait(job_id)).state is JobState.COMPLETED
+
+
 async def test_queue_deadline_fails_a_job_that_waited_too_long(autojump_clock: MockClock) -> None:
     reg = JobRegistry()
     async with open_job_runner(reg, ticking, max_concurrent=1):
