@@ -651,7 +651,7 @@ class OpenAIApi:
         return data
 
     def _models(self) -> list[str]:
-        return sorted({str(w["model"]) for w in self.queen.workers.snapshot()})
+        return sorted({entry.model for entry in self.queen.workers.live()})
 
     async def _check_model(self, model: str) -> None:
         """404 unless a live worker serves ``model``. A queen that just started waits
