@@ -446,6 +446,28 @@ async def test_a_job_queued_while_a_runner_waits_starts_a_trip_later(
         assert trio.current_time() == pytest.approx(2)
 
 
+async def test_a_higher_priority_job_queued_with_a_handed_one_still_goes_first(
+    autojump_clock: MockClock,
+) -> None:
+    order: list[str] = []
+
+    async def executor(job_id: str, payload: Any) -> None:
+        order.append(payload)
+        await trio.sleep(1)
+
+    reg = JobRegistry()
+    async with open_job_runner(reg, executor, max_concurrent=1):
+        await trio.testing.wait_all_tasks_blocked()
+        ids = [
+            reg.create_job("low", priority="low"),  # handed to the waiting runner
+            reg.create_job("normal"),
+            reg.create_job("critical", priority="critical"),
+        ]
+        for job_id in ids:
+            await reg.wait(job_id)
+    assert order == ["critical", "normal", "low"]
+
+
 async def test_a_handed_job_cancelled_before_it_starts_never_runs(
     autojump_clock: MockClock,
 ) -> None:

@@ -560,6 +560,28 @@ class JobRegistry:
             if runner.handed:
                 return None
 
+    def prefer_queued(self, job: Job) -> Job:
+        """The job to start in place of ``job``, handed to a runner by :meth:`next_job`
+        and not begun yet: ``job`` itself, or a job queued since that comes before it
+        (a higher priority), which is then taken off the queue while ``job`` goes back
+        on it. A runner that had woken up to pick would have made the same choice."""
+        queue = self._queue
+        while queue:
+            first = queue[0]
+            best = first[2]
+            if best.state is not JobState.QUEUED:
+                heapq.heappop(queue)
+                continue
+            if (first[0], first[1]) >= (-job.priority, job.seq):
+                break
+            heapq.heappop(queue)
+            if best.expires_at is not None and trio.current_time() >= best.expires_at:
+                self._expire(best)
+                continue
+            self._enqueue(job)
+            return best
+        return job
+
     def requeue(self, job: Job) -> None:
         """Put a taken job back (a runner stopped before it could start it)."""
         if job.state is JobState.QUEUED:

@@ -205,6 +205,7 @@ async def _run_handed(
         if trio.current_effective_deadline() == -math.inf:  # the runner is being cancelled
             registry.requeue(job)
             return
+        job = registry.prefer_queued(job)
         job.begin_attempt()
         job.scope = trio.CancelScope()
         await _execute(registry, job, executor)
