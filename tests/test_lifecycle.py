@@ -6,6 +6,7 @@ semantics trio-jobs adds. Time runs on the autojump MockClock: no real sleeps.
 
 from __future__ import annotations
 
+import contextvars
 import json
 import logging
 import math
@@ -466,6 +467,26 @@ async def test_a_higher_priority_job_queued_with_a_handed_one_still_goes_first(
         for job_id in ids:
             await reg.wait(job_id)
     assert order == ["critical", "normal", "low"]
+
+
+_SUBMITTER: contextvars.ContextVar[str] = contextvars.ContextVar("submitter", default="runner")
+
+
+async def test_a_handed_job_runs_in_its_runners_context_not_its_submitters(
+    autojump_clock: MockClock,
+) -> None:
+    seen: list[str] = []
+
+    async def executor(job_id: str, payload: Any) -> None:
+        seen.append(_SUBMITTER.get())
+        await trio.lowlevel.checkpoint()
+
+    reg = JobRegistry()
+    async with open_job_runner(reg, executor):
+        await trio.testing.wait_all_tasks_blocked()
+        _SUBMITTER.set("an HTTP request")
+        await reg.wait(reg.create_job())
+    assert seen == ["runner"]
 
 
 async def test_a_handed_job_cancelled_before_it_starts_never_runs(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextvars
 import math
 import threading
 import time
@@ -232,10 +233,14 @@ async def run_queue(
             nursery.start_soon(sweep, registry)
         task_status.started()
 
+        # Called by whichever task queues the job: the job's task gets this runner's
+        # context variables, not that task's.
+        context = contextvars.copy_context()
+
         def hand(job: Job) -> None:
             # A job queued while this runner waits with a free slot: its task starts now
             # (and owns the slot), a scheduler trip before this runner could start it.
-            nursery.start_soon(_run_handed, registry, job, executor, slots)
+            context.run(nursery.start_soon, _run_handed, registry, job, executor, slots)
 
         while True:
             if slots is not None:
