@@ -13,7 +13,7 @@ import uuid
 from collections import deque
 from collections.abc import AsyncIterator, Callable, Mapping
 from contextlib import asynccontextmanager
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol, overload
 
 import trio
 
@@ -526,6 +526,12 @@ class JobRegistry:
             if expiry < self._sweep_deadline:
                 self._expiry_lot.unpark_all()
 
+    @overload
+    async def next_job(self, hand: None = None) -> Job: ...
+
+    @overload
+    async def next_job(self, hand: Callable[[Job], None]) -> Job | None: ...
+
     async def next_job(self, hand: Callable[[Job], None] | None = None) -> Job | None:
         """Wait for the highest-priority queued job, take it off the queue and return it.
 
@@ -533,7 +539,7 @@ class JobRegistry:
         With ``hand``, a job queued while this waits on an empty queue is given to
         ``hand(job)`` instead, synchronously by the code that queued it (so a runner can
         start the job's task at once, not a scheduler trip later), and this returns None;
-        the job is still QUEUED then. Never after this was cancelled.
+        the job is still QUEUED then. Once this is cancelled, ``hand`` is not called.
         """
         await trio.lowlevel.checkpoint_if_cancelled()
         while True:

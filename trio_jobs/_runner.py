@@ -200,8 +200,7 @@ async def _run_handed(
     """Run a job handed to a waiting runner as it was queued (still QUEUED): begin its
     attempt here, unless it ended meanwhile or the runner is stopping (it stays queued)."""
     try:
-        if job.state is not JobState.QUEUED:
-            await trio.lowlevel.cancel_shielded_checkpoint()
+        if job.state is not JobState.QUEUED:  # cancelled (or refused) meanwhile
             return
         if trio.current_effective_deadline() == -math.inf:  # the runner is being cancelled
             registry.requeue(job)
