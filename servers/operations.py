@@ -28,6 +28,7 @@ __all__ = [
     "DEFAULT_HIVE",
     "Operation",
     "OperationBase",
+    "OperationBody",
     "Status",
     "SshTest",
     "HiveInstall",
@@ -124,8 +125,59 @@ class OperationBase(BaseModel):
         return self.operation
 
     def to_body(self) -> dict[str, Any]:
-        """The operation as a JSON-ready job body (unset optional fields left out)."""
-        return self.model_dump(mode="json", exclude_none=True)
+        """The operation as a JSON-ready job body (unset optional fields left out); it
+        remembers this operation (see :class:`OperationBody`)."""
+        return OperationBody(self.model_dump(mode="json", exclude_none=True), self)
+
+
+class OperationBody(dict[str, Any]):
+    """A job body made by :meth:`OperationBase.to_body`: a plain JSON-ready dict that
+    remembers the operation it was made from, so that parsing it again (the executor of
+    the job whose payload it is) costs no validation. Setting or removing a key forgets
+    the operation (it is then parsed as any dict); nested values must not be changed.
+    Copies are plain dicts."""
+
+    __slots__ = ("operation",)
+
+    def __init__(self, data: dict[str, Any], operation: OperationBase) -> None:
+        super().__init__(data)
+        self.operation: OperationBase | None = operation
+
+    def __reduce__(self) -> Any:  # copies and pickles are plain dicts
+        return (dict, (dict(self),))
+
+    def __setitem__(self, key: str, value: Any) -> None:
+        self.operation = None
+        super().__setitem__(key, value)
+
+    def __delitem__(self, key: str) -> None:
+        self.operation = None
+        super().__delitem__(key)
+
+    def __ior__(self, other: Any) -> OperationBody:  # type: ignore[override,misc]
+        self.operation = None
+        super().__ior__(other)
+        return self
+
+    def update(self, *args: Any, **kwargs: Any) -> None:
+        self.operation = None
+        super().update(*args, **kwargs)
+
+    def setdefault(self, key: str, default: Any = None) -> Any:
+        self.operation = None
+        return super().setdefault(key, default)
+
+    def pop(self, *args: Any) -> Any:
+        self.operation = None
+        return super().pop(*args)
+
+    def popitem(self) -> tuple[str, Any]:
+        self.operation = None
+        return super().popitem()
+
+    def clear(self) -> None:
+        self.operation = None
+        super().clear()
 
 
 class _HiveTargeted(OperationBase):
@@ -432,6 +484,8 @@ def parse_operation(body: Any) -> Operation:
     """
     if isinstance(body, OperationBase):
         return body  # type: ignore[return-value]
+    if type(body) is OperationBody and body.operation is not None:
+        return body.operation  # type: ignore[return-value]  # validated when it was made
     if isinstance(body, dict):
         tag = body.get("operation")
         if tag not in _NAMES:

@@ -18,6 +18,7 @@ from hypercorn.config import Config
 from trio_jobs import JobRegistry, narrate
 from trio_jobs.http import create_app, serve
 from trio_jobs.http._connection import worker_serve
+from trio_jobs.http._http11 import Http11Connection
 
 CAP = 10.0
 
@@ -242,6 +243,32 @@ async def test_a_fixed_size_answer_is_one_write() -> None:
                 )
                 first = await stream.receive_some(65536)
             assert first.startswith(b"HTTP/1.1 200 ") and b"[DONE]" in first
+
+
+async def test_a_submitted_jobs_stream_head_goes_out_with_its_first_event(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """``POST /v1/jobs`` answered with the job's stream: the job's task starts at once and
+    narrates in its first step, so its head waits for that event and they go in one write."""
+    writes: list[bytes] = []
+    write = Http11Connection.write
+
+    async def recording(self: Http11Connection, data: bytes) -> None:
+        writes.append(data)
+        await write(self, data)
+
+    monkeypatch.setattr(Http11Connection, "write", recording)
+    with trio.fail_after(CAP):
+        async with _server() as (port, _, _):
+            stream = await trio.open_tcp_stream("127.0.0.1", port)
+            async with stream:
+                body = json.dumps({"block": True}).encode()
+                await stream.send_all(_post(body, "Accept: text/event-stream"))
+                data = b""
+                while b'"tick"' not in data:
+                    data += await stream.receive_some(65536)
+                assert data.startswith(b"HTTP/1.1 200 ")
+    assert writes[0].startswith(b"HTTP/1.1 200 ") and b'"action":"tick"' in writes[0]
 
 
 async def test_keep_alive_max_requests_closes_after_the_last() -> None:

@@ -6,6 +6,7 @@ semantics trio-jobs adds. Time runs on the autojump MockClock: no real sleeps.
 
 from __future__ import annotations
 
+import contextvars
 import json
 import logging
 import math
@@ -415,6 +416,108 @@ async def test_concurrency_limit_is_respected(autojump_clock: MockClock) -> None
             await reg.wait(job_id)
         assert trio.current_time() - start == pytest.approx(4)
     assert peak == 3
+
+
+async def test_a_job_queued_while_a_runner_waits_starts_a_trip_later(
+    autojump_clock: MockClock,
+) -> None:
+    # The waiting runner is handed the job as it is queued: the job's task runs its
+    # first step in the very next scheduler batch (not after the runner woke up first).
+    started: list[str] = []
+
+    async def executor(job_id: str, payload: Any) -> None:
+        started.append(job_id)
+        await trio.sleep(1)
+
+    reg = JobRegistry()
+    async with open_job_runner(reg, executor, max_concurrent=2):
+        await trio.testing.wait_all_tasks_blocked()
+        job_id = reg.create_job()
+        assert reg.get(job_id).state is JobState.QUEUED  # until its task runs
+        await trio.lowlevel.checkpoint()
+        await trio.lowlevel.checkpoint()
+        assert started == [job_id]
+        assert reg.get(job_id).state is JobState.RUNNING
+        # The runner waits again with its second slot; the third job waits for a slot.
+        second, third = reg.create_job(), reg.create_job()
+        await trio.testing.wait_all_tasks_blocked()
+        assert started == [job_id, second]
+        assert reg.get(third).state is JobState.QUEUED
+        assert (await reg.wait(third)).state is JobState.COMPLETED
+        assert trio.current_time() == pytest.approx(2)
+
+
+async def test_a_higher_priority_job_queued_with_a_handed_one_still_goes_first(
+    autojump_clock: MockClock,
+) -> None:
+    order: list[str] = []
+
+    async def executor(job_id: str, payload: Any) -> None:
+        order.append(payload)
+        await trio.sleep(1)
+
+    reg = JobRegistry()
+    async with open_job_runner(reg, executor, max_concurrent=1):
+        await trio.testing.wait_all_tasks_blocked()
+        ids = [
+            reg.create_job("low", priority="low"),  # handed to the waiting runner
+            reg.create_job("normal"),
+            reg.create_job("critical", priority="critical"),
+        ]
+        for job_id in ids:
+            await reg.wait(job_id)
+    assert order == ["critical", "normal", "low"]
+
+
+_SUBMITTER: contextvars.ContextVar[str] = contextvars.ContextVar("submitter", default="runner")
+
+
+async def test_a_handed_job_runs_in_its_runners_context_not_its_submitters(
+    autojump_clock: MockClock,
+) -> None:
+    seen: list[str] = []
+
+    async def executor(job_id: str, payload: Any) -> None:
+        seen.append(_SUBMITTER.get())
+        await trio.lowlevel.checkpoint()
+
+    reg = JobRegistry()
+    async with open_job_runner(reg, executor):
+        await trio.testing.wait_all_tasks_blocked()
+        _SUBMITTER.set("an HTTP request")
+        await reg.wait(reg.create_job())
+    assert seen == ["runner"]
+
+
+async def test_a_handed_job_cancelled_before_it_starts_never_runs(
+    autojump_clock: MockClock,
+) -> None:
+    ran: list[Any] = []
+
+    async def executor(job_id: str, payload: Any) -> None:
+        ran.append(payload)
+        await trio.sleep(1)
+
+    reg = JobRegistry()
+    async with open_job_runner(reg, executor, max_concurrent=1):
+        await trio.testing.wait_all_tasks_blocked()
+        cancelled = reg.create_job("cancelled")
+        assert reg.cancel_job(cancelled)
+        after = reg.create_job("after")  # the slot came back: it runs
+        assert (await reg.wait(after)).state is JobState.COMPLETED
+    assert reg.get(cancelled).state is JobState.CANCELLED
+    assert ran == ["after"]
+
+
+async def test_a_job_handed_as_the_runner_stops_stays_queued(autojump_clock: MockClock) -> None:
+    reg = JobRegistry()
+    async with open_job_runner(reg, ticking):
+        await trio.testing.wait_all_tasks_blocked()
+        job_id = reg.create_job({"n": 1})
+    assert reg.get(job_id).state is JobState.QUEUED
+    assert len(reg.history(job_id)) == 1
+    async with open_job_runner(reg, ticking):
+        assert (await reg.wait(job_id)).state is JobState.COMPLETED
 
 
 async def test_queue_deadline_fails_a_job_that_waited_too_long(autojump_clock: MockClock) -> None:

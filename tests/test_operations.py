@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
+import copy
+import json
+import pickle
 from typing import Any
 
 import pytest
@@ -158,6 +162,43 @@ def test_to_body_omits_unset_optionals() -> None:
         "backend": "tiny",
     }
     assert "sha256" not in ModelDownload(model="a").to_body()
+
+
+def test_a_body_from_to_body_parses_back_to_its_operation_without_validation() -> None:
+    op = Infer(model="tiny", prompt="hi", messages=[{"role": "user", "content": "hi"}])
+    body = op.to_body()
+    assert type(body) is not dict and isinstance(body, dict)
+    assert parse_operation(body) is op
+    assert json.dumps(body) == json.dumps(dict(body))
+    for copied in (copy.copy(body), copy.deepcopy(body), pickle.loads(pickle.dumps(body))):
+        assert type(copied) is dict and copied == body
+        assert parse_operation(copied) == op and parse_operation(copied) is not op
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        lambda b: b.__setitem__("max_tokens", 0),
+        lambda b: b.update(max_tokens=0),
+        lambda b: b.__ior__({"max_tokens": 0}),
+        lambda b: b.setdefault("hive_id", 0),
+        lambda b: b.pop("model"),
+        lambda b: b.__delitem__("model"),
+        lambda b: b.popitem(),
+        lambda b: b.clear(),
+    ],
+)
+def test_a_changed_body_forgets_its_operation(change: Any) -> None:
+    op = Infer(model="tiny", prompt="hi", seed=3)
+    body = op.to_body()
+    change(body)
+    assert body.operation is None  # type: ignore[attr-defined]
+    with contextlib.suppress(ValidationError):  # some changes make it invalid
+        assert parse_operation(body) is not op
+    body = op.to_body()
+    body["max_tokens"] = 0
+    with pytest.raises(ValidationError):
+        parse_operation(body)
 
 
 def test_tiny_generator_is_deterministic_and_honours_options() -> None:

@@ -13,7 +13,7 @@ import uuid
 from collections import deque
 from collections.abc import AsyncIterator, Callable, Mapping
 from contextlib import asynccontextmanager
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol, overload
 
 import trio
 
@@ -76,6 +76,17 @@ def _parse_tag(tag: str | tuple[str, str] | Mapping[str, str] | None) -> dict[st
     return {key: value}
 
 
+class _IdleRunner:
+    """A runner waiting in :meth:`JobRegistry.next_job` with a free slot and ``hand``."""
+
+    __slots__ = ("hand", "handed", "task")
+
+    def __init__(self, hand: Callable[[Job], None], task: trio.lowlevel.Task) -> None:
+        self.hand = hand
+        self.task = task
+        self.handed = False
+
+
 def _check_storable(payload: Any, metadata: Any) -> None:
     from ._json import dumps
 
@@ -121,6 +132,7 @@ class JobRegistry:
         self._jobs_peak = 0
         self._queue: list[tuple[int, int, Job]] = []
         self._queue_lot = trio.lowlevel.ParkingLot()
+        self._idle: deque[_IdleRunner] = deque()
         self._expiry: deque[tuple[float, str]] = deque()
         self._expiry_lot = trio.lowlevel.ParkingLot()
         self._expiry_unsorted = False
@@ -313,9 +325,24 @@ class JobRegistry:
             self._expiry_lot.unpark_all()
 
     def _enqueue(self, job: Job) -> None:
+        idle = self._idle
+        if idle:
+            queue = self._queue
+            while queue and queue[0][2].state is not JobState.QUEUED:
+                heapq.heappop(queue)
+            if not queue and (job.expires_at is None or trio.current_time() < job.expires_at):
+                # Nothing queued before it: a waiting runner starts it now, without a
+                # scheduler trip of its own.
+                runner = idle.popleft()
+                runner.handed = True
+                trio.lowlevel.reschedule(runner.task)
+                runner.hand(job)
+                return
         heapq.heappush(self._queue, (-job.priority, job.seq, job))
         if self._queue_lot:
             self._queue_lot.unpark()
+        while idle:  # they take it (or what comes before it) from the queue
+            trio.lowlevel.reschedule(idle.popleft().task)
 
     def queued(self) -> list[Job]:
         """Jobs on this registry's queue, in no particular order."""
@@ -499,10 +526,20 @@ class JobRegistry:
             if expiry < self._sweep_deadline:
                 self._expiry_lot.unpark_all()
 
-    async def next_job(self) -> Job:
+    @overload
+    async def next_job(self, hand: None = None) -> Job: ...
+
+    @overload
+    async def next_job(self, hand: Callable[[Job], None]) -> Job | None: ...
+
+    async def next_job(self, hand: Callable[[Job], None] | None = None) -> Job | None:
         """Wait for the highest-priority queued job, take it off the queue and return it.
 
         Jobs whose queue deadline (``expires``) passed are failed instead of returned.
+        With ``hand``, a job queued while this waits on an empty queue is given to
+        ``hand(job)`` instead, synchronously by the code that queued it (so a runner can
+        start the job's task at once, not a scheduler trip later), and this returns None;
+        the job is still QUEUED then. Once this is cancelled, ``hand`` is not called.
         """
         await trio.lowlevel.checkpoint_if_cancelled()
         while True:
@@ -515,7 +552,41 @@ class JobRegistry:
                     self._expire(job)
                     continue
                 return job
-            await self._queue_lot.park()
+            if hand is None:
+                await self._queue_lot.park()
+                continue
+            runner = _IdleRunner(hand, trio.lowlevel.current_task())
+            self._idle.append(runner)
+
+            def abort(_: Any, runner: _IdleRunner = runner) -> trio.lowlevel.Abort:
+                self._idle.remove(runner)
+                return trio.lowlevel.Abort.SUCCEEDED
+
+            await trio.lowlevel.wait_task_rescheduled(abort)
+            if runner.handed:
+                return None
+
+    def prefer_queued(self, job: Job) -> Job:
+        """The job to start in place of ``job``, handed to a runner by :meth:`next_job`
+        and not begun yet: ``job`` itself, or a job queued since that comes before it
+        (a higher priority), which is then taken off the queue while ``job`` goes back
+        on it. A runner that had woken up to pick would have made the same choice."""
+        queue = self._queue
+        while queue:
+            first = queue[0]
+            best = first[2]
+            if best.state is not JobState.QUEUED:
+                heapq.heappop(queue)
+                continue
+            if (first[0], first[1]) >= (-job.priority, job.seq):
+                break
+            heapq.heappop(queue)
+            if best.expires_at is not None and trio.current_time() >= best.expires_at:
+                self._expire(best)
+                continue
+            self._enqueue(job)
+            return best
+        return job
 
     def requeue(self, job: Job) -> None:
         """Put a taken job back (a runner stopped before it could start it)."""

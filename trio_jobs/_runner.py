@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextvars
+import math
 import threading
 import time
 from collections.abc import Awaitable, Callable
@@ -192,6 +194,26 @@ async def _run_started(
             slots.release()
 
 
+async def _run_handed(
+    registry: JobRegistry, job: Job, executor: Executor, slots: trio.Semaphore | None
+) -> None:
+    """Run a job handed to a waiting runner as it was queued (still QUEUED): begin its
+    attempt here, unless it ended meanwhile or the runner is stopping (it stays queued)."""
+    try:
+        if job.state is not JobState.QUEUED:  # cancelled (or refused) meanwhile
+            return
+        if trio.current_effective_deadline() == -math.inf:  # the runner is being cancelled
+            registry.requeue(job)
+            return
+        job = registry.prefer_queued(job)
+        job.begin_attempt()
+        job.scope = trio.CancelScope()
+        await _execute(registry, job, executor)
+    finally:
+        if slots is not None:
+            slots.release()
+
+
 async def run_queue(
     registry: JobRegistry,
     executor: Executor,
@@ -209,15 +231,27 @@ async def run_queue(
             registry._sweeping = True
             nursery.start_soon(sweep, registry)
         task_status.started()
+
+        # Called by whichever task queues the job: the job's task gets this runner's
+        # context variables, not that task's.
+        context = contextvars.copy_context()
+
+        def hand(job: Job) -> None:
+            # A job queued while this runner waits with a free slot: its task starts now
+            # (and owns the slot), a scheduler trip before this runner could start it.
+            context.run(nursery.start_soon, _run_handed, registry, job, executor, slots)
+
         while True:
             if slots is not None:
                 await slots.acquire()
             try:
-                job = await registry.next_job()
+                job = await registry.next_job(hand)
             except BaseException:
                 if slots is not None:
                     slots.release()
                 raise
+            if job is None:  # handed: its task holds the slot
+                continue
             job.begin_attempt()
             job.scope = trio.CancelScope()
             nursery.start_soon(_run_started, registry, job, executor, slots)

@@ -683,7 +683,7 @@ class OpenAIApi:
         return data
 
     def _models(self) -> list[str]:
-        return sorted({str(w["model"]) for w in self.queen.workers.snapshot()})
+        return sorted({entry.model for entry in self.queen.workers.live()})
 
     async def _check_model(self, model: str) -> None:
         """404 unless a live worker serves ``model``. A queen that just started waits
@@ -873,10 +873,7 @@ class OpenAIApi:
             }
             return _json_response(body, job_id)
 
-        first = await self._until_first_token(watch, progress)
-        signal = progress.signal
-        if signal is not None and signal.signal is not Signal.DONE and not progress.parts:
-            raise progress.failure(job_id)
+        # The frames are made before the wait: the first token goes out as soon as it comes.
         with_usage = bool(req.stream_options and req.stream_options.include_usage)
         if chat:
             delta = frame_template(
@@ -923,6 +920,10 @@ class OpenAIApi:
                 out += usage_frame()
             return out + DONE_FRAME
 
+        first = await self._until_first_token(watch, progress)
+        signal = progress.signal
+        if signal is not None and signal.signal is not Signal.DONE and not progress.parts:
+            raise progress.failure(job_id)
         return _sse_response(self._chunks(watch, progress, head, first, delta, ending), job_id)
 
     async def _chunks(

@@ -78,6 +78,10 @@ _ROUTES = {
     "cancel": ("DELETE", "/v1/jobs/job-0"),
 }
 _STREAM_SUFFIX = "/stream"
+_FRESH_TRIPS = 2
+"""Scheduler trips the head of a just-submitted job's stream waits for its first events:
+the job's task (started at the submit) runs its first step within the first; whichever
+order the two tasks run in, it has after the second."""
 
 
 def wraps_quart_directly(app: Any) -> bool:
@@ -519,7 +523,7 @@ class JobRoutes:
                 ApiError(500, "internal server error", type(exc).__name__)
             )
         if isinstance(answer.body, SseBody):
-            await self._stream(answer, answer.body, receive, send)
+            await self._stream(answer, answer.body, receive, send, fresh=kind == "submit")
             return
         if chunks is not None and chunks.done:  # read (or drained) to its end
             unread = False
@@ -601,14 +605,31 @@ class JobRoutes:
         return outcome
 
     async def _stream(
-        self, answer: Answer, body: SseBody, receive: ASGIReceiveCallable, send: ASGISendCallable
+        self,
+        answer: Answer,
+        body: SseBody,
+        receive: ASGIReceiveCallable,
+        send: ASGISendCallable,
+        *,
+        fresh: bool = False,
     ) -> None:
         """Write an SSE answer: what is ready now (for a job that has ended: all of it, in
         one chunk), then, while the job goes on, more as it comes, with a task watching
-        for the client leaving."""
+        for the client leaving.
+
+        ``fresh``: the job was just submitted. Its first events usually come as soon as
+        it starts, a scheduler trip or two away (its runner starts its task at once when
+        it has room): the head waits those two trips for them, to go out in the same
+        write, and the job's first steps run before this request's writes."""
         headers = _encode(answer.headers)
         try:
             chunk = body.take()
+            if chunk is None and fresh:
+                for _ in range(_FRESH_TRIPS):
+                    await trio.lowlevel.checkpoint()
+                    chunk = body.take()
+                    if chunk is not None:
+                        break
             if chunk is not None and body.done:
                 body.close()  # the stream is over before the client reads its end
             start: Any = {
