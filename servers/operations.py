@@ -441,10 +441,9 @@ class Infer(OperationBase):
 
     def to_body(self) -> dict[str, Any]:
         """As :meth:`OperationBase.to_body`; ``background`` only when true."""
-        body = super().to_body()
-        if not self.background:
-            del body["background"]
-        return body
+        leave_out = None if self.background else {"background"}
+        data = self.model_dump(mode="json", exclude_none=True, exclude=leave_out)
+        return OperationBody(data, self)
 
 
 Operation = Annotated[
