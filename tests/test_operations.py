@@ -249,3 +249,12 @@ def test_the_schema_says_what_validation_checks() -> None:
     assert spawn["then"]["required"] == ["upstream_url"]
     assert defs["ModelDownload"]["properties"]["model"]["pattern"] == MODEL_ID_PATTERN
     assert defs["Infer"]["properties"]["seed"]["anyOf"][0]["maximum"] == 2**63 - 1
+
+
+@pytest.mark.parametrize("background", [False, True])
+def test_an_infer_body_names_background_only_when_set(background: bool) -> None:
+    op = Infer(model="tiny", prompt="hi", background=background)
+    body = op.to_body()
+    assert ("background" in body) is background
+    assert parse_operation(body) is op  # remembered, not validated again
+    assert parse_operation(dict(body)) == op
