@@ -131,7 +131,12 @@ class _Daemon:
         self._idle_since = trio.current_time()
         self._refresh_at = 0.0
         self._look_at = math.inf
-        self._kick = trio.Event()
+        self._nap = trio.CancelScope()
+        """:meth:`keep`'s sleep: a forward moves its deadline earlier instead of waking it
+        (no task wakes on a job's path to its first token)."""
+
+    def _wake_at(self, when: float) -> None:
+        self._nap.deadline = min(self._nap.deadline, when)
 
     def enter(self) -> None:
         self.users += 1
@@ -140,12 +145,12 @@ class _Daemon:
         self.users -= 1
         if not self.users:
             self._idle_since = trio.current_time()
-            self._kick.set()
+            self._wake_at(self._idle_since + _DROP_AFTER_S)
 
     def stream_opened(self) -> None:
         self.streams += 1
         self._look_at = min(self._look_at, trio.current_time() + _SPARE_AFTER_OPEN_S)
-        self._kick.set()
+        self._wake_at(self._look_at)
 
     def stream_closed(self) -> None:
         self.streams -= 1
@@ -193,9 +198,9 @@ class _Daemon:
                     until = self._idle_since + _DROP_AFTER_S
                     if trio.current_time() >= until:
                         break
-                with trio.move_on_at(until):
-                    await self._kick.wait()
-                self._kick = trio.Event()
+                self._nap = trio.CancelScope(deadline=until)
+                with self._nap:
+                    await trio.sleep_forever()
         finally:
             if daemons.get(self.base_url) is self:
                 del daemons[self.base_url]
