@@ -198,3 +198,22 @@ async def test_openai_backend_readiness_follows_its_upstream(nursery: trio.Nurse
 async def _serve_on(nursery: trio.Nursery, port: int) -> None:
     app, _ = build_app(WorkerConfig(worker_id="up", model="tiny"))
     await nursery.start(partial(serve, app, port=port))
+
+
+async def test_a_proxy_named_for_the_upstream_is_reported_not_used(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The worker reaches its upstream directly; an environment proxy that would apply
+    to it is named in a warning at start (a local upstream exempted by NO_PROXY is not)."""
+    from servers.worker._backends import OpenAIBackend
+
+    monkeypatch.setenv("HTTPS_PROXY", "http://proxy.example:3128")
+    monkeypatch.setenv("NO_PROXY", "localhost,127.0.0.1")
+    for url, warned in (("https://api.example.com", True), ("http://127.0.0.1:8080", False)):
+        caplog.clear()
+        transport = OpenAIBackend(url).open_transport()
+        await transport.aclose()
+        named = [r.getMessage() for r in caplog.records if "proxy" in r.getMessage()]
+        assert bool(named) is warned, named
+        if warned:
+            assert "http://proxy.example:3128" in named[0] and url in named[0]

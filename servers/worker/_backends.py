@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import logging
+import urllib.request
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -19,6 +21,8 @@ from ..operations import Infer
 from ._tiny import tiny_tokens
 
 __all__ = ["Backend", "OpenAIBackend", "TinyBackend", "TokenSink", "UpstreamError"]
+
+logger = logging.getLogger("servers.worker")
 
 TAIL_S = 0.5
 """After ``max_tokens`` tokens, how long the upstream's own end (finish chunk, ``[DONE]``)
@@ -109,7 +113,16 @@ class OpenAIBackend:
     None: a transport per request."""
 
     def open_transport(self) -> Http11Transport:
-        """A new transport for the upstream (the caller closes it)."""
+        """A new transport for the upstream (the caller closes it). Warns when the
+        environment names a proxy for the upstream: it is not used."""
+        proxy = _environment_proxy(httpx.URL(self.api_url))
+        if proxy:
+            logger.warning(
+                "the environment names proxy %s for upstream %s; the worker connects "
+                "to the upstream directly (add its host to NO_PROXY to silence this)",
+                proxy,
+                self.base_url,
+            )
         return Http11Transport(verify=default_ssl_context())
 
     @asynccontextmanager
@@ -238,6 +251,16 @@ class OpenAIBackend:
         if not done:
             raise UpstreamError(f"upstream {self.base_url} ended its stream without [DONE]")
         return finish
+
+
+def _environment_proxy(url: httpx.URL) -> str | None:
+    """The proxy ``HTTP(S)_PROXY``/``ALL_PROXY`` name for ``url`` unless ``NO_PROXY``
+    exempts its host (the standard library's reading of them)."""
+    proxies = urllib.request.getproxies_environment()
+    proxy = proxies.get(url.scheme) or proxies.get("all")
+    if not proxy or urllib.request.proxy_bypass(url.host):
+        return None
+    return proxy
 
 
 def _delta(data: str, upstream: str) -> tuple[str | None, str | None]:
