@@ -333,3 +333,25 @@ async def test_expired_connections_of_every_origin_are_closed(
         await client.get(f"{second.url}/other")
         with trio.fail_after(1):
             await closed.wait()
+
+
+async def test_a_job_client_goes_through_a_proxy_the_environment_names(
+    nursery: trio.Nursery, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``JobClient``'s default transport does not speak to proxies, so a client whose
+    server the environment proxies keeps httpx's own; NO_PROXY hosts go direct."""
+    from trio_jobs import JobClient
+
+    async def proxy(stream: trio.abc.Stream, server: Server) -> None:
+        await server.read_request(stream, b"")
+        await stream.send_all(answer(b'{"status": "proxied"}'))
+
+    via = await start(nursery, proxy)
+    direct = await start(nursery, echo)
+    monkeypatch.setenv("HTTP_PROXY", via.url)
+    monkeypatch.setenv("NO_PROXY", "127.0.0.1")
+    async with JobClient("http://10.255.255.1:7833") as client:
+        assert await client.health() == {"status": "proxied"}
+    assert via.first_reads[0].startswith(b"GET http://10.255.255.1:7833/health HTTP/1.1")
+    async with JobClient(direct.url) as client:
+        assert (await client.health())["path"] == "/health"

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import logging
-import urllib.request
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -15,7 +14,7 @@ import trio
 
 from trio_jobs._client._client import default_ssl_context
 from trio_jobs._client._sse_decoder import SSEDecoder
-from trio_jobs._client._transport import Http11Transport, Reply
+from trio_jobs._client._transport import Http11Transport, Reply, environment_proxy
 
 from ..operations import Infer
 from ._tiny import tiny_tokens
@@ -115,7 +114,7 @@ class OpenAIBackend:
     def open_transport(self) -> Http11Transport:
         """A new transport for the upstream (the caller closes it). Warns when the
         environment names a proxy for the upstream: it is not used."""
-        proxy = _environment_proxy(httpx.URL(self.api_url))
+        proxy = environment_proxy(httpx.URL(self.api_url))
         if proxy:
             logger.warning(
                 "the environment names proxy %s for upstream %s; the worker connects "
@@ -251,16 +250,6 @@ class OpenAIBackend:
         if not done:
             raise UpstreamError(f"upstream {self.base_url} ended its stream without [DONE]")
         return finish
-
-
-def _environment_proxy(url: httpx.URL) -> str | None:
-    """The proxy ``HTTP(S)_PROXY``/``ALL_PROXY`` name for ``url`` unless ``NO_PROXY``
-    exempts its host (the standard library's reading of them)."""
-    proxies = urllib.request.getproxies_environment()
-    proxy = proxies.get(url.scheme) or proxies.get("all")
-    if not proxy or urllib.request.proxy_bypass(url.host):
-        return None
-    return proxy
 
 
 def _delta(data: str, upstream: str) -> tuple[str | None, str | None]:

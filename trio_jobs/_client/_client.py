@@ -44,7 +44,7 @@ from ._connection import HTTPConnection, alone, job_path
 from ._errors import error_from_status, translating
 from ._reconnect import ReconnectPolicy
 from ._sse_stream import JobEventStream
-from ._transport import Http11Transport
+from ._transport import Http11Transport, environment_proxy
 from ._ws_stream import JobWebSocketStream
 
 __all__ = ["DEFAULT_LIMITS", "JobClient", "SubmitOptions"]
@@ -140,6 +140,13 @@ def _check_line_callback(on_line: LineCallback) -> None:
         raise TypeError("on_line must be a callable taking one line (str)")
 
 
+def _default_transport(base_url: str, limits: httpx.Limits) -> Http11Transport | None:
+    """:class:`Http11Transport`, or None (httpx's own) when a proxy applies to ``base_url``."""
+    if environment_proxy(httpx.URL(base_url)):
+        return None
+    return Http11Transport(verify=default_ssl_context(), limits=limits)
+
+
 class JobClient:
     """An HTTP client of a trio-jobs server (queen, hive or any app of ``trio_jobs.http``).
 
@@ -156,7 +163,8 @@ class JobClient:
             timeout (a job may be quiet for long; the server sends keep-alive comments).
         transport: An httpx transport (``httpx.MockTransport`` in unit tests). The default
             speaks HTTP/1.1 on trio directly (h11, no httpcore: a streamed request costs
-            about half); httpx's environment proxies still apply.
+            about half), unless the environment names a proxy for ``base_url``: then
+            httpx's own, which goes through it.
         max_reconnects: Reconnect attempts in a row, without a new event in between, before
             a dropped stream raises :class:`StreamEndedWithoutSignal`.
         backoff_s: The wait before the first reconnect attempt; doubled for each further one.
@@ -187,8 +195,7 @@ class JobClient:
             base_url=self.base_url,
             headers=headers,
             timeout=httpx.Timeout(timeout),
-            transport=transport
-            or Http11Transport(verify=default_ssl_context(), limits=limits or DEFAULT_LIMITS),
+            transport=transport or _default_transport(self.base_url, limits or DEFAULT_LIMITS),
             limits=limits or DEFAULT_LIMITS,
             verify=default_ssl_context(),
         )

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import select
 import ssl
+import urllib.request
 from collections.abc import AsyncIterator, Mapping
 from typing import Any, NamedTuple
 
@@ -22,7 +23,7 @@ import h11
 import httpx
 import trio
 
-__all__ = ["Http11Transport", "Reply"]
+__all__ = ["Http11Transport", "Reply", "environment_proxy"]
 
 _READ_SIZE = 65536
 _IDEMPOTENT = frozenset({"GET", "HEAD", "OPTIONS", "DELETE", "PUT", "TRACE"})
@@ -408,6 +409,17 @@ async def _whole_body(request: httpx.Request) -> bytes | None:
 def _close_now(conn: _Connection) -> None:
     """Close an idle connection without waiting (its TLS close is not worth a wait)."""
     conn.socket.close()
+
+
+def environment_proxy(url: httpx.URL) -> str | None:
+    """The proxy ``HTTP(S)_PROXY``/``ALL_PROXY`` name for ``url`` unless ``NO_PROXY``
+    exempts its host (the standard library's reading of them). This transport does not
+    go through proxies: who would use it for such a URL keeps httpx's own."""
+    proxies = urllib.request.getproxies_environment()
+    proxy = proxies.get(url.scheme) or proxies.get("all")
+    if not proxy or urllib.request.proxy_bypass(url.host):
+        return None
+    return proxy
 
 
 def _origin(url: httpx.URL) -> Origin:
