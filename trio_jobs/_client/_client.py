@@ -191,11 +191,13 @@ class JobClient:
         self.max_reconnects = max_reconnects
         self.backoff_s = backoff_s
         headers = {"Authorization": f"Bearer {token}"} if token else {}
+        # With a transport of its own, httpx sends every request through it (no proxy).
+        only = transport or _default_transport(self.base_url, limits or DEFAULT_LIMITS)
         self._http = httpx.AsyncClient(
             base_url=self.base_url,
             headers=headers,
             timeout=httpx.Timeout(timeout),
-            transport=transport or _default_transport(self.base_url, limits or DEFAULT_LIMITS),
+            transport=only,
             limits=limits or DEFAULT_LIMITS,
             verify=default_ssl_context(),
         )
@@ -205,6 +207,7 @@ class JobClient:
             headers=headers,
             timeout=timeout,
             policy=ReconnectPolicy(max_reconnects=max_reconnects, backoff_s=backoff_s),
+            transport=only,
         )
 
     async def __aenter__(self) -> Self:

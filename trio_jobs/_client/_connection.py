@@ -68,6 +68,9 @@ class HTTPConnection:
     headers: Mapping[str, str]
     timeout: float
     policy: ReconnectPolicy
+    transport: httpx.AsyncBaseTransport | None = None
+    """The one transport ``http`` sends every request through, when it has no other
+    (no proxy mounts): streams go to it directly."""
 
     def stream_request(
         self, method: str, path: str, *, headers: Mapping[str, str] | None = None, json: Any = None
@@ -102,7 +105,13 @@ class HTTPConnection:
         )
 
     async def send(self, request: httpx.Request) -> httpx.Response:
-        return await self.http.send(request, stream=True)
+        if self.transport is None or self.http.cookies:
+            return await self.http.send(request, stream=True)
+        # What httpx's send does for our requests (no auth flow, no redirects followed,
+        # no hooks), without its layers: a stream's request is on a job's first-token path.
+        response = await self.transport.handle_async_request(request)
+        response.request = request
+        return response
 
     def ws_url(self, path: str) -> str:
         """The ``ws://`` (``wss://``) URL of ``path`` below the base URL."""
