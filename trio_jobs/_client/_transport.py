@@ -162,12 +162,14 @@ class Http11Transport(httpx.AsyncBaseTransport):
 
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
         url = request.url
-        body = await _whole_body(request)
+        stream = request.stream
+        # A body already in memory (JSON, bytes) goes out with the head in one write.
+        body = b"".join(stream) if isinstance(stream, httpx.ByteStream) else stream
         reply = await self.open(
             request.method,
             url,
             request.headers.raw,
-            body if body is not None else request.stream,
+            body,
             request.extensions.get("timeout", {}),
         )
         return httpx.Response(
@@ -395,15 +397,6 @@ async def _write(conn: _Connection, data: bytes, timeout: float | None) -> None:
         raise httpx.WriteTimeout("the request could not be sent within the timeout") from None
     except (OSError, trio.BrokenResourceError, trio.ClosedResourceError) as exc:
         raise _Stale(httpx.WriteError(str(exc) or type(exc).__name__)) from exc
-
-
-async def _whole_body(request: httpx.Request) -> bytes | None:
-    """The body when it is in memory already (JSON, bytes; ``b""`` for none), else None."""
-    stream = request.stream
-    if isinstance(stream, httpx.ByteStream):
-        return b"".join(stream)
-    await trio.lowlevel.checkpoint()
-    return None
 
 
 def _close_now(conn: _Connection) -> None:
