@@ -174,6 +174,14 @@ def _restart_queen(env: Env, name: str) -> None:
     raise AssertionError("the workers did not report to the restarted queen")
 
 
+def _wait_for_model(client: openai.OpenAI, model: str, within_s: float = 10.0) -> None:
+    """Until a worker of ``model`` has reported to the client's queen (bounded poll)."""
+    deadline = time.monotonic() + within_s
+    while model not in {m.id for m in client.models.list()}:
+        assert time.monotonic() < deadline, f"no worker of {model!r} reported"
+        time.sleep(0.05)
+
+
 def _epoch(iso: str) -> float:
     return datetime.fromisoformat(iso.replace("Z", "+00:00")).timestamp()
 
@@ -918,10 +926,7 @@ def test_a_background_response_ends_failed_at_the_servers_time_limit(tmp_path: P
             ],
         )
         with openai.OpenAI(base_url=queen + "/v1", api_key="unused", max_retries=0) as client:
-            deadline = time.monotonic() + 10
-            while "bounded" not in {m.id for m in client.models.list()}:
-                assert time.monotonic() < deadline, "the worker did not report"
-                time.sleep(0.05)
+            _wait_for_model(client, "bounded")
             started = time.monotonic()
             response = client.responses.create(
                 model="bounded", input="x", max_output_tokens=2000, background=True
@@ -975,14 +980,8 @@ def test_a_background_responses_bound_counts_from_its_creation_across_a_restart(
             ],
         )
 
-        def wait_for_the_worker(client: openai.OpenAI) -> None:
-            deadline = time.monotonic() + 10
-            while "bounded" not in {m.id for m in client.models.list()}:
-                assert time.monotonic() < deadline, "the worker did not report"
-                time.sleep(0.05)
-
         with openai.OpenAI(base_url=queen + "/v1", api_key="unused", max_retries=0) as client:
-            wait_for_the_worker(client)
+            _wait_for_model(client, "bounded")
             first = client.responses.create(
                 model="bounded", input="first", max_output_tokens=2000, background=True
             )
@@ -998,7 +997,7 @@ def test_a_background_responses_bound_counts_from_its_creation_across_a_restart(
             assert proc.wait(15) == 0
             trio.run(partial(wait_idle, worker, within_s=5))  # the first one's job ended
             queen = cluster.start("queen-again", argv)
-            wait_for_the_worker(client)
+            _wait_for_model(client, "bounded")
             record = _wait_state(queen, job_id, {"failed"})
             final = client.responses.retrieve(second.id)
         created, started, finished = (
