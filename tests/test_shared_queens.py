@@ -137,6 +137,12 @@ async def test_two_queens_share_one_postgres_schema(
                     # The owner writes RUNNING within a flush interval (20 ms) of its
                     # claim; until then the other queen reads QUEUED from the store.
                     await _state(survivor, doomed, "running", within_s=2.0)
+                    # Its first events reach the store one flush after RUNNING may: the
+                    # crash comes once they are there (what a client may have seen).
+                    async with PostgresStore(dsn, schema=schema) as store:
+                        with trio.fail_after(2.0):
+                            while len(await store.load_events(doomed)) < 2:
+                                await trio.sleep(0.02)
                     assert cluster.kill(owner) == -9
                     await _state(survivor, doomed, "failed")
                     record = await survivor.get(doomed)
